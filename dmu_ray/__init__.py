@@ -1,0 +1,3 @@
+"""dmu-ray: Darwinian Model Upgrades for retrieval embeddings on Ray."""
+
+__version__ = "0.1.0"

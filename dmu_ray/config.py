@@ -1,0 +1,150 @@
+"""Typed job configs, validated when they are loaded.
+
+Every config is a pydantic model that forbids unknown keys. :func:`load_config` reads YAML or JSON
+and turns any problem (unknown key, wrong type, missing field, bad value) into a
+:class:`ConfigError` whose message names the file and the dotted path of each bad field, so a job
+fails on the submitting machine before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+__all__ = [
+    "ConfigError",
+    "StrictModel",
+    "StorageConfig",
+    "RefreshConfig",
+    "ActorPoolConfig",
+    "load_config",
+    "parse_config",
+]
+
+T = TypeVar("T", bound="StrictModel")
+
+
+class ConfigError(ValueError):
+    """A config file (or dict) that does not validate; the message names the file and fields."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class StorageConfig(StrictModel):
+    """How to reach object storage. Everything is optional: with nothing set, ``s3://`` URIs use
+    the standard AWS chain (env vars, shared config/credentials files, instance or pod role) and
+    AWS's endpoint. Credentials given here are kept as secrets and never printed or written out."""
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:9000; default: $AWS_ENDPOINT_URL_S3, "
+        "$AWS_ENDPOINT_URL, else AWS.",
+    )
+    region: str | None = Field(default=None, description="AWS region; default: the AWS chain's.")
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    anonymous: bool = False
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_has_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class ActorPoolConfig(StrictModel):
+    """Size of a Ray Data actor pool; ``min_actors < max_actors`` autoscales between the two."""
+
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=2, ge=1)
+    num_cpus: float = Field(
+        default=0.5, gt=0, description="CPUs per actor (fractional leaves room for reads)"
+    )
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; 0 runs on CPU")
+    batch_size: int = Field(default=65536, ge=1, description="rows per batch through the module")
+
+    @field_validator("max_actors")
+    @classmethod
+    def _max_ge_min(cls, v: int, info: Any) -> int:
+        lo = info.data.get("min_actors")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be >= min_actors ({lo})")
+        return v
+
+
+class RefreshConfig(StrictModel):
+    """``dmu-ray refresh``: upgrade an old gallery prefix into a new one with the upgrade module."""
+
+    kind: Literal["refresh"] = "refresh"
+    source: str = Field(description="URI of the committed old gallery prefix")
+    output: str = Field(description="URI of the new gallery prefix (never the source)")
+    module: str = Field(description="URI of the exported upgrade-module artefact")
+    dtype: Literal["float16", "float32"] = "float16"
+    normalize: bool = True
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = Field(default=None, description="Ray cluster address; default: auto/local")
+
+    @field_validator("output")
+    @classmethod
+    def _output_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("model_type", "dict_type"):
+                shown = repr(e["input"])
+                msg += f" (got {shown[:80]})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[T], data: Any, source: str = "<dict>") -> T:
+    """Validate ``data`` (a mapping) as ``cls``; raise :class:`ConfigError` naming ``source`` and fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"invalid config {source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Load a YAML (or JSON) file as config class ``cls``; errors name the file and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {p}: {err.strerror or err}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"config {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}"
+        ) from None
+    if data is None:
+        data = {}
+    return parse_config(cls, data, str(p))

@@ -1,0 +1,337 @@
+"""Whole-gallery operations behind ``dmu-ray gallery``: import, inspect, validate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dmu_ray.config import StorageConfig
+from dmu_ray.gallery import (
+    EMB,
+    ID,
+    LABEL,
+    MODEL_META_KEY,
+    Gallery,
+    GalleryError,
+    GalleryWriter,
+    IdSet,
+    Manifest,
+    ModelInfo,
+    embedding_matrix,
+    embedding_type,
+    first_occurrences,
+    iter_npy_batches,
+    row_problems,
+)
+from dmu_ray.storage import TMP_DIR, Location, read_bytes, resolve
+
+__all__ = ["import_vectors", "inspect_gallery", "validate_gallery", "ValidationReport"]
+
+Progress = Callable[[str], None]
+
+
+def _npy_source(loc: Location, batch_rows: int) -> Iterator[np.ndarray]:
+    data: bytes | str = loc.path if not loc.is_s3 else read_bytes(loc)
+    yield from iter_npy_batches(data, batch_rows)
+
+
+def _load_1d(uri: str, storage: StorageConfig | None, what: str, n: int) -> np.ndarray:
+    loc = resolve(uri, storage)
+    arr = np.load(loc.path) if not loc.is_s3 else np.load(pa.BufferReader(read_bytes(loc)))
+    if arr.ndim != 1 or len(arr) != n:
+        raise GalleryError(f"{uri}: {what} must be a 1-D array of {n} entries, got shape {arr.shape}")
+    return arr
+
+
+def _parquet_sources(loc: Location) -> list[Location]:
+    if loc.is_file():
+        return [loc]
+    files = loc.list_files(suffix=".parquet", recursive=True)
+    if not files:
+        raise GalleryError(f"{loc.uri}: no .parquet files found")
+    return [loc.join(f) for f in files]
+
+
+def import_vectors(
+    src: str,
+    dest: str,
+    *,
+    model_id: str,
+    version: str = "1",
+    dtype: str = "float32",
+    normalize: bool = False,
+    ids: str | None = None,
+    labels: str | None = None,
+    id_column: str = ID,
+    embedding_column: str = EMB,
+    label_column: str = LABEL,
+    rows_per_file: int = 1_000_000,
+    batch_rows: int = 65536,
+    overwrite: bool = False,
+    storage: StorageConfig | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Import vectors from a ``.npy`` matrix or Parquet (file or folder) into a new gallery prefix.
+
+    ``.npy``: rows are vectors; ids from ``ids`` (a 1-D ``.npy``) or ``0..n-1``; labels from ``labels``.
+    Parquet: ``id_column``/``embedding_column``/``label_column`` are renamed to the contract's names
+    (the embedding may be any list of numbers); other columns pass through. Bad rows are quarantined.
+    """
+    src_loc = resolve(src, storage)
+    if not src_loc.exists():
+        raise GalleryError(f"{src}: no such file or folder")
+    say = progress or (lambda _msg: None)
+
+    if src_loc.path.endswith(".npy"):
+        first = next(iter(_npy_source(src_loc, 1)), None)
+        if first is None:
+            raise GalleryError(f"{src}: the array has no rows")
+        dim = first.shape[1]
+        n = _npy_rows(src_loc)
+        id_arr = _load_1d(ids, storage, "ids", n) if ids else np.arange(n, dtype=np.int64)
+        label_arr = _load_1d(labels, storage, "labels", n).astype(np.int64) if labels else None
+
+        def tables() -> Iterator[tuple[pa.Table, str]]:
+            start = 0
+            for block in _npy_source(src_loc, batch_rows):
+                stop = start + len(block)
+                flat = pa.array(np.ascontiguousarray(block, dtype=np.float32).reshape(-1))
+                cols = {ID: pa.array(id_arr[start:stop]), EMB: pa.FixedSizeListArray.from_arrays(flat, dim)}
+                if label_arr is not None:
+                    cols[LABEL] = pa.array(label_arr[start:stop])
+                yield pa.table(cols), src_loc.uri
+                start = stop
+    else:
+        if ids or labels:
+            raise GalleryError(
+                "--ids/--labels apply to .npy sources; Parquet sources carry their own columns"
+            )
+        files = _parquet_sources(src_loc)
+        rename = {id_column: ID, embedding_column: EMB, label_column: LABEL}
+        first_schema = pq.ParquetFile(files[0].fs.open_input_file(files[0].path)).schema_arrow
+        missing = [c for c in (id_column, embedding_column) if c not in first_schema.names]
+        if missing:
+            raise GalleryError(f"{files[0].uri}: missing column(s) {missing} (columns: {first_schema.names})")
+        dim = _infer_dim(files[0], embedding_column)
+
+        def tables() -> Iterator[tuple[pa.Table, str]]:
+            for f in files:
+                pf = pq.ParquetFile(f.fs.open_input_file(f.path))
+                for batch in pf.iter_batches(batch_size=batch_rows):
+                    t = pa.Table.from_batches([batch])
+                    yield t.rename_columns([rename.get(c, c) for c in t.column_names]), f.uri
+
+    model = ModelInfo(model_id=model_id, version=version, dim=dim, dtype=dtype, normalized=normalize)
+    dest_loc = resolve(dest, storage)
+    writer = GalleryWriter(
+        dest_loc,
+        model,
+        rows_per_file=rows_per_file,
+        normalize=normalize,
+        overwrite=overwrite,
+        extra={"imported_from": src_loc.uri},
+    )
+    rows = 0
+    for table, where in tables():
+        writer.write(table, source=where)
+        rows += table.num_rows
+        say(f"imported {rows:,} rows")
+    return writer.close()
+
+
+def _npy_rows(loc: Location) -> int:
+    if loc.is_s3:
+        return sum(len(b) for b in iter_npy_batches(read_bytes(loc), 1 << 30))
+    return int(np.load(loc.path, mmap_mode="r").shape[0])
+
+
+def _infer_dim(loc: Location, column: str) -> int:
+    pf = pq.ParquetFile(loc.fs.open_input_file(loc.path))
+    t = pf.schema_arrow.field(column).type
+    if pa.types.is_fixed_size_list(t):
+        return t.list_size
+    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+        lengths = [len(v) for v in batch.column(0).to_pylist()[:1024] if v is not None]
+        if lengths:
+            return max(set(lengths), key=lengths.count)  # the common length; others get quarantined
+    raise GalleryError(f"{loc.uri}: cannot infer the embedding dimension (no non-null {column!r})")
+
+
+def inspect_gallery(g: Gallery) -> dict[str, Any]:
+    """A summary of a gallery: rows, dim, dtype, model, files, quarantine."""
+    m = g.manifest
+    model = g.model
+    out: dict[str, Any] = {
+        "uri": g.loc.uri,
+        "committed": m is not None,
+        "rows": g.num_rows,
+        "dim": model.dim,
+        "dtype": model.dtype,
+        "model": {k: v for k, v in model.__dict__.items() if v not in (None, {}, [])},
+        "files": len(g.files),
+    }
+    if m is not None:
+        out.update(
+            {
+                "bytes": sum(f.bytes for f in m.files),
+                "id_type": m.id_type,
+                "columns": [c["name"] for c in m.columns],
+                "rows_in": m.rows_in,
+                "quarantined_rows": m.quarantined_rows,
+                "quarantine_reasons": m.quarantine_reasons,
+                "created_at": m.created_at,
+                "file_list": [{"path": f.path, "rows": f.rows, "bytes": f.bytes} for f in m.files],
+            }
+        )
+    else:
+        out["file_list"] = [{"path": f} for f in g.files]
+        out["columns"] = g.schema().names
+    return out
+
+
+@dataclass
+class ValidationReport:
+    """What :func:`validate_gallery` found. ``ok`` is False when any problem was found."""
+
+    uri: str
+    files_checked: int = 0
+    rows_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_gallery(
+    g: Gallery,
+    *,
+    checksums: bool = True,
+    duplicates: bool = True,
+    batch_size: int = 65536,
+    progress: Progress | None = None,
+) -> ValidationReport:
+    """Check a gallery end to end: manifest vs files (existence, size, sha256, rows), schema and
+    ``dmu.model`` metadata, every row (nulls, dimension, NaN/Inf, unit norm when declared), unique
+    ids, quarantine reconciliation, and stray files that the manifest does not list."""
+    rep = ValidationReport(uri=g.loc.uri)
+    say = progress or (lambda _msg: None)
+    m = g.manifest
+    model = g.model
+    want_type = embedding_type(model.dim, model.dtype)
+    entries = {f.path: f for f in m.files} if m else {}
+    seen = IdSet()
+    if m is None:
+        rep.warnings.append("no _manifest.json: the prefix is not committed; checking its files anyway")
+    for i, rel in enumerate(g.files):
+        uri = g.file_uri(rel)
+        loc = g.loc.join(rel)
+        if not loc.is_file():
+            rep.problems.append(f"{uri}: listed in the manifest but missing")
+            continue
+        data = read_bytes(loc)
+        entry = entries.get(rel)
+        if entry is not None:
+            if len(data) != entry.bytes:
+                rep.problems.append(f"{uri}: {len(data)} bytes, manifest says {entry.bytes}")
+            elif checksums and hashlib.sha256(data).hexdigest() != entry.sha256:
+                rep.problems.append(f"{uri}: sha256 differs from the manifest (file changed or corrupt)")
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+        except pa.ArrowInvalid as err:
+            rep.problems.append(f"{uri}: not a readable Parquet file ({err})")
+            continue
+        _check_schema(pf.schema_arrow, want_type, model, uri, rep)
+        if entry is not None and pf.metadata.num_rows != entry.rows:
+            rep.problems.append(f"{uri}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
+        if EMB not in pf.schema_arrow.names or ID not in pf.schema_arrow.names:
+            continue
+        _check_rows(pf, model, uri, batch_size, seen if duplicates else None, rep)
+        rep.files_checked += 1
+        say(f"checked {i + 1}/{len(g.files)} files, {rep.rows_checked:,} rows")
+    if m is not None:
+        _check_manifest_totals(g, m, rep)
+    return rep
+
+
+def _check_schema(
+    schema: pa.Schema, want_type: pa.DataType, model: ModelInfo, uri: str, rep: ValidationReport
+) -> None:
+    for col in (ID, EMB):
+        if col not in schema.names:
+            rep.problems.append(f"{uri}: missing column {col!r}")
+    if EMB in schema.names and schema.field(EMB).type != want_type:
+        rep.problems.append(f"{uri}: embedding type {schema.field(EMB).type}, expected {want_type}")
+    meta = (schema.metadata or {}).get(MODEL_META_KEY)
+    if meta is None:
+        rep.problems.append(f"{uri}: no {MODEL_META_KEY.decode()} metadata")
+    else:
+        try:
+            file_model = ModelInfo.from_dict(json.loads(meta))
+        except (ValueError, TypeError) as err:
+            rep.problems.append(f"{uri}: unreadable {MODEL_META_KEY.decode()} metadata ({err})")
+            return
+        if file_model != model:
+            rep.problems.append(
+                f"{uri}: {MODEL_META_KEY.decode()} metadata differs from the manifest's model"
+            )
+
+
+def _check_rows(
+    pf: pq.ParquetFile, model: ModelInfo, uri: str, batch_size: int, seen: IdSet | None, rep: ValidationReport
+) -> None:
+    bad_rows, reasons_seen, dup_rows, off_norm = 0, set(), 0, 0
+    tol = 2e-2 if model.dtype == "float16" else 1e-3
+    for batch in pf.iter_batches(batch_size=batch_size, columns=[ID, EMB]):
+        t = pa.Table.from_batches([batch])
+        bad, reasons = row_problems(t, model.dim, where=uri)
+        bad_rows += int(bad.sum())
+        reasons_seen.update(reasons)
+        good = t.filter(pa.array(~bad)) if bad.any() else t
+        if seen is not None:
+            ids = good.column(ID).to_numpy()
+            first = first_occurrences(ids, seen)
+            dup_rows += int((~first).sum())
+            seen.add(ids[first])
+        if model.normalized and good.num_rows:
+            norms = np.linalg.norm(embedding_matrix(good.column(EMB)).astype(np.float32), axis=1)
+            off_norm += int((np.abs(norms - 1) > tol).sum())
+        rep.rows_checked += t.num_rows
+    if bad_rows:
+        rep.problems.append(f"{uri}: {bad_rows} bad row(s): {', '.join(sorted(reasons_seen))}")
+    if dup_rows:
+        rep.problems.append(f"{uri}: {dup_rows} id(s) already seen in this gallery (ids must be unique)")
+    if off_norm:
+        rep.problems.append(f"{uri}: {off_norm} row(s) not unit-norm but the model says normalized")
+
+
+def _check_manifest_totals(g: Gallery, m: Manifest, rep: ValidationReport) -> None:
+    q_rows = 0
+    for q in m.quarantine:
+        loc = g.loc.join(q.path)
+        if not loc.is_file():
+            rep.problems.append(f"{loc.uri}: quarantine file listed in the manifest but missing")
+            continue
+        q_rows += pq.ParquetFile(loc.fs.open_input_file(loc.path)).metadata.num_rows
+    if q_rows != m.quarantined_rows:
+        rep.problems.append(f"quarantine holds {q_rows} rows, manifest says {m.quarantined_rows}")
+    if m.rows + m.quarantined_rows != m.rows_in:
+        rep.problems.append(
+            f"rows do not reconcile: rows_in {m.rows_in} != rows {m.rows} + quarantined {m.quarantined_rows}"
+        )
+    listed = set(g.files) | {q.path for q in m.quarantine}
+    for rel in g.loc.list_files(suffix=".parquet", recursive=True):
+        if rel not in listed:
+            rep.warnings.append(f"{g.file_uri(rel)}: not listed in the manifest (not part of the gallery)")
+    tmp = g.loc.join(TMP_DIR)
+    if tmp.exists() and g.loc.fs.get_file_info(pafs.FileSelector(tmp.path, recursive=True)):
+        rep.warnings.append(f"{tmp.uri}: leftover in-flight files from an interrupted writer")

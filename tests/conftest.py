@@ -1,0 +1,87 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server mode) and gallery roots on both
+local disk and that endpoint, so the same tests run against each."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import boto3
+import pytest
+
+from dmu_ray.config import StorageConfig
+
+BUCKET = "dmu-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+
+    @property
+    def storage(self) -> StorageConfig:
+        return StorageConfig(endpoint_url=self.endpoint, region="us-east-1")
+
+    def client(self):
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port for the whole session, with one bucket."""
+    from moto.server import ThreadedMotoServer
+
+    # Dummy credentials for the loopback server; the standard AWS chain picks them up in every
+    # process (Ray workers inherit the environment of the driver that starts them).
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ[k] = v
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    srv = S3Server(endpoint=f"http://127.0.0.1:{port}", bucket=BUCKET)
+    srv.client().create_bucket(Bucket=BUCKET)
+    try:
+        yield srv
+    finally:
+        server.stop()
+
+
+@dataclass
+class Root:
+    """A place to put galleries: ``uri(name)`` gives a fresh URI below it."""
+
+    kind: str
+    base: str
+    storage: StorageConfig | None
+    s3: S3Server | None = None
+
+    def uri(self, name: str) -> str:
+        return f"{self.base.rstrip('/')}/{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> Root:
+    """A gallery root on local disk, then on the loopback S3 server."""
+    if request.param == "local":
+        return Root("local", str(tmp_path), None)
+    srv: S3Server = request.getfixturevalue("s3")
+    return Root("s3", f"s3://{srv.bucket}/{uuid.uuid4().hex[:10]}", srv.storage, srv)

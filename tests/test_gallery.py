@@ -1,0 +1,214 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dmu_ray.gallery import (
+    MANIFEST_NAME,
+    MODEL_META_KEY,
+    REASON_COLUMN,
+    SOURCE_ROW_COLUMN,
+    Gallery,
+    GalleryError,
+    GalleryWriter,
+    IdSet,
+    ModelInfo,
+    UncommittedGalleryError,
+    embedding_array,
+    embedding_matrix,
+    first_occurrences,
+)
+from dmu_ray.gallery_ops import import_vectors, inspect_gallery, validate_gallery
+from dmu_ray.storage import resolve
+
+
+def make_table(n: int, dim: int, *, start: int = 0, seed: int = 0, dtype=np.float32) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    mat = rng.standard_normal((n, dim)).astype(dtype)
+    return pa.table(
+        {
+            "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+            "embedding": embedding_array(mat),
+            "label": pa.array(rng.integers(0, 10, n)),
+            "url": pa.array([f"img/{i}.jpg" for i in range(start, start + n)]),
+        }
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_roundtrip_and_sharding(root, dtype):
+    uri = root.uri("gal")
+    src = make_table(2500, 32)
+    model = ModelInfo(model_id="old", dim=32, dtype=dtype, normalized=False)
+    with GalleryWriter(resolve(uri, root.storage), model, rows_per_file=1000) as w:
+        w.write(src.slice(0, 1700))
+        w.write(src.slice(1700))
+    g = Gallery.open(uri, root.storage)
+    assert [f.rows for f in g.manifest.files] == [1000, 1000, 500]
+    assert g.manifest.rows_in == 2500 and g.manifest.quarantined_rows == 0
+    out = g.read()
+    assert out.column("id").to_pylist() == src.column("id").to_pylist()
+    assert out.column("url").to_pylist() == src.column("url").to_pylist()  # passthrough untouched
+    assert out.schema.field("embedding").type == pa.list_(pa.float16() if dtype == "float16" else pa.float32(), 32)
+    got = embedding_matrix(out.column("embedding"))
+    assert got.dtype == np.dtype(dtype) and got.shape == (2500, 32)
+    np.testing.assert_allclose(got.astype(np.float32), embedding_matrix(src.column("embedding")), rtol=1e-3, atol=1e-3)
+    meta = json.loads(out.schema.metadata[MODEL_META_KEY])
+    assert meta["model_id"] == "old" and meta["dtype"] == dtype and meta["dim"] == 32
+    assert validate_gallery(g).ok
+    if root.s3 is not None:
+        keys = root.s3.keys(uri.split("/", 3)[3])
+        assert any(k.endswith(MANIFEST_NAME) for k in keys)
+        assert sum(k.endswith(".parquet") for k in keys) == 3
+
+
+def test_embedding_matrix_is_zero_copy_and_honours_slices():
+    t = make_table(100, 8)
+    col = t.column("embedding")
+    m = embedding_matrix(col)
+    assert m.base is not None  # a view, not a copy
+    assert np.shares_memory(m, embedding_matrix(col.slice(10, 5)))
+    np.testing.assert_array_equal(embedding_matrix(col.slice(10, 5)), m[10:15])
+
+
+def test_uncommitted_prefix_is_refused(root):
+    uri = root.uri("half")
+    w = GalleryWriter(resolve(uri, root.storage), ModelInfo(model_id="m", dim=8), rows_per_file=10)
+    w.write(make_table(25, 8))  # two files written, no manifest yet (the writer "crashed")
+    with pytest.raises(UncommittedGalleryError, match="no _manifest.json"):
+        Gallery.open(uri, root.storage)
+    g = Gallery.open(uri, root.storage, allow_uncommitted=True)
+    assert g.num_rows == 20 and g.manifest is None
+    with pytest.raises(UncommittedGalleryError, match="does not exist"):
+        Gallery.open(root.uri("never-written"), root.storage)
+    # a new writer will not silently mix with leftovers
+    with pytest.raises(GalleryError, match="already holds 2 file"):
+        GalleryWriter(resolve(uri, root.storage), ModelInfo(model_id="m", dim=8))
+
+
+def test_bad_rows_are_quarantined_with_reasons(root):
+    dim = 4
+    emb = pa.array(
+        [[1, 2, 3, 4], [1, 2, 3], None, [1, float("nan"), 3, 4], [1, 2, 3, float("inf")], [5, 6, 7, 8], [1, None, 3, 4], [0, 0, 0, 1]],
+        type=pa.list_(pa.float64()),
+    )
+    ids = pa.array([1, 2, 3, 4, 5, None, 7, 1], pa.int64())
+    t = pa.table({"id": ids, "embedding": emb, "note": pa.array(list("abcdefgh"))})
+    uri = root.uri("q")
+    with GalleryWriter(resolve(uri, root.storage), ModelInfo(model_id="m", dim=dim)) as w:
+        w.write(t)
+    g = Gallery.open(uri, root.storage)
+    m = g.manifest
+    assert m.rows == 1 and m.quarantined_rows == 7 and m.rows_in == 8
+    assert m.rows + m.quarantined_rows == m.rows_in
+    assert m.quarantine_reasons == {
+        "wrong dimension 3 (expected 4)": 1,
+        "null embedding": 1,
+        "NaN/Inf or null value in embedding": 3,
+        "null id": 1,
+        "duplicate id": 1,
+    }
+    q = pq.read_table(resolve(root.uri("q/" + m.quarantine[0].path), root.storage).path, filesystem=g.loc.fs)
+    assert sorted(q.column(SOURCE_ROW_COLUMN).to_pylist()) == [1, 2, 3, 4, 5, 6, 7]
+    by_row = dict(zip(q.column(SOURCE_ROW_COLUMN).to_pylist(), q.column(REASON_COLUMN).to_pylist()))
+    assert by_row[7] == "duplicate id" and by_row[5] == "null id" and by_row[1].startswith("wrong dimension")
+    assert q.column("note").to_pylist() == [n for i, n in enumerate("abcdefgh") if i != 0]  # nothing lost
+    assert q.column("embedding").to_pylist()[0] == [1, 2, 3]  # the bad vector itself is kept
+    rep = validate_gallery(g)
+    assert rep.ok, rep.problems
+
+
+def test_bad_schema_is_a_clear_error(root):
+    w = GalleryWriter(resolve(root.uri("s"), root.storage), ModelInfo(model_id="m", dim=4))
+    with pytest.raises(GalleryError, match="missing column 'embedding'"):
+        w.write(pa.table({"id": [1], "vec": [[1.0, 2.0, 3.0, 4.0]]}), source="shard-7.parquet")
+    with pytest.raises(GalleryError, match="shard-7.parquet: column 'embedding' must be a list of numbers"):
+        w.write(pa.table({"id": [1], "embedding": ["x"]}), source="shard-7.parquet")
+
+
+def test_validate_catches_corruption_and_missing_files(root):
+    uri = root.uri("v")
+    with GalleryWriter(resolve(uri, root.storage), ModelInfo(model_id="m", dim=8, normalized=False), rows_per_file=10) as w:
+        w.write(make_table(30, 8))
+    g = Gallery.open(uri, root.storage)
+    assert validate_gallery(g).ok
+    # overwrite one committed file with a different (valid) Parquet file, and delete another
+    f0 = g.loc.join(g.files[0])
+    pq.write_table(make_table(10, 8, seed=9), f0.path, filesystem=f0.fs)
+    g.loc.fs.delete_file(g.loc.join(g.files[1]).path)
+    rep = validate_gallery(Gallery.open(uri, root.storage))
+    assert not rep.ok
+    text = "\n".join(rep.problems)
+    assert "part-00000.parquet" in text and ("sha256" in text or "bytes" in text)
+    assert "part-00001.parquet: listed in the manifest but missing" in text
+    assert "no dmu.model metadata" in text
+
+
+def test_validate_catches_unnormalised_and_duplicates(tmp_path):
+    uri = str(tmp_path / "n")
+    with GalleryWriter(resolve(uri), ModelInfo(model_id="m", dim=8, normalized=True), rows_per_file=10) as w:
+        w.write(make_table(20, 8))  # normalize=False, yet the model claims normalized
+    rep = validate_gallery(Gallery.open(uri))
+    assert any("not unit-norm" in p for p in rep.problems)
+    uri2 = str(tmp_path / "d")
+    with GalleryWriter(resolve(uri2), ModelInfo(model_id="m", dim=8, normalized=False), rows_per_file=10) as w:
+        w.write(make_table(20, 8))
+    g = Gallery.open(uri2)
+    # forge a duplicate: copy file 0 over file 1 and patch the manifest entry to match
+    a, b = (g.loc.join(f) for f in g.files)
+    data = open(a.path, "rb").read()
+    open(b.path, "wb").write(data)
+    man = json.loads(open(g.loc.join(MANIFEST_NAME).path).read())
+    man["files"][1].update(bytes=man["files"][0]["bytes"], sha256=man["files"][0]["sha256"])
+    open(g.loc.join(MANIFEST_NAME).path, "w").write(json.dumps(man))
+    rep = validate_gallery(Gallery.open(uri2))
+    assert any("already seen" in p for p in rep.problems), rep.problems
+
+
+def test_idset_matches_python_set():
+    rng = np.random.default_rng(1)
+    seen, ref = IdSet(), set()
+    for _ in range(40):
+        ids = rng.integers(0, 3000, 100)
+        keep = first_occurrences(ids, seen)
+        expect = []
+        local = set()
+        for x in ids:
+            expect.append(x not in ref and x not in local)
+            local.add(x)
+        assert keep.tolist() == expect
+        seen.add(ids[keep])
+        ref |= set(ids.tolist())
+    assert len(seen) == len(ref)
+
+
+def test_import_npy_and_parquet(root, tmp_path):
+    vecs = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    vecs[7, 0] = np.nan
+    np.save(tmp_path / "v.npy", vecs)
+    np.save(tmp_path / "ids.npy", np.arange(1000, 1300))
+    np.save(tmp_path / "lab.npy", np.arange(300) % 5)
+    m = import_vectors(
+        str(tmp_path / "v.npy"), root.uri("from-npy"), model_id="old", dtype="float16", normalize=True,
+        ids=str(tmp_path / "ids.npy"), labels=str(tmp_path / "lab.npy"), rows_per_file=128, storage=root.storage,
+    )
+    assert m.rows == 299 and m.quarantined_rows == 1 and len(m.files) == 3
+    g = Gallery.open(root.uri("from-npy"), root.storage)
+    info = inspect_gallery(g)
+    assert info["rows"] == 299 and info["dim"] == 16 and info["dtype"] == "float16" and info["model"]["normalized"]
+    assert validate_gallery(g).ok
+    t = g.read()
+    assert 1007 not in t.column("id").to_pylist() and t.column("label").to_pylist()[:3] == [0, 1, 2]
+    norms = np.linalg.norm(embedding_matrix(t.column("embedding")).astype(np.float32), axis=1)
+    np.testing.assert_allclose(norms, 1, atol=2e-2)
+
+    # Parquet source with other column names and a variable-length list column
+    src = pa.table({"key": pa.array(["a", "b", "c"]), "vec": pa.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0, 1.0]]), "extra": [1, 2, 3]})
+    pq.write_table(src, tmp_path / "src.parquet")
+    m2 = import_vectors(str(tmp_path / "src.parquet"), root.uri("from-pq"), model_id="x", id_column="key",
+                        embedding_column="vec", storage=root.storage)
+    assert m2.rows == 2 and m2.quarantine_reasons == {"wrong dimension 3 (expected 2)": 1}
+    t2 = Gallery.open(root.uri("from-pq"), root.storage).read()
+    assert t2.column("id").to_pylist() == ["a", "b"] and t2.column("extra").to_pylist() == [1, 2]
