@@ -19,7 +19,10 @@ __all__ = ["main", "build_parser"]
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("object storage (credentials come from the standard AWS chain)")
-    g.add_argument("--endpoint-url", help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL_S3/$AWS_ENDPOINT_URL, else AWS)")
+    g.add_argument(
+        "--endpoint-url",
+        help="S3-compatible endpoint (default: $AWS_ENDPOINT_URL_S3/$AWS_ENDPOINT_URL, else AWS)",
+    )
     g.add_argument("--region", help="AWS region (default: the AWS chain's)")
 
 
@@ -92,7 +95,9 @@ def _cmd_gallery_validate(ns: argparse.Namespace) -> int:
     from dmu_ray.gallery_ops import validate_gallery
 
     g = Gallery.open(ns.uri, _storage(ns), allow_uncommitted=ns.allow_uncommitted)
-    rep = validate_gallery(g, checksums=not ns.no_checksums, duplicates=not ns.no_duplicate_check, progress=_progress)
+    rep = validate_gallery(
+        g, checksums=not ns.no_checksums, duplicates=not ns.no_duplicate_check, progress=_progress
+    )
     print(file=sys.stderr)
     for w in rep.warnings:
         print(f"warning: {w}")
@@ -103,12 +108,29 @@ def _cmd_gallery_validate(ns: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+# ---------------------------------------------------------------------------------------- refresh
+
+
+def _cmd_refresh(ns: argparse.Namespace) -> int:
+    from dmu_ray.config import RefreshConfig, load_config
+    from dmu_ray.refresh import run_refresh
+
+    cfg = load_config(RefreshConfig, ns.config)
+    if ns.ray_address:
+        cfg.ray_address = ns.ray_address
+    result = run_refresh(cfg, progress=not ns.quiet)
+    print(result.summary())
+    return 0
+
+
 # ----------------------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dmu-ray`` argument parser."""
-    p = argparse.ArgumentParser(prog="dmu-ray", description="Darwinian Model Upgrades on Ray: train, refresh, evaluate.")
+    p = argparse.ArgumentParser(
+        prog="dmu-ray", description="Darwinian Model Upgrades on Ray: train, refresh, evaluate."
+    )
     p.add_argument("--version", action="version", version=f"dmu-ray {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -120,15 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("dest", help="new gallery prefix; local or s3://bucket/prefix")
     imp.add_argument("--model-id", required=True, help="id of the model that produced the vectors")
     imp.add_argument("--model-version", default="1")
-    imp.add_argument("--dtype", choices=["float16", "float32"], default="float32", help="stored dtype (default float32)")
-    imp.add_argument("--normalize", action="store_true", help="L2-normalise the vectors (recorded in dmu.model)")
+    imp.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float32", help="stored dtype (default float32)"
+    )
+    imp.add_argument(
+        "--normalize", action="store_true", help="L2-normalise the vectors (recorded in dmu.model)"
+    )
     imp.add_argument("--ids", help=".npy of ids for a .npy source (default 0..n-1)")
     imp.add_argument("--labels", help=".npy of int labels for a .npy source")
     imp.add_argument("--id-column", default="id", help="Parquet source: column holding ids")
     imp.add_argument("--embedding-column", default="embedding", help="Parquet source: column holding vectors")
     imp.add_argument("--label-column", default="label", help="Parquet source: column holding labels")
-    imp.add_argument("--rows-per-file", type=int, default=1_000_000, help="rows per output file (default 1,000,000)")
-    imp.add_argument("--overwrite", action="store_true", help="delete what the destination prefix holds first")
+    imp.add_argument(
+        "--rows-per-file", type=int, default=1_000_000, help="rows per output file (default 1,000,000)"
+    )
+    imp.add_argument(
+        "--overwrite", action="store_true", help="delete what the destination prefix holds first"
+    )
     _storage_args(imp)
     imp.set_defaults(func=_cmd_gallery_import)
 
@@ -143,10 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     val = gsub.add_parser("validate", help="check a gallery end to end (exit 1 on problems)")
     val.add_argument("uri")
     val.add_argument("--no-checksums", action="store_true", help="skip sha256 checks")
-    val.add_argument("--no-duplicate-check", action="store_true", help="skip the unique-id check (holds all ids in memory)")
+    val.add_argument(
+        "--no-duplicate-check", action="store_true", help="skip the unique-id check (holds all ids in memory)"
+    )
     val.add_argument("--allow-uncommitted", action="store_true", help="check a prefix without _manifest.json")
     _storage_args(val)
     val.set_defaults(func=_cmd_gallery_validate)
+
+    ref = sub.add_parser(
+        "refresh",
+        help="upgrade an old gallery with the upgrade module (Ray Data), into a new prefix",
+        description="Stream every file of a committed gallery through the upgrade module on a Ray Data "
+        "actor pool and commit a new gallery. Re-running the same config resumes after a failure.",
+    )
+    ref.add_argument(
+        "--config", required=True, help="refresh job config (YAML); see configs/refresh_local.yaml"
+    )
+    ref.add_argument(
+        "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
+    )
+    ref.add_argument("--quiet", action="store_true", help="no progress output")
+    ref.set_defaults(func=_cmd_refresh)
     return p
 
 

@@ -366,8 +366,27 @@ def conform_batch(table: pa.Table, model: ModelInfo, *, normalize: bool = False)
 # ------------------------------------------------------------------------------------------ files
 
 
+def parquet_write_options(schema: pa.Schema, compression: str = "zstd") -> dict[str, Any]:
+    """``pyarrow.parquet.write_table`` options for gallery files.
+
+    The embedding column gets no dictionary and no statistics (both cost more than the data is
+    worth for dense floats: measured ~3x slower writes and ~3x slower reads), and byte-stream-split
+    before compression (about 10% smaller files). Other columns keep pyarrow's defaults.
+    """
+    others = [f.name for f in schema if f.name != EMB]
+    opts: dict[str, Any] = {"compression": compression, "use_dictionary": others, "write_statistics": others}
+    if EMB in schema.names and compression != "none":
+        opts["use_byte_stream_split"] = [f"{EMB}.list.element"]
+    return opts
+
+
 def write_parquet_atomic(
-    loc: Location, table: pa.Table, *, row_group_rows: int = 65536, source: str | None = None
+    loc: Location,
+    table: pa.Table,
+    *,
+    row_group_rows: int = 65536,
+    source: str | None = None,
+    compression: str = "zstd",
 ) -> FileEntry:
     """Write ``table`` as one Parquet file at ``loc`` atomically; return its manifest entry.
 
@@ -375,7 +394,9 @@ def write_parquet_atomic(
     :func:`~dmu_ray.storage.write_bytes_atomic`, so a crash never leaves a half-file under its name.
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    pq.write_table(
+        table, sink, row_group_size=row_group_rows, **parquet_write_options(table.schema, compression)
+    )
     buf = sink.getvalue()
     digest = write_bytes_atomic(loc, buf)
     return FileEntry(

@@ -85,3 +85,16 @@ def root(request, tmp_path) -> Root:
         return Root("local", str(tmp_path), None)
     srv: S3Server = request.getfixturevalue("s3")
     return Root("s3", f"s3://{srv.bucket}/{uuid.uuid4().hex[:10]}", srv.storage, srv)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3):
+    """A real local Ray cluster (2 CPUs) for the session. Depends on ``s3`` so that the workers
+    inherit the loopback endpoint's credentials from the environment."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -17,8 +17,21 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_import_then_inspect_on_s3(s3, tmp_path):
     np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((2100, 24)).astype(np.float32))
     uri = f"s3://{s3.bucket}/cli/gal"
-    r = run("gallery", "import", str(tmp_path / "v.npy"), uri, "--model-id", "old-r18", "--dtype", "float16",
-            "--normalize", "--rows-per-file", "1000", "--endpoint-url", s3.endpoint)
+    r = run(
+        "gallery",
+        "import",
+        str(tmp_path / "v.npy"),
+        uri,
+        "--model-id",
+        "old-r18",
+        "--dtype",
+        "float16",
+        "--normalize",
+        "--rows-per-file",
+        "1000",
+        "--endpoint-url",
+        s3.endpoint,
+    )
     assert r.returncode == 0, r.stderr
     assert "2,100 rows in 3 file(s)" in r.stdout
     r = run("gallery", "inspect", uri, "--endpoint-url", s3.endpoint)
@@ -36,7 +49,19 @@ def test_import_then_inspect_on_s3(s3, tmp_path):
 def test_validate_fails_on_a_damaged_gallery(s3, tmp_path):
     np.save(tmp_path / "v.npy", np.ones((50, 4), np.float32))
     uri = f"s3://{s3.bucket}/cli/damaged"
-    assert run("gallery", "import", str(tmp_path / "v.npy"), uri, "--model-id", "m", "--endpoint-url", s3.endpoint).returncode == 0
+    assert (
+        run(
+            "gallery",
+            "import",
+            str(tmp_path / "v.npy"),
+            uri,
+            "--model-id",
+            "m",
+            "--endpoint-url",
+            s3.endpoint,
+        ).returncode
+        == 0
+    )
     s3.client().put_object(Bucket=s3.bucket, Key="cli/damaged/part-00000.parquet", Body=b"not parquet")
     r = run("gallery", "validate", uri, "--endpoint-url", s3.endpoint)
     assert r.returncode == 1

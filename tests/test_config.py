@@ -35,11 +35,24 @@ def test_valid_config_loads(tmp_path):
         (GOOD.replace("module: s3://bucket/runs/r1/upgrade.pt\n", ""), "module", "required field is missing"),
         (GOOD.replace("dtype: float16", "dtype: int8"), "dtype", "float16"),
         (GOOD.replace("max_actors: 4", "max_actors: 0"), "pool.max_actors", "greater than or equal to 1"),
-        (GOOD.replace("min_actors: 1, max_actors: 4", "min_actors: 3, max_actors: 2"), "pool.max_actors", "min_actors"),
+        (
+            GOOD.replace("min_actors: 1, max_actors: 4", "min_actors: 3, max_actors: 2"),
+            "pool.max_actors",
+            "min_actors",
+        ),
         (GOOD.replace('"http://127.0.0.1:9000"', "127.0.0.1:9000"), "storage.endpoint_url", "http://"),
         (GOOD + "storage: {regoin: eu-west-1}\n", "storage.regoin", "unknown key"),
     ],
-    ids=["unknown-key", "wrong-type", "missing", "bad-literal", "bound", "cross-field", "endpoint", "nested-unknown"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "missing",
+        "bad-literal",
+        "bound",
+        "cross-field",
+        "endpoint",
+        "nested-unknown",
+    ],
 )
 def test_bad_config_names_file_and_field(tmp_path, text, field, words):
     p = write(tmp_path, text)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -51,10 +52,14 @@ def test_roundtrip_and_sharding(root, dtype):
     out = g.read()
     assert out.column("id").to_pylist() == src.column("id").to_pylist()
     assert out.column("url").to_pylist() == src.column("url").to_pylist()  # passthrough untouched
-    assert out.schema.field("embedding").type == pa.list_(pa.float16() if dtype == "float16" else pa.float32(), 32)
+    assert out.schema.field("embedding").type == pa.list_(
+        pa.float16() if dtype == "float16" else pa.float32(), 32
+    )
     got = embedding_matrix(out.column("embedding"))
     assert got.dtype == np.dtype(dtype) and got.shape == (2500, 32)
-    np.testing.assert_allclose(got.astype(np.float32), embedding_matrix(src.column("embedding")), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        got.astype(np.float32), embedding_matrix(src.column("embedding")), rtol=1e-3, atol=1e-3
+    )
     meta = json.loads(out.schema.metadata[MODEL_META_KEY])
     assert meta["model_id"] == "old" and meta["dtype"] == dtype and meta["dim"] == 32
     assert validate_gallery(g).ok
@@ -91,7 +96,16 @@ def test_uncommitted_prefix_is_refused(root):
 def test_bad_rows_are_quarantined_with_reasons(root):
     dim = 4
     emb = pa.array(
-        [[1, 2, 3, 4], [1, 2, 3], None, [1, float("nan"), 3, 4], [1, 2, 3, float("inf")], [5, 6, 7, 8], [1, None, 3, 4], [0, 0, 0, 1]],
+        [
+            [1, 2, 3, 4],
+            [1, 2, 3],
+            None,
+            [1, float("nan"), 3, 4],
+            [1, 2, 3, float("inf")],
+            [5, 6, 7, 8],
+            [1, None, 3, 4],
+            [0, 0, 0, 1],
+        ],
         type=pa.list_(pa.float64()),
     )
     ids = pa.array([1, 2, 3, 4, 5, None, 7, 1], pa.int64())
@@ -112,7 +126,9 @@ def test_bad_rows_are_quarantined_with_reasons(root):
     }
     q = pq.read_table(resolve(root.uri("q/" + m.quarantine[0].path), root.storage).path, filesystem=g.loc.fs)
     assert sorted(q.column(SOURCE_ROW_COLUMN).to_pylist()) == [1, 2, 3, 4, 5, 6, 7]
-    by_row = dict(zip(q.column(SOURCE_ROW_COLUMN).to_pylist(), q.column(REASON_COLUMN).to_pylist()))
+    by_row = dict(
+        zip(q.column(SOURCE_ROW_COLUMN).to_pylist(), q.column(REASON_COLUMN).to_pylist(), strict=True)
+    )
     assert by_row[7] == "duplicate id" and by_row[5] == "null id" and by_row[1].startswith("wrong dimension")
     assert q.column("note").to_pylist() == [n for i, n in enumerate("abcdefgh") if i != 0]  # nothing lost
     assert q.column("embedding").to_pylist()[0] == [1, 2, 3]  # the bad vector itself is kept
@@ -130,7 +146,9 @@ def test_bad_schema_is_a_clear_error(root):
 
 def test_validate_catches_corruption_and_missing_files(root):
     uri = root.uri("v")
-    with GalleryWriter(resolve(uri, root.storage), ModelInfo(model_id="m", dim=8, normalized=False), rows_per_file=10) as w:
+    with GalleryWriter(
+        resolve(uri, root.storage), ModelInfo(model_id="m", dim=8, normalized=False), rows_per_file=10
+    ) as w:
         w.write(make_table(30, 8))
     g = Gallery.open(uri, root.storage)
     assert validate_gallery(g).ok
@@ -153,16 +171,18 @@ def test_validate_catches_unnormalised_and_duplicates(tmp_path):
     rep = validate_gallery(Gallery.open(uri))
     assert any("not unit-norm" in p for p in rep.problems)
     uri2 = str(tmp_path / "d")
-    with GalleryWriter(resolve(uri2), ModelInfo(model_id="m", dim=8, normalized=False), rows_per_file=10) as w:
+    with GalleryWriter(
+        resolve(uri2), ModelInfo(model_id="m", dim=8, normalized=False), rows_per_file=10
+    ) as w:
         w.write(make_table(20, 8))
     g = Gallery.open(uri2)
     # forge a duplicate: copy file 0 over file 1 and patch the manifest entry to match
     a, b = (g.loc.join(f) for f in g.files)
-    data = open(a.path, "rb").read()
-    open(b.path, "wb").write(data)
-    man = json.loads(open(g.loc.join(MANIFEST_NAME).path).read())
+    Path(b.path).write_bytes(Path(a.path).read_bytes())
+    mpath = Path(g.loc.join(MANIFEST_NAME).path)
+    man = json.loads(mpath.read_text())
     man["files"][1].update(bytes=man["files"][0]["bytes"], sha256=man["files"][0]["sha256"])
-    open(g.loc.join(MANIFEST_NAME).path, "w").write(json.dumps(man))
+    mpath.write_text(json.dumps(man))
     rep = validate_gallery(Gallery.open(uri2))
     assert any("already seen" in p for p in rep.problems), rep.problems
 
@@ -191,13 +211,25 @@ def test_import_npy_and_parquet(root, tmp_path):
     np.save(tmp_path / "ids.npy", np.arange(1000, 1300))
     np.save(tmp_path / "lab.npy", np.arange(300) % 5)
     m = import_vectors(
-        str(tmp_path / "v.npy"), root.uri("from-npy"), model_id="old", dtype="float16", normalize=True,
-        ids=str(tmp_path / "ids.npy"), labels=str(tmp_path / "lab.npy"), rows_per_file=128, storage=root.storage,
+        str(tmp_path / "v.npy"),
+        root.uri("from-npy"),
+        model_id="old",
+        dtype="float16",
+        normalize=True,
+        ids=str(tmp_path / "ids.npy"),
+        labels=str(tmp_path / "lab.npy"),
+        rows_per_file=128,
+        storage=root.storage,
     )
     assert m.rows == 299 and m.quarantined_rows == 1 and len(m.files) == 3
     g = Gallery.open(root.uri("from-npy"), root.storage)
     info = inspect_gallery(g)
-    assert info["rows"] == 299 and info["dim"] == 16 and info["dtype"] == "float16" and info["model"]["normalized"]
+    assert (
+        info["rows"] == 299
+        and info["dim"] == 16
+        and info["dtype"] == "float16"
+        and info["model"]["normalized"]
+    )
     assert validate_gallery(g).ok
     t = g.read()
     assert 1007 not in t.column("id").to_pylist() and t.column("label").to_pylist()[:3] == [0, 1, 2]
@@ -205,10 +237,22 @@ def test_import_npy_and_parquet(root, tmp_path):
     np.testing.assert_allclose(norms, 1, atol=2e-2)
 
     # Parquet source with other column names and a variable-length list column
-    src = pa.table({"key": pa.array(["a", "b", "c"]), "vec": pa.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0, 1.0]]), "extra": [1, 2, 3]})
+    src = pa.table(
+        {
+            "key": pa.array(["a", "b", "c"]),
+            "vec": pa.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0, 1.0]]),
+            "extra": [1, 2, 3],
+        }
+    )
     pq.write_table(src, tmp_path / "src.parquet")
-    m2 = import_vectors(str(tmp_path / "src.parquet"), root.uri("from-pq"), model_id="x", id_column="key",
-                        embedding_column="vec", storage=root.storage)
+    m2 = import_vectors(
+        str(tmp_path / "src.parquet"),
+        root.uri("from-pq"),
+        model_id="x",
+        id_column="key",
+        embedding_column="vec",
+        storage=root.storage,
+    )
     assert m2.rows == 2 and m2.quarantine_reasons == {"wrong dimension 3 (expected 2)": 1}
     t2 = Gallery.open(root.uri("from-pq"), root.storage).read()
     assert t2.column("id").to_pylist() == ["a", "b"] and t2.column("extra").to_pylist() == [1, 2]

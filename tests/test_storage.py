@@ -16,7 +16,9 @@ def test_resolve_local_forms(tmp_path):
     assert rel.path == os.path.abspath("some/rel")
 
 
-@pytest.mark.parametrize("uri, words", [("s3://", "needs a bucket"), ("gs://b/x", "unsupported URI scheme"), ("", "empty")])
+@pytest.mark.parametrize(
+    "uri, words", [("s3://", "needs a bucket"), ("gs://b/x", "unsupported URI scheme"), ("", "empty")]
+)
 def test_resolve_rejects(uri, words):
     with pytest.raises(ValueError, match=words):
         resolve(uri)

@@ -1,0 +1,120 @@
+"""Refresh throughput: the Ray Data refresh vs a plain single-process loop, side by side.
+
+    python benchmarks/refresh_throughput.py                 # 2M x 256 float16 (the issue's default)
+    python benchmarks/refresh_throughput.py --rows 500000   # quicker
+
+Generates a gallery of N x d vectors on local disk, then in the same run:
+1. plain loop: for each file, pyarrow read -> torch upgrade module -> normalise -> pyarrow write;
+2. ``dmu-ray refresh`` through Ray Data with 1 CPU's worth of actors, then 2 CPUs' worth.
+Prints rows/s for each and the ratio to the plain loop. Not a test: CI never runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dmu_ray.config import ActorPoolConfig, RefreshConfig
+from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array, embedding_matrix, parquet_write_options
+from dmu_ray.models.artifact import save_upgrade_module
+from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.ray_session import ensure_ray
+from dmu_ray.refresh import run_refresh
+from dmu_ray.storage import resolve
+
+
+def make_gallery(path: str, rows: int, dim: int, rows_per_file: int) -> None:
+    rng = np.random.default_rng(0)
+    model = ModelInfo(model_id="bench-old", dim=dim, dtype="float16", normalized=True)
+    with GalleryWriter(resolve(path), model, rows_per_file=rows_per_file) as w:
+        step = 250_000
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            m = rng.standard_normal((n, dim), dtype=np.float32)
+            m /= np.linalg.norm(m, axis=1, keepdims=True)
+            w.write(
+                pa.table(
+                    {"id": np.arange(start, start + n), "embedding": embedding_array(m.astype(np.float16))}
+                )
+            )
+
+
+def plain_loop(src: str, out: str, module: UpgradeModule, batch: int) -> float:
+    """The yardstick: one process, pyarrow read -> torch -> pyarrow write, file by file."""
+    os.makedirs(out, exist_ok=True)
+    files = sorted(f for f in os.listdir(src) if f.endswith(".parquet"))
+    t0 = time.perf_counter()
+    rows = 0
+    with torch.inference_mode():
+        for f in files:
+            table = pq.read_table(os.path.join(src, f))
+            outs = []
+            for start in range(0, table.num_rows, batch):
+                t = table.slice(start, batch)
+                x = torch.from_numpy(embedding_matrix(t.column("embedding")).astype(np.float32))
+                y = torch.nn.functional.normalize(module(x), dim=1).half().numpy()
+                outs.append(t.set_column(1, "embedding", embedding_array(y)))
+            result = pa.concat_tables(outs)
+            pq.write_table(result, os.path.join(out, f), **parquet_write_options(result.schema))
+            rows += table.num_rows
+    return rows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--out-dim", type=int, default=256)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--rows-per-file", type=int, default=250_000)
+    ap.add_argument("--batch", type=int, default=65536)
+    ap.add_argument("--workdir", default=None, help="where to put the data (default: a temp dir)")
+    args = ap.parse_args()
+
+    work = args.workdir or tempfile.mkdtemp(prefix="dmu-bench-")
+    src = os.path.join(work, "old")
+    cpus = os.cpu_count() or 2
+    print(
+        f"# {args.rows:,} x {args.dim} float16, files of {args.rows_per_file:,} rows, psi width {args.width}, {cpus} cores"
+    )
+    if not os.path.exists(os.path.join(src, "_manifest.json")):
+        t0 = time.perf_counter()
+        make_gallery(src, args.rows, args.dim, args.rows_per_file)
+        print(f"# generated in {time.perf_counter() - t0:.1f}s")
+    module = UpgradeModule(args.dim, args.out_dim, args.width, 2).eval()
+    module_uri = os.path.join(work, "psi.pt")
+    save_upgrade_module(module_uri, module, {"id": "bench"})
+
+    torch.set_num_threads(cpus)
+    plain = plain_loop(src, os.path.join(work, "plain"), module, args.batch)
+    print(f"plain loop (1 process)            {plain:>12,.0f} rows/s   1.00x")
+
+    ensure_ray(num_cpus=cpus)
+    for cpu_share in sorted({1, cpus}):
+        actors = cpu_share
+        out = os.path.join(work, f"ray-{cpu_share}")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = RefreshConfig(
+            source=src,
+            output=out,
+            module=module_uri,
+            dtype="float16",
+            pool=ActorPoolConfig(min_actors=actors, max_actors=actors, num_cpus=1.0, batch_size=args.batch),
+        )
+        res = run_refresh(cfg, progress=False)
+        rate = res.rows_per_s
+        print(f"ray refresh, {actors} actor(s) x 1 CPU        {rate:>12,.0f} rows/s   {rate / plain:.2f}x")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

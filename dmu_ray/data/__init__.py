@@ -1,0 +1,1 @@
+"""Training images: Parquet of encoded images, importers of real data shipped in packages, splits."""

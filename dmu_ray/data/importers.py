@@ -1,0 +1,217 @@
+"""Importers that build image data sets from real data shipped inside installed packages.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes).
+- ``glyphs``: characters rendered from the real typefaces that matplotlib ships (DejaVu, STIX,
+  Computer Modern); class = character, instance = typeface + a random affine jitter. Held-out
+  typefaces form the query/gallery parts, so retrieval is measured on unseen typefaces.
+
+Nothing is downloaded. Each importer writes ``train/``, ``query/``, ``gallery/`` and ``_dataset.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from dmu_ray.config import StorageConfig
+from dmu_ray.data.images import DatasetInfo, encode_png, write_dataset_info, write_image_part
+from dmu_ray.storage import resolve
+
+# Greek letters, less those drawn exactly like a Latin letter (A/Alpha, B/Beta, ..., o/omicron): two
+# classes with identical images would be label noise, not a harder task.
+_HOMOGLYPHS = set(
+    "\u0391\u0392\u0395\u0396\u0397\u0399\u039a\u039c\u039d\u039f\u03a1\u03a4\u03a5\u03a7\u03bf"
+)
+GREEK = "".join(
+    chr(c) for c in [*range(0x391, 0x3AA), *range(0x3B1, 0x3CA)] if c != 0x3A2 and chr(c) not in _HOMOGLYPHS
+)
+DEFAULT_CHARS = string.ascii_letters + string.digits + GREEK
+
+# Text faces among matplotlib's bundled fonts (symbol and fallback fonts left out).
+_TEXT_FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmb10.ttf",
+    "cmti10.ttf",
+)
+
+
+def bundled_fonts() -> list[Path]:
+    """The text typefaces that matplotlib ships (identical on every machine with the package)."""
+    import matplotlib
+
+    d = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+    return [d / f for f in _TEXT_FONTS if (d / f).exists()]
+
+
+def _render(font: ImageFont.FreeTypeFont, ch: str, size: int) -> np.ndarray | None:
+    canvas = Image.new("L", (size * 3, size * 3), 0)
+    ImageDraw.Draw(canvas).text((size, size), ch, fill=255, font=font)
+    a = np.asarray(canvas)
+    ys, xs = np.nonzero(a > 32)
+    if len(ys) == 0:
+        return None
+    return a[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+
+def _supported(
+    font: ImageFont.FreeTypeFont, ch: str, size: int, tofu: np.ndarray | None
+) -> np.ndarray | None:
+    glyph = _render(font, ch, size)
+    if glyph is None or (tofu is not None and glyph.shape == tofu.shape and np.array_equal(glyph, tofu)):
+        return None
+    return glyph
+
+
+def _place(glyph: np.ndarray, size: int, rng: np.random.Generator, jitter: bool) -> np.ndarray:
+    """Fit a glyph bitmap into a size x size image, with random scale/rotation/shift when jitter."""
+    img = Image.fromarray(glyph)
+    if jitter:
+        img = img.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR, expand=True)
+    fill = rng.uniform(0.6, 0.85) if jitter else 0.75
+    h, w = img.size[1], img.size[0]
+    k = fill * size / max(h, w)
+    nw, nh = max(1, round(w * k)), max(1, round(h * k))
+    img = img.resize((nw, nh), Image.BILINEAR)
+    out = Image.new("L", (size, size), 0)
+    room_x, room_y = size - nw, size - nh
+    ox = int(rng.integers(0, room_x + 1)) if jitter else room_x // 2
+    oy = int(rng.integers(0, room_y + 1)) if jitter else room_y // 2
+    out.paste(img, (ox, oy))
+    return np.asarray(out)
+
+
+def import_glyphs(
+    out_uri: str,
+    *,
+    image_size: int = 32,
+    train_instances: int = 4,
+    eval_instances: int = 3,
+    eval_fonts: int = 5,
+    chars: str = DEFAULT_CHARS,
+    seed: int = 0,
+    storage: StorageConfig | None = None,
+) -> DatasetInfo:
+    """Render the glyph data set. Typefaces are split into training faces and ``eval_fonts`` held-out
+    faces; each (char, face) pair gets ``train_instances`` (or ``eval_instances``) jittered images.
+    Query = the first held-out instance of each (char, face), gallery = the rest."""
+    rng = np.random.default_rng(seed)
+    fonts = bundled_fonts()
+    if len(fonts) <= eval_fonts:
+        raise ValueError(f"only {len(fonts)} typefaces found; need more than eval_fonts={eval_fonts}")
+    order = rng.permutation(len(fonts))
+    eval_idx = set(order[:eval_fonts].tolist())
+    render_px = 64
+    parts: dict[str, tuple[list[bytes], list[int], list[int]]] = {
+        p: ([], [], []) for p in ("train", "query", "gallery")
+    }
+    for fi, path in enumerate(fonts):
+        font = ImageFont.truetype(str(path), render_px)
+        tofu = _render(font, "\U0010fffd", render_px)
+        for label, ch in enumerate(chars):
+            glyph = _supported(font, ch, render_px, tofu)
+            if glyph is None:
+                continue
+            if fi in eval_idx:
+                for k in range(eval_instances):
+                    part = "query" if k == 0 else "gallery"
+                    img = _place(glyph, image_size, rng, jitter=k > 0)
+                    parts[part][0].append(encode_png(img))
+                    parts[part][1].append(label)
+                    parts[part][2].append(fi)
+            else:
+                for _ in range(train_instances):
+                    parts["train"][0].append(encode_png(_place(glyph, image_size, rng, jitter=True)))
+                    parts["train"][1].append(label)
+                    parts["train"][2].append(fi)
+    root = resolve(out_uri, storage)
+    rows, next_id = {}, 0
+    for part, (imgs, labels, groups) in parts.items():
+        n = len(imgs)
+        rows[part] = write_image_part(
+            root.join(part), imgs, np.array(labels), np.arange(next_id, next_id + n), np.array(groups)
+        )
+        next_id += n
+    info = DatasetInfo(
+        name="glyphs",
+        num_classes=len(chars),
+        image_size=image_size,
+        channels=1,
+        rows=rows,
+        class_names=list(chars),
+        source="matplotlib bundled typefaces",
+        extra={
+            "fonts": [p.name for p in fonts],
+            "eval_fonts": sorted(fonts[i].name for i in eval_idx),
+            "seed": seed,
+        },
+    )
+    write_dataset_info(root, info)
+    return info
+
+
+def import_digits(
+    out_uri: str,
+    *,
+    image_size: int = 32,
+    eval_fraction: float = 0.3,
+    seed: int = 0,
+    storage: StorageConfig | None = None,
+) -> DatasetInfo:
+    """scikit-learn's digits, upsampled to ``image_size``; a random ``eval_fraction`` is held out
+    (a third of it as queries, the rest as gallery)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = (d.images / 16.0 * 255).astype(np.uint8)
+    big = [np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.BILINEAR)) for a in imgs]
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(big))
+    n_eval = int(round(len(big) * eval_fraction))
+    n_query = n_eval // 3
+    split = {"query": perm[:n_query], "gallery": perm[n_query:n_eval], "train": perm[n_eval:]}
+    root = resolve(out_uri, storage)
+    rows = {}
+    for part, idx in split.items():
+        idx = np.sort(idx)
+        rows[part] = write_image_part(root.join(part), [encode_png(big[i]) for i in idx], d.target[idx], idx)
+    info = DatasetInfo(
+        name="digits",
+        num_classes=10,
+        image_size=image_size,
+        channels=1,
+        rows=rows,
+        class_names=[str(i) for i in range(10)],
+        source="sklearn.datasets.load_digits",
+        extra={"seed": seed},
+    )
+    write_dataset_info(root, info)
+    return info
+
+
+IMPORTERS = {"glyphs": import_glyphs, "digits": import_digits}
+
+
+def default_data_dir() -> str:
+    return os.environ.get("DMU_RAY_DATA", "out/data")

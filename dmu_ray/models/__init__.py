@@ -1,0 +1,1 @@
+"""Models: backbones, embedding heads, margin heads, the feature-upgrade module, artefacts."""

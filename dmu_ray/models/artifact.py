@@ -1,0 +1,97 @@
+"""Exported model artefacts: one file (``torch.save`` of state dict + JSON-able card) at a URI.
+
+Training exports them; refresh and evaluate load them by URI (local or ``s3://``). Loading uses
+``weights_only=True``: an artefact holds tensors and plain data, never pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dmu_ray.config import StorageConfig
+from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.storage import read_bytes, resolve, write_bytes_atomic
+
+FORMAT = "dmu-ray.artifact/1"
+UPGRADE_MODULE = "upgrade_module"
+
+
+class ArtifactError(ValueError):
+    """An artefact that cannot be loaded or is not what the caller needs."""
+
+
+@dataclass
+class Artifact:
+    """A loaded artefact: its kind, card, weights, and the sha256 of the file."""
+
+    kind: str
+    card: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    uri: str
+
+    @property
+    def ident(self) -> str:
+        """A stable id: the card's ``id`` when set, plus a short content hash."""
+        return f"{self.card.get('id', self.kind)}@{self.sha256[:12]}"
+
+
+def save_artifact(
+    uri: str,
+    kind: str,
+    state_dict: dict[str, torch.Tensor],
+    card: dict[str, Any],
+    storage: StorageConfig | None = None,
+) -> str:
+    """Write an artefact atomically; returns its sha256."""
+    buf = io.BytesIO()
+    cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    torch.save({"format": FORMAT, "kind": kind, "card": card, "state_dict": cpu_state}, buf)
+    return write_bytes_atomic(resolve(uri, storage), buf.getvalue())
+
+
+def load_artifact(uri: str, storage: StorageConfig | None = None, *, kind: str | None = None) -> Artifact:
+    """Load an artefact; with ``kind``, refuse one of another kind."""
+    loc = resolve(uri, storage)
+    try:
+        data = read_bytes(loc)
+    except FileNotFoundError:
+        raise ArtifactError(f"{loc.uri}: no such artefact") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise ArtifactError(f"{loc.uri}: not a dmu-ray artefact ({type(err).__name__}: {err})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{loc.uri}: not a dmu-ray artefact (format {obj.get('format') if isinstance(obj, dict) else None!r})"
+        )
+    if kind is not None and obj["kind"] != kind:
+        raise ArtifactError(f"{loc.uri}: is a {obj['kind']!r} artefact, expected {kind!r}")
+    return Artifact(
+        obj["kind"], dict(obj["card"]), obj["state_dict"], hashlib.sha256(data).hexdigest(), loc.uri
+    )
+
+
+def save_upgrade_module(
+    uri: str, module: UpgradeModule, card: dict[str, Any] | None = None, storage: StorageConfig | None = None
+) -> str:
+    """Export an upgrade module with its shape in the card."""
+    return save_artifact(
+        uri, UPGRADE_MODULE, module.state_dict(), {**(card or {}), **module.config()}, storage
+    )
+
+
+def build_upgrade_module(art: Artifact) -> UpgradeModule:
+    """The :class:`UpgradeModule` of an artefact, weights loaded, in eval mode."""
+    c = art.card
+    try:
+        m = UpgradeModule(int(c["in_dim"]), int(c["out_dim"]), int(c["width"]), int(c["depth"]))
+        m.load_state_dict(art.state_dict)
+    except (KeyError, RuntimeError) as err:
+        raise ArtifactError(f"{art.uri}: upgrade module does not load ({err})") from None
+    return m.eval()

@@ -1,0 +1,26 @@
+"""The embedding model: backbone -> Linear -> BatchNorm -> L2 normalisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmu_ray.models.backbones import build_backbone
+
+
+class EmbeddingModel(nn.Module):
+    """phi(x): images (N, C, H, W) -> unit-norm embeddings (N, dim)."""
+
+    def __init__(self, backbone: str, dim: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.backbone_name, self.dim, self.in_channels = backbone, dim, in_channels
+        self.backbone, feat = build_backbone(backbone, in_channels)
+        self.head = nn.Sequential(nn.Linear(feat, dim, bias=False), nn.BatchNorm1d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {"backbone": self.backbone_name, "dim": self.dim, "in_channels": self.in_channels}

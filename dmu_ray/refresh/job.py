@@ -1,0 +1,296 @@
+"""The refresh job: check everything up front, stream the pending files through a Ray Data actor
+pool, then commit the new gallery's manifest.
+
+Work is split by input file (``ray.data.from_items`` over the paths, one file per actor call), so
+each output file is published atomically by exactly one successful call and a re-run only redoes
+files without a commit record (see :mod:`dmu_ray.refresh.upgrade_files`). Inside a file, batches
+stay in Arrow form and reach the module as zero-copy ``(n, d)`` arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dmu_ray.config import RefreshConfig
+from dmu_ray.gallery import (
+    Gallery,
+    GalleryError,
+    Manifest,
+    ModelInfo,
+    check_columns,
+    describe_columns,
+    read_manifest,
+    write_manifest,
+)
+from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
+from dmu_ray.refresh.upgrade_files import PARTS_DIR, FileUpgrader, entry_from_record, read_record
+from dmu_ray.storage import Location, read_bytes, resolve, write_bytes_atomic
+
+JOB_MARKER = "_refresh.json"
+
+
+class RefreshError(GalleryError):
+    """A refresh that must not start (or continue); the message says what and where."""
+
+
+@dataclass
+class RefreshPlan:
+    cfg: RefreshConfig
+    source: Gallery
+    out: Location
+    artifact: Artifact
+    model: ModelInfo
+    job: dict[str, Any]
+    pending: list[str]
+    done: bool = False
+
+
+@dataclass
+class RefreshResult:
+    manifest: Manifest
+    files_done_now: int
+    rows_done_now: int
+    seconds: float
+    skipped_files: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows_done_now / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        m = self.manifest
+        return (
+            f"refresh committed: {m.rows:,} rows in {len(m.files)} files "
+            f"({self.files_done_now} upgraded now, {self.skipped_files} already committed), "
+            f"{self.rows_per_s:,.0f} rows/s, {m.quarantined_rows:,} quarantined"
+        )
+
+
+def _check_file_schemas(src: Gallery) -> None:
+    def check(rel: str) -> str | None:
+        loc = src.loc.join(rel)
+        try:
+            check_columns(pq.ParquetFile(loc.fs.open_input_file(loc.path)).schema_arrow, loc.uri)
+        except (GalleryError, OSError, pa.ArrowInvalid) as err:
+            return str(err)
+        return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        errors = [e for e in pool.map(check, src.files) if e]
+    if errors:
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise RefreshError(
+            f"{len(errors)} source file(s) cannot be refreshed:\n  " + "\n  ".join(errors[:10]) + more
+        )
+
+
+def plan_refresh(cfg: RefreshConfig) -> RefreshPlan:
+    """Every check that can fail before cluster work: source committed and readable, module loads
+    and fits the gallery's dim, output prefix free or holding this same job. Then the pending files."""
+    src = Gallery.open(cfg.source, cfg.storage)
+    out = resolve(cfg.output, cfg.storage)
+    if out.uri == src.loc.uri or out.uri.startswith(src.loc.uri + "/"):
+        raise RefreshError(
+            f"output {out.uri} must not be the source prefix or inside it (refresh never writes in place)"
+        )
+    art = load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE)
+    module = build_upgrade_module(art)
+    if module.in_dim != src.model.dim:
+        raise RefreshError(
+            f"upgrade module {art.uri} takes {module.in_dim}-d input but gallery {src.loc.uri} holds "
+            f"{src.model.dim}-d vectors (model {src.model.model_id!r})"
+        )
+    if not src.files:
+        raise RefreshError(f"{src.loc.uri}: the gallery has no files")
+    _check_file_schemas(src)
+    new_model = art.card.get("new_model_id") or f"{src.model.model_id}+{art.card.get('id', 'upgrade')}"
+    model = ModelInfo(
+        model_id=str(new_model),
+        dim=module.out_dim,
+        dtype=cfg.dtype,
+        normalized=cfg.normalize,
+        version=str(art.card.get("new_model_version", "1")),
+        upgrade_module=art.ident,
+        source_gallery=src.loc.uri,
+    )
+    job = {
+        "source": src.loc.uri,
+        "source_created_at": src.manifest.created_at,
+        "source_rows": src.manifest.rows,
+        "module": art.uri,
+        "module_sha256": art.sha256,
+        "dtype": cfg.dtype,
+        "normalize": cfg.normalize,
+    }
+    existing = read_manifest(out)
+    if existing is not None:
+        if existing.extra.get("refresh", {}).get("job") == job:
+            return RefreshPlan(cfg, src, out, art, model, job, [], done=True)
+        raise RefreshError(
+            f"output {out.uri} already holds a different gallery (model {existing.model.model_id!r}, "
+            f"from {existing.extra.get('refresh', {}).get('job', {}).get('source', 'elsewhere')}); "
+            "choose another output prefix"
+        )
+    marker = out.join(JOB_MARKER)
+    if marker.is_file():
+        theirs = json.loads(read_bytes(marker))
+        if theirs != job:
+            diff = sorted(k for k in job if theirs.get(k) != job[k])
+            raise RefreshError(
+                f"output {out.uri} holds a partial refresh of a different job (differs in {diff}); "
+                "choose another output prefix or delete it"
+            )
+    else:
+        stray = [f for f in out.list_files(recursive=True)]
+        if stray:
+            raise RefreshError(
+                f"output {out.uri} already holds {len(stray)} file(s) that are not from this refresh "
+                f"(e.g. {stray[0]}); choose another output prefix"
+            )
+    committed = {f[: -len(".json")] for f in out.join(PARTS_DIR).list_files(suffix=".json", recursive=True)}
+    pending = [f for f in src.files if f not in committed]
+    return RefreshPlan(cfg, src, out, art, model, job, pending)
+
+
+class _RefreshActor:
+    """Ray Data actor: loads the module once, then upgrades one file per call."""
+
+    def __init__(self, plan_args: dict[str, Any]) -> None:
+        import torch
+
+        cfg: RefreshConfig = plan_args["cfg"]
+        art = load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE)
+        if art.sha256 != plan_args["module_sha256"]:
+            raise RefreshError(f"{art.uri} changed while the refresh was running")
+        threads = max(1, int(round(cfg.pool.num_cpus)))
+        torch.set_num_threads(threads)
+        device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.upgrader = FileUpgrader(
+            build_upgrade_module(art),
+            plan_args["src"],
+            plan_args["out"],
+            plan_args["model"],
+            normalize=cfg.normalize,
+            batch_size=cfg.pool.batch_size,
+            device=device,
+            fail_after_files=plan_args.get("fail_after_files"),
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        recs = [self.upgrader.upgrade_file(p) for p in batch.column("path").to_pylist()]
+        return pa.table(
+            {
+                "path": [r["source"] for r in recs],
+                "rows_in": [r["rows_in"] for r in recs],
+                "rows_out": [r["file"]["rows"] for r in recs],
+                "quarantined": [r["quarantine"]["rows"] if r["quarantine"] else 0 for r in recs],
+            }
+        )
+
+
+def run_refresh(
+    cfg: RefreshConfig, *, progress: bool = True, fail_after_files: int | None = None
+) -> RefreshResult:
+    """Plan, run the pending files on Ray Data, commit the manifest. Idempotent: a re-run of the
+    same job resumes; a re-run after commit does nothing."""
+    import ray
+
+    from dmu_ray.ray_session import ensure_ray
+
+    plan = plan_refresh(cfg)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    if plan.done:
+        say(f"{plan.out.uri} already holds this refresh; nothing to do")
+        return RefreshResult(read_manifest(plan.out), 0, 0, 0.0, len(plan.source.files))
+    if not plan.out.join(JOB_MARKER).is_file():
+        write_bytes_atomic(plan.out.join(JOB_MARKER), json.dumps(plan.job, sort_keys=True).encode())
+    skipped = len(plan.source.files) - len(plan.pending)
+    say(
+        f"refresh {plan.source.loc.uri} -> {plan.out.uri}: {len(plan.pending)} file(s) to upgrade, {skipped} already committed"
+    )
+    t0 = time.perf_counter()
+    rows_now = 0
+    if plan.pending:
+        ensure_ray(cfg.ray_address)
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        pool = cfg.pool
+        ds = ray.data.from_items([{"path": p} for p in plan.pending], override_num_blocks=len(plan.pending))
+        ds = ds.map_batches(
+            _RefreshActor,
+            fn_constructor_kwargs={
+                "plan_args": {
+                    "cfg": cfg,
+                    "src": plan.source.loc,
+                    "out": plan.out,
+                    "model": plan.model,
+                    "module_sha256": plan.artifact.sha256,
+                    "fail_after_files": fail_after_files,
+                }
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            # One file per call is a large unit and its input is only a path: no prefetch, so the
+            # first actor up does not queue files that idle actors could take.
+            compute=ray.data.ActorPoolStrategy(
+                min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=1
+            ),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus or None,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows_now += sum(batch.column("rows_in").to_pylist())
+    seconds = time.perf_counter() - t0
+    manifest = _commit(plan, seconds, rows_now)
+    return RefreshResult(manifest, len(plan.pending), rows_now, seconds, skipped)
+
+
+def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
+    """Collect every file's commit record and write the manifest last."""
+
+    def load(rel: str) -> dict[str, Any]:
+        rec = read_record(plan.out, rel)
+        if rec is None:
+            raise RefreshError(
+                f"{plan.out.uri}: {rel} has no commit record after the run; re-run the refresh"
+            )
+        return rec
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        records = list(pool.map(load, plan.source.files))
+    reasons: Counter[str] = Counter()
+    for r in records:
+        reasons.update(r["reasons"])
+    first = plan.out.join(records[0]["file"]["path"])
+    schema = pq.ParquetFile(first.fs.open_input_file(first.path)).schema_arrow
+    manifest = Manifest(
+        model=plan.model,
+        files=[entry_from_record(r["file"]) for r in records],
+        quarantine=[q for q in (entry_from_record(r["quarantine"]) for r in records) if q],
+        quarantine_reasons=dict(reasons),
+        id_type=str(schema.field("id").type),
+        columns=describe_columns(schema),
+        rows_in=sum(r["rows_in"] for r in records),
+        extra={
+            "refresh": {"job": plan.job, "last_run_seconds": round(seconds, 3), "last_run_rows": rows_now}
+        },
+    )
+    if manifest.rows + manifest.quarantined_rows != manifest.rows_in:
+        raise RefreshError(
+            f"rows do not reconcile: {manifest.rows_in} in, {manifest.rows} out, {manifest.quarantined_rows} quarantined"
+        )
+    if manifest.rows_in != plan.source.manifest.rows:
+        raise RefreshError(
+            f"read {manifest.rows_in} rows but the source manifest lists {plan.source.manifest.rows}"
+        )
+    write_manifest(plan.out, manifest)
+    return manifest

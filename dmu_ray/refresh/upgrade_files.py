@@ -1,0 +1,159 @@
+"""Upgrade one gallery file: read it, run the upgrade module, write its output and commit record.
+
+This is the unit of exactly-once work in a refresh. For an input file ``rel`` under the source
+prefix, it publishes (each atomically, in this order):
+
+1. ``_quarantine/<rel>`` when some rows break the contract (with reasons);
+2. ``<rel>`` under the output prefix: the upgraded rows, same ids and passthrough columns;
+3. ``_parts/<rel>.json``: the commit record (rows in/out/quarantined, sizes, sha256s).
+
+A file counts as done once its commit record exists; a crash anywhere before that makes a re-run
+redo the file and overwrite whatever partial outputs it left, so no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dmu_ray.gallery import (
+    EMB,
+    MODEL_META_KEY,
+    QUARANTINE_DIR,
+    FileEntry,
+    ModelInfo,
+    embedding_array,
+    embedding_matrix,
+    embedding_type,
+    quarantine_table,
+    row_problems,
+    write_parquet_atomic,
+)
+from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.storage import Location, read_bytes, write_bytes_atomic
+
+PARTS_DIR = "_parts"
+
+
+def record_name(rel: str) -> str:
+    return f"{PARTS_DIR}/{rel}.json"
+
+
+def read_record(out: Location, rel: str) -> dict[str, Any] | None:
+    """The commit record of input file ``rel``, or None if it is not committed."""
+    loc = out.join(record_name(rel))
+    if not loc.is_file():
+        return None
+    return json.loads(read_bytes(loc))
+
+
+class FileUpgrader:
+    """Holds the module on its device and upgrades whole files (see the module docstring)."""
+
+    def __init__(
+        self,
+        module: UpgradeModule,
+        src: Location,
+        out: Location,
+        model: ModelInfo,
+        *,
+        normalize: bool = True,
+        batch_size: int = 65536,
+        device: str = "cpu",
+        fail_after_files: int | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.src, self.out, self.model = src, out, model
+        self.normalize, self.batch_size = normalize, batch_size
+        self.in_dim = module.in_dim
+        self.out_type = embedding_type(model.dim, model.dtype)
+        self.np_dtype = np.dtype(model.dtype)
+        self.meta = {MODEL_META_KEY: model.to_json().encode()}
+        # test hook: raise after this many files in this process (simulates a crash mid-job)
+        self._fail_after = fail_after_files
+        self._done = 0
+
+    @torch.inference_mode()
+    def upgrade_matrix(self, mat: np.ndarray) -> np.ndarray:
+        """psi over an (n, in_dim) matrix, re-normalised if asked, cast to the output dtype."""
+        with warnings.catch_warnings():  # a read-only Arrow buffer; psi never writes into its input
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(mat)
+        x = x.to(self.device, dtype=torch.float32, non_blocking=True)
+        y = self.module(x)
+        if self.normalize:
+            y = torch.nn.functional.normalize(y, dim=1)
+        return y.to(torch.float16 if self.np_dtype == np.float16 else torch.float32).cpu().numpy()
+
+    def upgrade_file(self, rel: str) -> dict[str, Any]:
+        """Upgrade input file ``rel`` and commit it; returns its commit record."""
+        if self._fail_after is not None and self._done >= self._fail_after:
+            raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
+        t0 = time.perf_counter()
+        src_loc = self.src.join(rel)
+        pf = pq.ParquetFile(src_loc.fs.open_input_file(src_loc.path))
+        outs: list[pa.Table] = []
+        bad_parts: list[pa.Table] = []
+        reasons: Counter[str] = Counter()
+        rows_in = 0
+        for rb in pf.iter_batches(batch_size=self.batch_size):
+            t = pa.Table.from_batches([rb])
+            bad, why = row_problems(t, self.in_dim, where=src_loc.uri)
+            if bad.any():
+                idx = np.flatnonzero(bad)
+                bad_parts.append(quarantine_table(t.take(pa.array(idx)), why, idx + rows_in))
+                reasons.update(why)
+                t = t.filter(pa.array(~bad))
+            good_idx = np.flatnonzero(~bad) + rows_in
+            rows_in += rb.num_rows
+            if not t.num_rows:
+                continue
+            y = self.upgrade_matrix(embedding_matrix(t.column(EMB)))
+            finite = np.isfinite(y).all(axis=1)
+            if not finite.all():
+                why = ["upgrade produced NaN/Inf"] * int((~finite).sum())
+                bad_parts.append(quarantine_table(t.filter(pa.array(~finite)), why, good_idx[~finite]))
+                reasons.update(why)
+                t, y = t.filter(pa.array(finite)), y[finite]
+            col = t.schema.get_field_index(EMB)
+            outs.append(t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y)))
+        q_entry = None
+        if bad_parts:
+            q = pa.concat_tables(bad_parts, promote_options="permissive")
+            q_entry = write_parquet_atomic(self.out.join(QUARANTINE_DIR, rel), q, source=rel)
+            q_entry.path = f"{QUARANTINE_DIR}/{rel}"
+        table = pa.concat_tables(outs) if outs else self._empty(pf.schema_arrow)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.meta})
+        entry = write_parquet_atomic(self.out.join(rel), table, source=rel)
+        entry.path = rel
+        record = {
+            "source": rel,
+            "rows_in": rows_in,
+            "file": asdict(entry),
+            "quarantine": asdict(q_entry) if q_entry else None,
+            "reasons": dict(reasons),
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
+        if entry.rows + (q_entry.rows if q_entry else 0) != rows_in:  # pragma: no cover - invariant
+            raise RuntimeError(f"{rel}: rows do not reconcile: {rows_in} in, {entry.rows} out, {q_entry}")
+        write_bytes_atomic(self.out.join(record_name(rel)), json.dumps(record).encode())
+        self._done += 1
+        return record
+
+    def _empty(self, schema: pa.Schema) -> pa.Table:
+        i = schema.get_field_index(EMB)
+        return schema.set(i, pa.field(EMB, self.out_type, nullable=False)).empty_table()
+
+
+def entry_from_record(d: dict[str, Any] | None) -> FileEntry | None:
+    return FileEntry(**d) if d else None

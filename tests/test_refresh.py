@@ -1,0 +1,179 @@
+"""Gallery refresh on a real local Ray cluster, against local disk and the loopback S3 server."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from dmu_ray.config import ActorPoolConfig, RefreshConfig
+from dmu_ray.gallery import (
+    Gallery,
+    GalleryWriter,
+    Manifest,
+    ModelInfo,
+    UncommittedGalleryError,
+    embedding_array,
+    embedding_matrix,
+    write_manifest,
+    write_parquet_atomic,
+)
+from dmu_ray.gallery_ops import validate_gallery
+from dmu_ray.models.artifact import save_upgrade_module
+from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.refresh import plan_refresh, run_refresh
+from dmu_ray.refresh.job import RefreshError
+from dmu_ray.storage import resolve
+
+DIM = 16
+
+
+def source_table(n: int, start: int, dim: int = DIM, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed + start)
+    m = rng.standard_normal((n, dim)).astype(np.float32)
+    m /= np.linalg.norm(m, axis=1, keepdims=True)
+    return pa.table({
+        "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+        "embedding": embedding_array(m.astype(np.float16)),
+        "label": pa.array(np.arange(start, start + n) % 7),
+        "url": pa.array([f"s3://imgs/{i}.jpg" for i in range(start, start + n)]),
+    })
+
+
+def make_source(uri, storage, files=4, rows=300) -> str:
+    with GalleryWriter(resolve(uri, storage), ModelInfo(model_id="old-r18", dim=DIM, dtype="float16", normalized=True),
+                       rows_per_file=rows) as w:
+        w.write(source_table(files * rows, 0))
+    return uri
+
+
+def make_module(uri, storage, in_dim=DIM, out_dim=24) -> UpgradeModule:
+    torch.manual_seed(0)
+    m = UpgradeModule(in_dim, out_dim, width=32, depth=2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+        for bn in (m.mlp[1], m.mlp[4]):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+    m.eval()
+    save_upgrade_module(uri, m, {"id": "psi-test", "new_model_id": "new-r50"}, storage)
+    return m
+
+
+def forge_gallery(uri, storage, tables: dict[str, pa.Table], dim=DIM) -> None:
+    """A committed gallery whose files were not checked by the writer (as from a foreign tool)."""
+    loc = resolve(uri, storage)
+    entries = [write_parquet_atomic(loc.join(name), t) for name, t in tables.items()]
+    for e, name in zip(entries, tables, strict=True):
+        e.path = name
+    model = ModelInfo(model_id="old", dim=dim, dtype="float16", normalized=True)
+    write_manifest(loc, Manifest(model=model, files=entries, rows_in=sum(t.num_rows for t in tables.values())))
+
+
+def cfg_for(src, out, module, storage, **pool) -> RefreshConfig:
+    return RefreshConfig(source=src, output=out, module=module, dtype="float16",
+                         pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=0.5, batch_size=128, **pool),
+                         storage=storage or {})
+
+
+def test_refresh_on_s3_matches_plain_torch(ray_local, s3):
+    root = f"s3://{s3.bucket}/refresh-exact"
+    src = make_source(f"{root}/old", s3.storage)
+    module = make_module(f"{root}/psi.pt", s3.storage)
+    res = run_refresh(cfg_for(src, f"{root}/new", f"{root}/psi.pt", s3.storage), progress=False)
+    assert res.files_done_now == 4 and res.manifest.rows == 1200 and res.manifest.quarantined_rows == 0
+
+    old = Gallery.open(src, s3.storage).read()
+    new_g = Gallery.open(f"{root}/new", s3.storage)
+    new = new_g.read()
+    assert new.column("id").to_pylist() == old.column("id").to_pylist()
+    assert new.column("url").to_pylist() == old.column("url").to_pylist()
+    assert new.column("label").to_pylist() == old.column("label").to_pylist()
+    with torch.no_grad():
+        ref = module(torch.from_numpy(embedding_matrix(old.column("embedding")).astype(np.float32)))
+        ref = torch.nn.functional.normalize(ref, dim=1).half().numpy()
+    got = embedding_matrix(new.column("embedding"))
+    assert got.shape == (1200, 24) and got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), atol=2e-3)
+    m = new_g.manifest
+    assert m.model.model_id == "new-r50" and m.model.dim == 24 and m.model.upgrade_module.startswith("psi-test@")
+    assert m.model.source_gallery == src
+    assert [f.path for f in m.files] == Gallery.open(src, s3.storage).files  # one output per input
+    assert validate_gallery(new_g).ok
+    # a re-run of a committed job does nothing
+    again = run_refresh(cfg_for(src, f"{root}/new", f"{root}/psi.pt", s3.storage), progress=False)
+    assert again.files_done_now == 0 and again.skipped_files == 4
+
+
+def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
+    src = make_source(str(tmp_path / "old"), None, files=6, rows=100)
+    make_module(str(tmp_path / "psi.pt"), None)
+    out = tmp_path / "new"
+    cfg = cfg_for(src, str(out), str(tmp_path / "psi.pt"), None)
+    cfg.pool.max_actors = 1
+    with pytest.raises(Exception, match="injected failure"):
+        run_refresh(cfg, progress=False, fail_after_files=2)
+    committed = sorted(p.name for p in (out / "_parts").glob("*.json"))
+    assert len(committed) == 2
+    assert not (out / "_manifest.json").exists()
+    with pytest.raises(UncommittedGalleryError):
+        Gallery.open(str(out))
+    before = {n[:-5]: (out / n[:-5]).stat().st_mtime_ns for n in committed}
+    # simulate a crash between publishing a data file and its commit record
+    (out / "_parts" / committed[1]).unlink()
+    res = run_refresh(cfg, progress=False)
+    assert res.files_done_now == 5 and res.skipped_files == 1
+    keep = committed[0][:-5]
+    assert (out / keep).stat().st_mtime_ns == before[keep]  # committed work untouched
+    ids = Gallery.open(str(out)).read(columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == list(range(600)) and len(set(ids)) == len(ids)  # none missing, none twice
+    assert validate_gallery(Gallery.open(str(out))).ok
+
+
+def test_bad_rows_and_wrong_dim_shard_are_quarantined(ray_local, tmp_path):
+    good = source_table(50, 0)
+    nan_t = source_table(40, 100)
+    emb = embedding_matrix(nan_t.column("embedding")).copy()
+    emb[[3, 7]] = np.nan
+    nan_t = nan_t.set_column(1, "embedding", embedding_array(emb))
+    wrong = source_table(30, 200, dim=DIM + 4)
+    forge_gallery(str(tmp_path / "old"), None, {"a.parquet": good, "b.parquet": nan_t, "c.parquet": wrong})
+    make_module(str(tmp_path / "psi.pt"), None)
+    res = run_refresh(cfg_for(str(tmp_path / "old"), str(tmp_path / "new"), str(tmp_path / "psi.pt"), None), progress=False)
+    m = res.manifest
+    assert m.rows == 50 + 38 and m.quarantined_rows == 2 + 30 and m.rows_in == 120
+    assert m.quarantine_reasons == {"NaN/Inf or null value in embedding": 2, f"wrong dimension {DIM + 4} (expected {DIM})": 30}
+    assert [f.rows for f in m.files] == [50, 38, 0]
+    assert validate_gallery(Gallery.open(str(tmp_path / "new"))).ok
+
+
+def test_bad_setups_fail_before_any_work(tmp_path):
+    make_source(str(tmp_path / "old"), None, files=2, rows=20)
+    make_module(str(tmp_path / "psi.pt"), None)
+    make_module(str(tmp_path / "psi32.pt"), None, in_dim=32)
+    ok = dict(source=str(tmp_path / "old"), output=str(tmp_path / "new"), module=str(tmp_path / "psi.pt"))
+
+    with pytest.raises(RefreshError, match="takes 32-d input but gallery .* holds 16-d"):
+        plan_refresh(RefreshConfig(**{**ok, "module": str(tmp_path / "psi32.pt")}))
+    with pytest.raises(RefreshError, match="must not be the source"):
+        plan_refresh(RefreshConfig(**{**ok, "output": str(tmp_path / "old")}))
+    with pytest.raises(UncommittedGalleryError):
+        plan_refresh(RefreshConfig(**{**ok, "source": str(tmp_path / "nothing")}))
+    with pytest.raises(Exception, match="no such artefact"):
+        plan_refresh(RefreshConfig(**{**ok, "module": str(tmp_path / "missing.pt")}))
+
+    # a shard without the embedding column: named, and nothing is written
+    forge_gallery(str(tmp_path / "broken"), None, {
+        "a.parquet": source_table(10, 0),
+        "b.parquet": source_table(10, 10).drop_columns(["embedding"]),
+    })
+    with pytest.raises(RefreshError, match=r"b\.parquet: missing column 'embedding'"):
+        plan_refresh(RefreshConfig(**{**ok, "source": str(tmp_path / "broken")}))
+    assert not (tmp_path / "new").exists()
+
+    # an output prefix that already holds another gallery is refused and left as it was
+    other = make_source(str(tmp_path / "other"), None, files=1, rows=10)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "other").glob("*.*")}
+    with pytest.raises(RefreshError, match="already holds a different gallery"):
+        plan_refresh(RefreshConfig(**{**ok, "output": other}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "other").glob("*.*")} == before
