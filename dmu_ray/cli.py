@@ -108,6 +108,37 @@ def _cmd_gallery_validate(ns: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+# ------------------------------------------------------------------------------------ data, train
+
+
+def _cmd_data_import(ns: argparse.Namespace) -> int:
+    from dmu_ray.data.importers import IMPORTERS
+
+    info = IMPORTERS[ns.dataset](ns.dest, image_size=ns.image_size, seed=ns.seed, storage=_storage(ns))
+    print(
+        f"{ns.dest}: {info.name}, {info.num_classes} classes, {info.image_size}px x {info.channels} channel(s), "
+        f"rows {info.rows}"
+    )
+    return 0
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from dmu_ray.config import TrainConfig, load_config
+    from dmu_ray.train.job import run_training
+
+    cfg = load_config(TrainConfig, ns.config)
+    if ns.ray_address:
+        cfg.ray_address = ns.ray_address
+    out = run_training(cfg, progress=not ns.quiet)
+    last = out["metrics"]
+    print(
+        f"trained {cfg.name}: {out['epochs']} epochs, loss {last.get('loss', float('nan')):.4f}; "
+        f"model {out['model']}"
+        + (f"; upgrade module {out['upgrade_module']}" if "upgrade_module" in out else "")
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- refresh
 
 
@@ -179,6 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--allow-uncommitted", action="store_true", help="check a prefix without _manifest.json")
     _storage_args(val)
     val.set_defaults(func=_cmd_gallery_validate)
+
+    dat = sub.add_parser("data", help="build training/evaluation image sets from data shipped in packages")
+    dsub = dat.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dim_ = dsub.add_parser("import", help="write an image data set (train/, query/, gallery/, _dataset.json)")
+    dim_.add_argument(
+        "dataset",
+        choices=["glyphs", "digits"],
+        help="glyphs: characters from matplotlib's typefaces (96 classes); digits: scikit-learn's",
+    )
+    dim_.add_argument("dest", help="output folder (local or s3://)")
+    dim_.add_argument("--image-size", type=int, default=32)
+    dim_.add_argument("--seed", type=int, default=0)
+    _storage_args(dim_)
+    dim_.set_defaults(func=_cmd_data_import)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a model on Ray Train (old model, or new model with independent/bct/dmu)",
+        description="Run one Ray Train job from a config. Re-running the same config (same name and "
+        "storage_path) resumes from the last checkpoint.",
+    )
+    tr.add_argument("--config", required=True, help="training config (YAML); see configs/train_*.yaml")
+    tr.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
+    tr.set_defaults(func=_cmd_train)
 
     ref = sub.add_parser(
         "refresh",

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ConfigError",
@@ -21,6 +29,7 @@ __all__ = [
     "StorageConfig",
     "RefreshConfig",
     "ActorPoolConfig",
+    "TrainConfig",
     "load_config",
     "parse_config",
 ]
@@ -101,6 +110,107 @@ class RefreshConfig(StrictModel):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+
+SPLITS = ("all", "extended-data", "extended-class", "open-data", "open-class")
+
+
+class DataConfig(StrictModel):
+    """Training images and the split protocol that picks the old or new model's share of them."""
+
+    uri: str = Field(description="image data set root (holds _dataset.json and train/)")
+    split: Literal["all", "extended-data", "extended-class", "open-data", "open-class"] = "all"
+    role: Literal["old", "new"] = Field(
+        default="new", description="which side of the split this run trains on"
+    )
+    old_fraction: float = Field(
+        default=0.3, gt=0, lt=1, description="share of data/classes the old model sees"
+    )
+    split_seed: int = 0
+    augment: bool = True
+    flip: bool = Field(
+        default=False, description="random horizontal flip (off: it changes characters' classes)"
+    )
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    decode_cpus: float = Field(default=0.5, gt=0, description="CPUs per decode task (leave room for workers)")
+
+
+class ModelConfig(StrictModel):
+    """The new (or old) embedding model and its classifier."""
+
+    backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
+    dim: int = Field(default=128, ge=2)
+    head: Literal["arcface", "cosface", "softmax"] = "arcface"
+    s: float = Field(default=30.0, gt=0)
+    m: float = Field(default=0.3, ge=0, lt=1.5)
+
+
+class MethodConfig(StrictModel):
+    """Upgrade method; every DMU component is a switch, so an ablation is a config."""
+
+    name: Literal["independent", "bct", "dmu"] = "independent"
+    old_model: str | None = Field(default=None, description="URI of the old model artefact (bct, dmu)")
+    compat_weight: float = Field(default=1.0, ge=0, description="lambda of the compatibility term")
+    discriminativeness: Literal["prob", "entropy"] = "prob"
+    selective: bool = Field(default=True, description="DMU: weight compatibility by old discriminativeness")
+    adapt: bool = Field(default=True, description="DMU: train the upgrade module psi jointly")
+    adapt_weighting: bool = Field(
+        default=True, description="DMU: weight psi's loss towards poor old features"
+    )
+    upgrade_width: int = Field(default=512, ge=1)
+    upgrade_depth: int = Field(default=2, ge=1)
+    upgrade_in_dim: int | None = Field(
+        default=None, ge=1, description="psi's input dim; must equal the old model's"
+    )
+    upgrade_weight: float = Field(default=1.0, ge=0)
+    align_weight: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _old_model_needed(self) -> MethodConfig:
+        if self.name in ("bct", "dmu") and not self.old_model:
+            raise ValueError(f"method {self.name!r} needs method.old_model (the old model artefact URI)")
+        return self
+
+
+class OptimConfig(StrictModel):
+    """SGD with momentum, cosine schedule after a linear warm-up (the DMU paper's recipe)."""
+
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    epochs: int = Field(default=30, ge=1)
+    warmup_epochs: float = Field(default=1.0, ge=0)
+    batch_size: int = Field(default=256, ge=2, description="per worker")
+    amp: bool = Field(default=True, description="mixed precision on GPU (ignored on CPU)")
+
+
+class ScalingSection(StrictModel):
+    """Ray Train workers."""
+
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, gt=0)
+
+
+class TrainConfig(StrictModel):
+    """``dmu-ray train``: one Ray Train run (old model, or new model with a method)."""
+
+    kind: Literal["train"] = "train"
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; same name resumes")
+    storage_path: str = Field(description="where runs live (local path or s3://bucket/prefix)")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    max_failures: int = Field(default=2, ge=-1, description="worker failures to recover from (-1: unlimited)")
+    failure_drill_epoch: int | None = Field(
+        default=None, ge=1, description="kill one worker once during this epoch, to exercise recovery"
+    )
+    seed: int = 0
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

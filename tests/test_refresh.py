@@ -31,17 +31,22 @@ def source_table(n: int, start: int, dim: int = DIM, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed + start)
     m = rng.standard_normal((n, dim)).astype(np.float32)
     m /= np.linalg.norm(m, axis=1, keepdims=True)
-    return pa.table({
-        "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
-        "embedding": embedding_array(m.astype(np.float16)),
-        "label": pa.array(np.arange(start, start + n) % 7),
-        "url": pa.array([f"s3://imgs/{i}.jpg" for i in range(start, start + n)]),
-    })
+    return pa.table(
+        {
+            "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+            "embedding": embedding_array(m.astype(np.float16)),
+            "label": pa.array(np.arange(start, start + n) % 7),
+            "url": pa.array([f"s3://imgs/{i}.jpg" for i in range(start, start + n)]),
+        }
+    )
 
 
 def make_source(uri, storage, files=4, rows=300) -> str:
-    with GalleryWriter(resolve(uri, storage), ModelInfo(model_id="old-r18", dim=DIM, dtype="float16", normalized=True),
-                       rows_per_file=rows) as w:
+    with GalleryWriter(
+        resolve(uri, storage),
+        ModelInfo(model_id="old-r18", dim=DIM, dtype="float16", normalized=True),
+        rows_per_file=rows,
+    ) as w:
         w.write(source_table(files * rows, 0))
     return uri
 
@@ -67,13 +72,20 @@ def forge_gallery(uri, storage, tables: dict[str, pa.Table], dim=DIM) -> None:
     for e, name in zip(entries, tables, strict=True):
         e.path = name
     model = ModelInfo(model_id="old", dim=dim, dtype="float16", normalized=True)
-    write_manifest(loc, Manifest(model=model, files=entries, rows_in=sum(t.num_rows for t in tables.values())))
+    write_manifest(
+        loc, Manifest(model=model, files=entries, rows_in=sum(t.num_rows for t in tables.values()))
+    )
 
 
 def cfg_for(src, out, module, storage, **pool) -> RefreshConfig:
-    return RefreshConfig(source=src, output=out, module=module, dtype="float16",
-                         pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=0.5, batch_size=128, **pool),
-                         storage=storage or {})
+    return RefreshConfig(
+        source=src,
+        output=out,
+        module=module,
+        dtype="float16",
+        pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=0.5, batch_size=128, **pool),
+        storage=storage or {},
+    )
 
 
 def test_refresh_on_s3_matches_plain_torch(ray_local, s3):
@@ -96,7 +108,9 @@ def test_refresh_on_s3_matches_plain_torch(ray_local, s3):
     assert got.shape == (1200, 24) and got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), atol=2e-3)
     m = new_g.manifest
-    assert m.model.model_id == "new-r50" and m.model.dim == 24 and m.model.upgrade_module.startswith("psi-test@")
+    assert (
+        m.model.model_id == "new-r50" and m.model.dim == 24 and m.model.upgrade_module.startswith("psi-test@")
+    )
     assert m.model.source_gallery == src
     assert [f.path for f in m.files] == Gallery.open(src, s3.storage).files  # one output per input
     assert validate_gallery(new_g).ok
@@ -139,10 +153,15 @@ def test_bad_rows_and_wrong_dim_shard_are_quarantined(ray_local, tmp_path):
     wrong = source_table(30, 200, dim=DIM + 4)
     forge_gallery(str(tmp_path / "old"), None, {"a.parquet": good, "b.parquet": nan_t, "c.parquet": wrong})
     make_module(str(tmp_path / "psi.pt"), None)
-    res = run_refresh(cfg_for(str(tmp_path / "old"), str(tmp_path / "new"), str(tmp_path / "psi.pt"), None), progress=False)
+    res = run_refresh(
+        cfg_for(str(tmp_path / "old"), str(tmp_path / "new"), str(tmp_path / "psi.pt"), None), progress=False
+    )
     m = res.manifest
     assert m.rows == 50 + 38 and m.quarantined_rows == 2 + 30 and m.rows_in == 120
-    assert m.quarantine_reasons == {"NaN/Inf or null value in embedding": 2, f"wrong dimension {DIM + 4} (expected {DIM})": 30}
+    assert m.quarantine_reasons == {
+        "NaN/Inf or null value in embedding": 2,
+        f"wrong dimension {DIM + 4} (expected {DIM})": 30,
+    }
     assert [f.rows for f in m.files] == [50, 38, 0]
     assert validate_gallery(Gallery.open(str(tmp_path / "new"))).ok
 
@@ -163,10 +182,14 @@ def test_bad_setups_fail_before_any_work(tmp_path):
         plan_refresh(RefreshConfig(**{**ok, "module": str(tmp_path / "missing.pt")}))
 
     # a shard without the embedding column: named, and nothing is written
-    forge_gallery(str(tmp_path / "broken"), None, {
-        "a.parquet": source_table(10, 0),
-        "b.parquet": source_table(10, 10).drop_columns(["embedding"]),
-    })
+    forge_gallery(
+        str(tmp_path / "broken"),
+        None,
+        {
+            "a.parquet": source_table(10, 0),
+            "b.parquet": source_table(10, 10).drop_columns(["embedding"]),
+        },
+    )
     with pytest.raises(RefreshError, match=r"b\.parquet: missing column 'embedding'"):
         plan_refresh(RefreshConfig(**{**ok, "source": str(tmp_path / "broken")}))
     assert not (tmp_path / "new").exists()

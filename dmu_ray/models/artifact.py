@@ -95,3 +95,43 @@ def build_upgrade_module(art: Artifact) -> UpgradeModule:
     except (KeyError, RuntimeError) as err:
         raise ArtifactError(f"{art.uri}: upgrade module does not load ({err})") from None
     return m.eval()
+
+
+EMBEDDING_MODEL = "embedding_model"
+
+
+def save_embedding_model(
+    uri: str,
+    model: torch.nn.Module,
+    head: torch.nn.Module,
+    card: dict[str, Any],
+    storage: StorageConfig | None = None,
+) -> str:
+    """Export an embedding model with its classifier (``classifier.*``; BCT/DMU use the old one)."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"classifier.{k}": v for k, v in head.state_dict().items()})
+    card = {
+        **card,
+        **model.config(),
+        "num_classes": head.num_classes,
+        "head": head.kind,
+        "s": head.s,
+        "m": head.m,
+    }
+    return save_artifact(uri, EMBEDDING_MODEL, state, card, storage)
+
+
+def build_embedding_model(art: Artifact):
+    """``(EmbeddingModel, MarginHead)`` of an artefact, weights loaded, in eval mode."""
+    from dmu_ray.models.embedding import EmbeddingModel
+    from dmu_ray.models.heads import MarginHead
+
+    c = art.card
+    try:
+        model = EmbeddingModel(c["backbone"], int(c["dim"]), int(c["in_channels"]))
+        head = MarginHead(int(c["dim"]), int(c["num_classes"]), c["head"], float(c["s"]), float(c["m"]))
+        model.load_state_dict({k[6:]: v for k, v in art.state_dict.items() if k.startswith("model.")})
+        head.load_state_dict({k[11:]: v for k, v in art.state_dict.items() if k.startswith("classifier.")})
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ArtifactError(f"{art.uri}: embedding model does not load ({err})") from None
+    return model.eval(), head.eval()

@@ -26,13 +26,16 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         nn.init.normal_(self.weight, std=0.01)
 
-    def cosine(self, f: torch.Tensor) -> torch.Tensor:
+    def cosine(self, f: torch.Tensor, detach_weight: bool = False) -> torch.Tensor:
+        """Cosine similarity of features to every class weight; ``detach_weight`` stops gradients
+        into the class weights (for losses that must not move the classifier)."""
+        w = self.weight.detach() if detach_weight else self.weight
         return nn.functional.linear(
-            nn.functional.normalize(f.float(), dim=1), nn.functional.normalize(self.weight.float(), dim=1)
+            nn.functional.normalize(f.float(), dim=1), nn.functional.normalize(w.float(), dim=1)
         )
 
-    def forward(self, f: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        cos = self.cosine(f)
+    def apply_margin(self, cos: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Scaled logits from cosines, with this head's margin on each sample's target class."""
         if labels is None or self.kind == "softmax" or self.m == 0:
             return self.s * cos
         target = cos.gather(1, labels[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
@@ -45,3 +48,6 @@ class MarginHead(nn.Module):
         else:
             moved = target - self.m
         return self.s * cos.scatter(1, labels[:, None], moved)
+
+    def forward(self, f: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.apply_margin(self.cosine(f), labels)

@@ -1,0 +1,1 @@
+"""Upgrade methods as loss modules: independent, bct, dmu (fastfill, unibct to come)."""

@@ -1,0 +1,263 @@
+"""Driver side of training: check the config against the data and the old model before any worker
+starts, build the Ray Data pipeline, run ``TorchTrainer``, export the artefacts.
+
+Runs live under ``<storage_path>/<name>/`` (Ray Train's checkpoints and ``export/``). Running the
+same config again resumes from the last checkpoint (Ray Train restores a run by name and storage
+path); a finished run re-exports and returns.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from dmu_ray.config import ConfigError, TrainConfig
+from dmu_ray.data.images import DatasetInfo, read_dataset_info
+from dmu_ray.data.splits import split_mask
+from dmu_ray.models.artifact import (
+    EMBEDDING_MODEL,
+    UPGRADE_MODULE,
+    Artifact,
+    load_artifact,
+    save_artifact,
+    save_embedding_model,
+)
+from dmu_ray.storage import Location, resolve
+
+EXPORT_DIR = "export"
+
+
+@dataclass
+class TrainPlan:
+    cfg: TrainConfig
+    data: DatasetInfo
+    train_loc: Location
+    rows: int
+    trained_classes: list[bool]
+    old: Artifact | None
+    run_uri: str
+
+    @property
+    def export_uri(self) -> str:
+        return f"{self.run_uri}/{EXPORT_DIR}"
+
+
+def plan_training(cfg: TrainConfig) -> TrainPlan:
+    """Every check that can fail before workers start; raises ConfigError naming the field."""
+    data = read_dataset_info(cfg.data.uri, cfg.storage)
+    train_loc = resolve(cfg.data.uri, cfg.storage).join("train")
+    t = pq.read_table(train_loc.path, filesystem=train_loc.fs, columns=["id", "label"])
+    ids, labels = t.column("id").to_numpy(), t.column("label").to_numpy()
+    mask = split_mask(cfg.data.split, cfg.data.role, ids, labels, cfg.data.old_fraction, cfg.data.split_seed)
+    rows = int(mask.sum())
+    if rows < cfg.optim.batch_size * cfg.scaling.num_workers:
+        raise ConfigError(
+            f"data: the {cfg.data.role} side of split {cfg.data.split!r} has {rows} rows, fewer than one batch "
+            f"per worker (optim.batch_size {cfg.optim.batch_size} x scaling.num_workers {cfg.scaling.num_workers})"
+        )
+    seen = np.zeros(data.num_classes, dtype=bool)
+    seen[np.unique(labels[mask])] = True
+    old = None
+    if cfg.method.name != "independent":
+        try:
+            old = load_artifact(cfg.method.old_model, cfg.storage, kind=EMBEDDING_MODEL)
+        except ValueError as err:
+            raise ConfigError(f"method.old_model: {err}") from None
+        c = old.card
+        if int(c["dim"]) != cfg.model.dim:
+            raise ConfigError(
+                f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c['dim']} dims; "
+                f"{cfg.method.name} compares new and old vectors directly, so they must match"
+            )
+        if cfg.method.upgrade_in_dim is not None and cfg.method.upgrade_in_dim != int(c["dim"]):
+            raise ConfigError(
+                f"method.upgrade_in_dim is {cfg.method.upgrade_in_dim} but the old model {old.uri} "
+                f"produces {c['dim']}-d features for the upgrade module"
+            )
+        if int(c["num_classes"]) != data.num_classes:
+            raise ConfigError(
+                f"method.old_model: {old.uri} has {c['num_classes']} classes, the data {data.num_classes}"
+            )
+        if int(c["in_channels"]) != data.channels:
+            raise ConfigError(
+                f"method.old_model: {old.uri} takes {c['in_channels']}-channel images, the data has {data.channels}"
+            )
+    run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
+    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri)
+
+
+def decode_split_batch(
+    batch,
+    *,
+    protocol: str,
+    role: str,
+    old_fraction: float,
+    seed: int,
+    size: int,
+    channels: int,
+    augment: bool,
+    flip: bool,
+    crop_scale: tuple[float, float],
+):
+    """Ray Data UDF: keep this run's side of the split, decode and augment the images."""
+    import pyarrow as pa
+
+    from dmu_ray.data.images import DecodeBatch
+
+    m = split_mask(
+        protocol, role, batch.column("id").to_numpy(), batch.column("label").to_numpy(), old_fraction, seed
+    )
+    return DecodeBatch(size, channels, augment, flip, crop_scale)(batch.filter(pa.array(m)))
+
+
+def build_train_dataset(plan: TrainPlan):
+    import ray.data
+
+    c = plan.cfg.data
+    ds = ray.data.read_parquet(plan.train_loc.path, filesystem=plan.train_loc.fs, file_extensions=["parquet"])
+    ds = ds.select_columns(["id", "image", "label"])
+    return ds.randomize_block_order().map_batches(
+        decode_split_batch,
+        fn_kwargs=dict(
+            protocol=c.split,
+            role=c.role,
+            old_fraction=c.old_fraction,
+            seed=c.split_seed,
+            size=plan.data.image_size,
+            channels=plan.data.channels,
+            augment=c.augment,
+            flip=c.flip,
+            crop_scale=tuple(c.crop_scale),
+        ),
+        batch_format="pyarrow",
+        batch_size=256,
+        num_cpus=c.decode_cpus,
+    )
+
+
+def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) and export. Returns the last metrics and the exported artefact URIs."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from dmu_ray.ray_session import ensure_ray
+
+    plan = plan_training(cfg)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    say(
+        f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
+        f"{cfg.scaling.num_workers} worker(s), {cfg.optim.epochs} epochs -> {plan.run_uri}"
+    )
+    ensure_ray(cfg.ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    storage_loc = resolve(cfg.storage_path, cfg.storage)
+    if not storage_loc.is_s3:
+        storage_loc.fs.create_dir(storage_loc.path, recursive=True)
+    info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
+    trainer = TorchTrainer(
+        train_loop_per_worker=_train_entry,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json", round_trip=True) | _secrets(cfg),
+            "info": info,
+            "run_uri": plan.run_uri,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=storage_loc.path,
+            storage_filesystem=storage_loc.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": build_train_dataset(plan)},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return export_run(plan, result.checkpoint, result.metrics or {})
+
+
+def _train_entry(config: dict[str, Any]) -> None:
+    from dmu_ray.train.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+def _secrets(cfg: TrainConfig) -> dict[str, Any]:
+    """model_dump masks SecretStr; the workers need the real values (they never log them)."""
+    s = cfg.storage
+    raw = {
+        k: (v.get_secret_value() if v is not None else None)
+        for k, v in (
+            ("access_key_id", s.access_key_id),
+            ("secret_access_key", s.secret_access_key),
+            ("session_token", s.session_token),
+        )
+    }
+    return {"storage": {**cfg.storage.model_dump(mode="json"), **raw}}
+
+
+def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Write ``export/model.pt`` (embedding model + classifier + card) and, for DMU with
+    adaptation, ``export/upgrade.pt``, from the final checkpoint."""
+    import os
+
+    import torch
+
+    from dmu_ray.train.loop import STATE_FILE, build_trainee
+
+    cfg = plan.cfg
+    info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
+    trainee, _ = build_trainee(cfg, info)
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    trainee.load_state_dict(state["trainee"])
+    card = {
+        "id": cfg.name,
+        "method": cfg.method.name,
+        "dataset": plan.data.name,
+        "split": {
+            "protocol": cfg.data.split,
+            "role": cfg.data.role,
+            "old_fraction": cfg.data.old_fraction,
+            "seed": cfg.data.split_seed,
+        },
+        "trained_classes": plan.trained_classes,
+        "old_model": {"uri": plan.old.uri, "id": plan.old.ident} if plan.old else None,
+        "epochs": int(state["epoch"]) + 1,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        "history": state.get("history", []),
+        "config": cfg.model_dump(mode="json", exclude={"storage"}),
+    }
+    model_uri = f"{plan.export_uri}/model.pt"
+    save_embedding_model(model_uri, trainee.model, trainee.head, card, cfg.storage)
+    out = {
+        "model": model_uri,
+        "metrics": card["metrics"],
+        "epochs": card["epochs"],
+        "history": card["history"],
+    }
+    if trainee.psi is not None:
+        up_uri = f"{plan.export_uri}/upgrade.pt"
+        psi_card = {
+            "id": f"{cfg.name}-psi",
+            "new_model_id": cfg.name,
+            "new_model_version": str(card["epochs"]),
+            "old_model": card["old_model"],
+            **trainee.psi.config(),
+        }
+        save_artifact(up_uri, UPGRADE_MODULE, trainee.psi.state_dict(), psi_card, cfg.storage)
+        out["upgrade_module"] = up_uri
+    return out

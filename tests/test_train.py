@@ -1,0 +1,110 @@
+"""Training on a real local Ray cluster (2 CPU workers, gloo), checkpoints on the loopback S3 server."""
+
+import pytest
+import yaml
+
+from dmu_ray.config import ConfigError, TrainConfig, load_config
+from dmu_ray.data.importers import import_digits
+from dmu_ray.models.artifact import build_embedding_model, build_upgrade_module, load_artifact
+from dmu_ray.train.job import plan_training, run_training
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "digits"
+    import_digits(str(path), image_size=16)
+    return str(path)
+
+
+def config(name, storage_path, data, storage=None, **over) -> TrainConfig:
+    base = {
+        "name": name,
+        "storage_path": storage_path,
+        "data": {"uri": data, "augment": True},
+        "model": {"backbone": "small", "dim": 32},
+        "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0.5},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "storage": storage or {},
+    }
+    for k, v in over.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and k in base else v
+    return TrainConfig.model_validate(base)
+
+
+def test_train_recover_resume_and_dmu_on_s3(ray_local, s3, digits):
+    runs = f"s3://{s3.bucket}/runs"
+    storage = s3.storage.model_dump()
+    # 1. two workers; one is killed during epoch 1 and the run recovers from epoch 0's checkpoint
+    first = run_training(config("old", runs, digits, storage, failure_drill_epoch=1), progress=False)
+    hist = first["history"]
+    assert [h["epoch"] for h in hist] == [0, 1]
+    assert hist[1]["resumed_from"] == 1  # the recovered worker group started at epoch 1
+    keys = s3.keys("runs/old/")
+    assert any("checkpoint_" in k and k.endswith("state.pt") for k in keys), keys
+    assert "runs/old/export/model.pt" in keys
+    # 2. the same run submitted again with more epochs resumes at the right epoch
+    again = run_training(config("old", runs, digits, storage, optim={"epochs": 3}), progress=False)
+    assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
+    assert again["history"][-1]["resumed_from"] == 2
+    assert again["history"][-1]["loss"] < again["history"][0]["loss"]  # it learns
+    model, head = build_embedding_model(load_artifact(again["model"], s3.storage))
+    assert model.dim == 32 and head.num_classes == 10
+    # 3. DMU against that old model exports the new model and the upgrade module
+    dmu = run_training(
+        config(
+            "dmu",
+            runs,
+            digits,
+            storage,
+            optim={"epochs": 1},
+            method={"name": "dmu", "old_model": again["model"], "upgrade_width": 32},
+        ),
+        progress=False,
+    )
+    psi = build_upgrade_module(load_artifact(dmu["upgrade_module"], s3.storage))
+    assert (psi.in_dim, psi.out_dim) == (32, 32)
+    card = load_artifact(dmu["model"], s3.storage).card
+    assert card["method"] == "dmu" and card["old_model"]["uri"] == again["model"]
+    assert {"compat", "upgrade", "old_d"} <= set(dmu["metrics"])
+
+
+def test_bad_configs_fail_before_any_worker(tmp_path, digits):
+    p = tmp_path / "c.yaml"
+    good = {"name": "x", "storage_path": str(tmp_path / "runs"), "data": {"uri": digits}}
+    p.write_text(yaml.safe_dump({**good, "method": {"name": "magic"}}))
+    with pytest.raises(ConfigError, match=r"method\.name: Input should be 'independent', 'bct' or 'dmu'"):
+        load_config(TrainConfig, p)
+    p.write_text(yaml.safe_dump({**good, "method": {"name": "bct"}}))
+    with pytest.raises(ConfigError, match="needs method.old_model"):
+        load_config(TrainConfig, p)
+    p.write_text(yaml.safe_dump({**good, "name": "bad name!"}))
+    with pytest.raises(ConfigError, match=r"  name: "):
+        load_config(TrainConfig, p)
+
+    # an old model to check against (an export written without training: only its card matters)
+    from dmu_ray.models.artifact import save_embedding_model
+    from dmu_ray.models.embedding import EmbeddingModel
+    from dmu_ray.models.heads import MarginHead
+
+    old_uri = str(tmp_path / "old.pt")
+    save_embedding_model(old_uri, EmbeddingModel("small", 64, 1), MarginHead(64, 10), {"id": "old"})
+    with pytest.raises(ConfigError, match="no such artefact"):
+        plan_training(
+            config("n", str(tmp_path), digits, method={"name": "dmu", "old_model": str(tmp_path / "none.pt")})
+        )
+    with pytest.raises(ConfigError, match="model.dim is 32 but the old model .* embeds in 64 dims"):
+        plan_training(config("n", str(tmp_path), digits, method={"name": "dmu", "old_model": old_uri}))
+    with pytest.raises(ConfigError, match="method.upgrade_in_dim is 16 but the old model .* produces 64-d"):
+        plan_training(
+            config(
+                "n",
+                str(tmp_path),
+                digits,
+                model={"dim": 64},
+                method={"name": "dmu", "old_model": old_uri, "upgrade_in_dim": 16},
+            )
+        )
+    with pytest.raises(ConfigError, match="fewer than one batch per worker"):
+        plan_training(config("n", str(tmp_path), digits, optim={"batch_size": 4096}))
+    with pytest.raises(ValueError, match="not an image data set"):
+        plan_training(config("n", str(tmp_path), str(tmp_path / "nodata")))
