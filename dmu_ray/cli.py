@@ -139,6 +139,32 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(ns: argparse.Namespace) -> int:
+    from dmu_ray.evaluate.embed import embed_to_gallery
+
+    m = embed_to_gallery(
+        ns.images, ns.model, ns.output, dtype=ns.dtype, storage=_storage(ns), overwrite=ns.overwrite
+    )
+    print(
+        f"committed {ns.output}: {m.rows:,} rows, dim {m.model.dim} {m.model.dtype}, model {m.model.model_id}"
+    )
+    return 0
+
+
+def _cmd_evaluate(ns: argparse.Namespace) -> int:
+    from dmu_ray.config import EvaluateConfig, load_config
+    from dmu_ray.evaluate.job import run_evaluation
+    from dmu_ray.evaluate.report import markdown_table
+
+    cfg = load_config(EvaluateConfig, ns.config)
+    if ns.ray_address:
+        cfg.ray_address = ns.ray_address
+    result = run_evaluation(cfg, progress=not ns.quiet)
+    print(markdown_table(result))
+    print("written: " + ", ".join(result["files"].values()))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- refresh
 
 
@@ -235,6 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
     tr.set_defaults(func=_cmd_train)
+
+    emb = sub.add_parser("embed", help="embed an image set with a model into a gallery prefix (Ray Data)")
+    emb.add_argument("--images", required=True, help="image part folder, e.g. out/data/glyphs/gallery")
+    emb.add_argument("--model", required=True, help="embedding model artefact (export/model.pt)")
+    emb.add_argument("--output", required=True, help="new gallery prefix")
+    emb.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    emb.add_argument("--overwrite", action="store_true", help="replace what the output prefix holds")
+    _storage_args(emb)
+    emb.set_defaults(func=_cmd_embed)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="retrieval metrics for every query/gallery model pairing (faiss), with report and plots",
+        description="Embed the query set and gallery with each model (Ray Data), search with faiss, and write "
+        "eval.json, eval.md and pairings.png to the config's output folder.",
+    )
+    ev.add_argument(
+        "--config", required=True, help="evaluation config (YAML); see configs/evaluate_local.yaml"
+    )
+    ev.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    ev.add_argument("--quiet", action="store_true", help="no progress output")
+    ev.set_defaults(func=_cmd_evaluate)
 
     ref = sub.add_parser(
         "refresh",

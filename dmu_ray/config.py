@@ -30,6 +30,7 @@ __all__ = [
     "RefreshConfig",
     "ActorPoolConfig",
     "TrainConfig",
+    "EvaluateConfig",
     "load_config",
     "parse_config",
 ]
@@ -209,6 +210,34 @@ class TrainConfig(StrictModel):
         default=None, ge=1, description="kill one worker once during this epoch, to exercise recovery"
     )
     seed: int = 0
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = None
+
+
+class EvaluateConfig(StrictModel):
+    """``dmu-ray evaluate``: every query/gallery model pairing on a labelled query set and gallery."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    data: str = Field(description="image data set whose query/ and gallery/ parts are evaluated")
+    old_model: str = Field(description="old model artefact URI")
+    new_model: str = Field(description="new model artefact URI")
+    upgrade_module: str | None = Field(default=None, description="upgrade module: adds new/upgraded")
+    independent_model: str | None = Field(default=None, description="independently trained new model")
+    galleries: dict[Literal["old", "new", "upgraded", "mixed"], str] = Field(
+        default_factory=dict,
+        description="already-embedded gallery prefixes to use instead of embedding images",
+    )
+    output: str = Field(description="folder for eval.json, eval.md and plots (local or s3://)")
+    title: str = "retrieval by query/gallery model pairing"
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    map_at: int = Field(default=100, ge=1)
+    tar_fars: list[float] = Field(default_factory=lambda: [1e-3, 1e-2])
+    exact_max: int = Field(
+        default=200_000, ge=1, description="exact search up to this gallery size, IVF above"
+    )
+    nprobe: int = Field(default=16, ge=1)
+    pq_m: int | None = Field(default=None, ge=1, description="IVF-PQ sub-quantizers (None: IVF-Flat)")
+    pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = None
 

@@ -1,0 +1,91 @@
+"""Training-loop overhead: dmu-ray's Ray Train loop vs the same step in plain torch, side by side.
+
+    python benchmarks/train_overhead.py                      # DMU step, small CNN, glyphs, batch 64
+    python benchmarks/train_overhead.py --method independent --epochs 4
+
+Both sides run the same Trainee (model, classifier, upgrade module, loss) with the same batch size
+and one torch thread: the plain side loops over pre-decoded tensors in one process; the Ray side
+is ``dmu-ray train`` with one worker (Ray Data decodes and augments in parallel tasks). Ray's
+figure is the mean samples/s of the epochs after the first (start-up excluded). Prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import torch
+
+from dmu_ray.config import TrainConfig
+from dmu_ray.data.images import DecodeBatch, read_dataset_info
+from dmu_ray.data.importers import import_glyphs
+from dmu_ray.train.job import plan_training, run_training
+from dmu_ray.train.loop import build_trainee
+
+
+def plain_steps_per_s(cfg: TrainConfig, steps: int) -> float:
+    plan = plan_training(cfg)
+    info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
+    trainee, old_model = build_trainee(cfg, info)
+    t = pq.read_table(plan.train_loc.path, filesystem=plan.train_loc.fs)
+    batch = DecodeBatch(plan.data.image_size, plan.data.channels, augment=True)(t)
+    x_all, y_all = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+    opt = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=cfg.optim.lr, momentum=0.9)
+    bs = cfg.optim.batch_size
+    trainee.train()
+    t0 = None
+    for i in range(steps + 5):
+        if i == 5:
+            t0 = time.perf_counter()  # after warm-up
+        idx = torch.randint(0, len(y_all), (bs,))
+        x, y = x_all[idx], y_all[idx]
+        f_o = None
+        if old_model is not None:
+            with torch.no_grad():
+                f_o = old_model(x)
+        loss, _ = trainee(x, y, f_o)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=["independent", "dmu"], default="dmu")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    work = tempfile.mkdtemp(prefix="dmu-train-bench-")
+    data = os.path.join(work, "glyphs")
+    import_glyphs(data)
+    base = {
+        "storage_path": os.path.join(work, "runs"),
+        "data": {"uri": data},
+        "model": {"backbone": "small", "dim": 128},
+        "optim": {"epochs": args.epochs, "batch_size": args.batch},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+    }
+    old_uri = None
+    if args.method == "dmu":
+        old = run_training(
+            TrainConfig(name="old", **{**base, "optim": {"epochs": 1, "batch_size": args.batch}}),
+            progress=False,
+        )
+        old_uri = old["model"]
+    cfg = TrainConfig(name="bench", method={"name": args.method, "old_model": old_uri}, **base)
+    plain = plain_steps_per_s(cfg, steps=60)
+    out = run_training(cfg, progress=False)
+    ray_sps = out["metrics"]["samples_per_s"] / args.batch
+    n = read_dataset_info(data).rows["train"]
+    print(f"# {args.method}, small CNN, batch {args.batch}, {n:,} glyph images, 1 worker x 1 CPU")
+    print(f"plain torch loop (1 process)   {plain:8.2f} steps/s   1.00x")
+    print(f"Ray Train loop (last epoch)    {ray_sps:8.2f} steps/s   {ray_sps / plain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

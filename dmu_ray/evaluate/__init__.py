@@ -1,0 +1,1 @@
+"""Retrieval evaluation: faiss search, metrics, the compatibility matrix, reports and plots."""

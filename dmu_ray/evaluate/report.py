@@ -1,0 +1,78 @@
+"""Evaluation outputs: a versioned JSON result, a Markdown table, PNG plots (local or S3)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from dmu_ray.storage import Location, write_bytes_atomic
+
+FORMAT = "dmu-ray.eval/1"
+ORDER = ["old/old", "new/old", "new/upgraded", "new/mixed", "new/new", "independent/independent"]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The compatibility matrix as a Markdown table (one row per pairing)."""
+    pairings = result["pairings"]
+    names = [p for p in ORDER if p in pairings] + [p for p in pairings if p not in ORDER]
+    cols = [
+        c
+        for c in ("mAP@100", "mAP", "R@1", "R@5", "R@10", "TAR@FAR=0.001", "TAR@FAR=0.01")
+        if any(c in pairings[p] for p in names)
+    ]
+    lines = ["| query/gallery | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for p in names:
+        cells = [f"{100 * pairings[p][c]:.2f}" if c in pairings[p] else "" for c in cols]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    h = result.get("headline", {})
+    if h:
+        lines.append("")
+        metric = result.get("headline_metric", "mAP@100")
+        for k, v in h.items():
+            lines.append(f"- {k.replace('_', ' ')} ({metric}): {100 * v:+.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pairings(result: dict[str, Any]) -> bytes:
+    """Grouped bars (mAP@100, R@1) per pairing, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pairings = result["pairings"]
+    names = [p for p in ORDER if p in pairings] + [p for p in pairings if p not in ORDER]
+    metrics = [m for m in ("mAP@100", "R@1") if all(m in pairings[p] for p in names)]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    x = np.arange(len(names))
+    w = 0.8 / max(1, len(metrics))
+    for i, m in enumerate(metrics):
+        vals = [100 * pairings[p][m] for p in names]
+        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * w, vals, w, label=m)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(x, names, rotation=20)
+    ax.set_ylabel("%")
+    ax.set_title(result.get("title", "retrieval by query/gallery model pairing"))
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: Location, result: dict[str, Any]) -> dict[str, str]:
+    """Write ``eval.json``, ``eval.md`` and ``pairings.png`` under ``out``; returns their URIs."""
+    result = {"format": FORMAT, **result}
+    files = {
+        "json": ("eval.json", json.dumps(result, indent=2, sort_keys=False).encode()),
+        "markdown": ("eval.md", markdown_table(result).encode()),
+        "plot": ("pairings.png", plot_pairings(result)),
+    }
+    uris = {}
+    for key, (name, data) in files.items():
+        write_bytes_atomic(out.join(name), data)
+        uris[key] = out.join(name).uri
+    return uris

@@ -1,0 +1,136 @@
+"""Retrieval metrics on hand-computed cases, faiss exact vs IVF, bad inputs, report files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dmu_ray.config import EvaluateConfig
+from dmu_ray.evaluate.job import _gallery_vectors, check_inputs
+from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
+from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance, tar_at_far
+from dmu_ray.evaluate.report import write_report
+from dmu_ray.evaluate.search import SearchConfig, search
+from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array
+from dmu_ray.models.artifact import save_embedding_model, save_upgrade_module
+from dmu_ray.models.embedding import EmbeddingModel
+from dmu_ray.models.heads import MarginHead
+from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.storage import resolve
+
+
+def unit(angle_deg):
+    a = np.deg2rad(np.asarray(angle_deg, dtype=np.float64))
+    return np.stack([np.cos(a), np.sin(a)], axis=1).astype(np.float32)
+
+
+def test_metrics_on_a_hand_computed_case():
+    # q0 (label 0) ranks gallery labels [0, 1, 0]; q1 (label 1) ranks [0, 0, 1]
+    rel = relevance(np.array([[0, 1, 0], [0, 0, 1]]), np.array([0, 1]))
+    ap = average_precision(rel, np.array([2, 1]))
+    np.testing.assert_allclose(ap, [(1 + 2 / 3) / 2, 1 / 3])
+    assert recall_at(rel, [1, 2, 3]) == {1: 0.5, 2: 0.5, 3: 1.0}
+    # AP@K uses min(n_relevant, K) in the denominator
+    np.testing.assert_allclose(average_precision(rel, np.array([2, 1]), k=1), [1.0, 0.0])
+
+
+def test_pairing_metrics_from_real_vectors():
+    # gallery on the unit circle; queries at 0 deg (label 0) and 100 deg (label 1)
+    g = unit([0, 10, 90, 95, 180])
+    gl = np.array([0, 1, 1, 0, 2])
+    q, ql = unit([0, 100]), np.array([0, 1])
+    m = evaluate_pairing("t", q, ql, g, gl, MetricsConfig(ks=[1, 2], map_at=3, tar_fars=[0.25]))
+    # q0 ranks 0,10,90,95,180 -> labels 0,1,1,0,2: AP = (1 + 2/4)/2 = 0.75 ; q1 ranks 95,90,180|10,...
+    # q1 at 100 deg: 95 (0), 90 (1), 180 (2), 10 (1), 0 (0) -> AP = (1/2 + 2/4)/2 = 0.5
+    assert m["mAP"] == pytest.approx((0.75 + 0.5) / 2)
+    assert m["R@1"] == 0.5 and m["R@2"] == 1.0
+    # mAP@3: q0 top3 labels 0,1,1 -> (1/1)/min(2,3) = 0.5 ; q1 top3 0,1,2 -> (1/2)/2 = 0.25
+    assert m["mAP@3"] == pytest.approx(0.375)
+    assert m["index"] == "flat" and m["queries"] == 2 and m["gallery"] == 5
+    assert "TAR@FAR=0.25" in m
+
+
+def test_tar_at_far():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    same = np.array([True, False, True, False, True, False, False, False])
+    # impostors sorted: 0.8 0.6 0.4 0.3 0.2 ; FAR 0.2 -> 1 of 5 false accepts allowed -> threshold 0.6
+    assert tar_at_far(scores, same, [0.2]) == {0.2: pytest.approx(2 / 3)}
+
+
+def test_exact_and_ivf_agree_within_the_reported_recall():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((50, 32))
+    gl = rng.integers(0, 50, 6000)
+    g = centers[gl] + 0.3 * rng.standard_normal((6000, 32))
+    ql = rng.integers(0, 50, 300)
+    q = centers[ql] + 0.3 * rng.standard_normal((300, 32))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    mc = MetricsConfig(ks=[1, 10], map_at=100, full_map_max=0, tar_fars=[])
+    exact = evaluate_pairing("e", q, ql, g, gl, mc, SearchConfig(exact_max=10_000))
+    ivf = evaluate_pairing("i", q, ql, g, gl, mc, SearchConfig(exact_max=1000, nprobe=4))
+    assert exact["index"] == "flat" and ivf["index"].startswith("ivf")
+    loss = 1 - ivf["search_recall_vs_exact"]
+    assert 0 <= loss < 0.5
+    assert abs(exact["mAP@100"] - ivf["mAP@100"]) <= loss + 0.02
+    assert abs(exact["R@1"] - ivf["R@1"]) <= loss + 0.02
+    pq_res = search(q.astype(np.float32), g.astype(np.float32), 10, SearchConfig(exact_max=1000, pq_m=8))
+    assert pq_res.index.startswith("ivf") and "pq8" in pq_res.index and pq_res.recall_vs_exact is not None
+
+
+def test_bad_inputs_are_named(tmp_path):
+    q, ql = unit([0, 90]), np.array([0, 1])
+    with pytest.raises(EvaluationError, match="new/old: queries are 2-d but the gallery is 3-d"):
+        evaluate_pairing("new/old", q, ql, np.ones((4, 3), np.float32), np.zeros(4, int))
+    with pytest.raises(EvaluationError, match="old/old: the gallery is empty"):
+        evaluate_pairing("old/old", q, ql, np.zeros((0, 2), np.float32), np.zeros(0, int))
+    # a pre-embedded gallery without labels
+    with GalleryWriter(resolve(str(tmp_path / "nolabel")), ModelInfo(model_id="m", dim=2)) as w:
+        import pyarrow as pa
+
+        w.write(pa.table({"id": [1, 2], "embedding": embedding_array(unit([0, 90]))}))
+    cfg = EvaluateConfig(data="d", old_model="o", new_model="n", output=str(tmp_path / "out"))
+    with pytest.raises(EvaluationError, match="galleries.old: .* has no 'label' column"):
+        _gallery_vectors(str(tmp_path / "nolabel"), cfg, "old")
+    # models of mismatched dims: the upgrade module does not map old -> new
+    save_embedding_model(
+        str(tmp_path / "old.pt"), EmbeddingModel("small", 16, 1), MarginHead(16, 3), {"id": "old"}
+    )
+    save_embedding_model(
+        str(tmp_path / "new.pt"), EmbeddingModel("small", 32, 1), MarginHead(32, 3), {"id": "new"}
+    )
+    save_upgrade_module(str(tmp_path / "psi.pt"), UpgradeModule(16, 16, 8, 1))
+    bad = EvaluateConfig(
+        data="d",
+        old_model=str(tmp_path / "old.pt"),
+        new_model=str(tmp_path / "new.pt"),
+        upgrade_module=str(tmp_path / "psi.pt"),
+        output="o",
+    )
+    with pytest.raises(
+        EvaluationError, match="maps 16-d to 16-d, but the old model is 16-d and the new model 32-d"
+    ):
+        check_inputs(bad)
+    with pytest.raises(EvaluationError, match="new_model: .* no such artefact"):
+        check_inputs(
+            EvaluateConfig(
+                data="d", old_model=str(tmp_path / "old.pt"), new_model=str(tmp_path / "x.pt"), output="o"
+            )
+        )
+
+
+def test_report_on_s3(s3):
+    pairings = {
+        "old/old": {"mAP@100": 0.5, "R@1": 0.6},
+        "new/upgraded": {"mAP@100": 0.7, "R@1": 0.8},
+        "new/old": {"mAP@100": 0.55, "R@1": 0.62},
+    }
+    result = {"pairings": pairings, "headline_metric": "mAP@100", "headline": headline(pairings, "mAP@100")}
+    assert result["headline"]["gain_without_backfill"] == pytest.approx(0.2)
+    files = write_report(resolve(f"s3://{s3.bucket}/eval-report", s3.storage), result)
+    body = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="eval-report/eval.json")["Body"].read())
+    assert body["format"] == "dmu-ray.eval/1" and body["pairings"]["new/upgraded"]["R@1"] == 0.8
+    md = s3.client().get_object(Bucket=s3.bucket, Key="eval-report/eval.md")["Body"].read().decode()
+    assert "| new/upgraded | 70.00 | 80.00 |" in md and "gain without backfill (mAP@100): +20.00" in md
+    png = s3.client().get_object(Bucket=s3.bucket, Key="eval-report/pairings.png")["Body"].read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and set(files) == {"json", "markdown", "plot"}
