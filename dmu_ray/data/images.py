@@ -109,23 +109,22 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.6, 1.0),
     ratio: tuple[float, float] = (0.8, 1.25),
 ) -> np.ndarray:
-    """Per-image random resized crop of a (N, C, H, W) batch (torch's bilinear resize)."""
+    """Per-image random resized crop of a (N, C, H, W) batch, bilinear, in one vectorised call
+    (each crop box becomes an affine sampling grid)."""
     import torch
     import torch.nn.functional as F
 
-    n, _, h, w = x.shape
-    t = torch.from_numpy(x)
-    out = torch.empty_like(t)
-    area = rng.uniform(*scale, n) * h * w
+    n, c, h, w = x.shape
+    area = rng.uniform(*scale, n)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
-    cw = np.clip(np.round(np.sqrt(area * aspect)), 2, w).astype(int)
-    ch = np.clip(np.round(np.sqrt(area / aspect)), 2, h).astype(int)
-    for i in range(n):
-        top = rng.integers(0, h - ch[i] + 1)
-        left = rng.integers(0, w - cw[i] + 1)
-        crop = t[i : i + 1, :, top : top + ch[i], left : left + cw[i]]
-        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
-    return out.numpy()
+    cw = np.clip(np.sqrt(area * aspect), 0.05, 1.0)  # crop size as a fraction of the image
+    ch = np.clip(np.sqrt(area / aspect), 0.05, 1.0)
+    cx = rng.uniform(-(1 - cw), 1 - cw)  # crop centre in [-1, 1] coordinates
+    cy = rng.uniform(-(1 - ch), 1 - ch)
+    theta = np.zeros((n, 2, 3), dtype=np.float32)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw, cx, ch, cy
+    grid = F.affine_grid(torch.from_numpy(theta), [n, c, h, w], align_corners=False)
+    return F.grid_sample(torch.from_numpy(x), grid, mode="bilinear", align_corners=False).numpy()
 
 
 class DecodeBatch:

@@ -149,6 +149,10 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     plan = plan_training(cfg)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    done = finished_export(plan)
+    if done is not None:
+        say(f"train {cfg.name}: already finished ({done['epochs']} epochs), using {done['model']}")
+        return done
     say(
         f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
         f"{cfg.scaling.num_workers} worker(s), {cfg.optim.epochs} epochs -> {plan.run_uri}"
@@ -187,6 +191,34 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if result.error:
         raise result.error
     return export_run(plan, result.checkpoint, result.metrics or {})
+
+
+def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
+    """The export of a run that already finished with this same config, else None."""
+    from dmu_ray.models.artifact import ArtifactError
+
+    model_uri = f"{plan.export_uri}/model.pt"
+    if not resolve(model_uri, plan.cfg.storage).exists():
+        return None
+    try:
+        card = load_artifact(model_uri, plan.cfg.storage, kind=EMBEDDING_MODEL).card
+    except ArtifactError:
+        return None
+    if (
+        card.get("config") != plan.cfg.model_dump(mode="json", exclude={"storage"})
+        or card.get("epochs") != plan.cfg.optim.epochs
+    ):
+        return None
+    out = {
+        "model": model_uri,
+        "metrics": card.get("metrics", {}),
+        "epochs": card["epochs"],
+        "history": card.get("history", []),
+    }
+    up_uri = f"{plan.export_uri}/upgrade.pt"
+    if resolve(up_uri, plan.cfg.storage).exists():
+        out["upgrade_module"] = up_uri
+    return out
 
 
 def _train_entry(config: dict[str, Any]) -> None:

@@ -1,0 +1,195 @@
+"""The whole upgrade lifecycle in one call (``dmu-ray demo``, ``jobs/lifecycle.py``):
+
+1. import a real data set that ships in a package (glyphs from matplotlib's typefaces, or digits);
+2. train the old model on the old side of the split (default: 30% of the classes);
+3. train the new model with DMU against the frozen old model (and, on request, independent and BCT);
+4. embed the gallery images with the old model into a committed gallery prefix (Ray Data);
+5. refresh that gallery with DMU's upgrade module (Ray Data) into a new prefix;
+6. evaluate every pairing with faiss and write the compatibility matrix, JSON and plots.
+
+Everything lands under one root (local folder or ``s3://``): ``data/``, ``runs/``, ``galleries/``,
+``eval/``. Re-running reuses what is already there (data set, finished runs, committed galleries).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Literal
+
+from pydantic import Field
+
+from dmu_ray.config import (
+    ActorPoolConfig,
+    EvaluateConfig,
+    RefreshConfig,
+    StorageConfig,
+    StrictModel,
+    TrainConfig,
+)
+from dmu_ray.storage import resolve
+
+# New-model variants by name: the methods and DMU's ablations (each is just a method config).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "independent": {"name": "independent"},
+    "bct": {"name": "bct"},
+    "dmu": {"name": "dmu"},
+    "dmu-no-selection": {"name": "dmu", "selective": False},
+    "dmu-no-adaptation": {"name": "dmu", "adapt": False},
+}
+
+
+class LifecycleConfig(StrictModel):
+    """Defaults finish in under 10 minutes on 2 CPU cores."""
+
+    root: str = Field(default="out/demo", description="where everything goes (local or s3://)")
+    dataset: Literal["glyphs", "digits"] = "glyphs"
+    image_size: int = 32
+    split: Literal["extended-class", "extended-data"] = "extended-class"
+    old_fraction: float = Field(default=0.3, gt=0, lt=1)
+    methods: list[Literal["independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation"]] = Field(
+        default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)"
+    )
+    backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
+    dim: int = 128
+    epochs_old: int = 6
+    epochs_new: int = 6
+    batch_size: int = 64
+    lr: float = 0.1
+    workers: int = 2
+    cpus_per_worker: float = 0.5
+    upgrade_width: int = 256
+    seed: int = 0
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _train_cfg(lc: LifecycleConfig, name: str, role: str, method: dict[str, Any], epochs: int) -> TrainConfig:
+    return TrainConfig(
+        name=name,
+        storage_path=f"{lc.root}/runs",
+        data={
+            "uri": f"{lc.root}/data/{lc.dataset}",
+            "split": lc.split,
+            "role": role,
+            "old_fraction": lc.old_fraction,
+            "split_seed": lc.seed,
+        },
+        model={"backbone": lc.backbone, "dim": lc.dim},
+        method=method,
+        optim={"epochs": epochs, "batch_size": lc.batch_size, "lr": lc.lr, "warmup_epochs": 1},
+        scaling={"num_workers": lc.workers, "cpus_per_worker": lc.cpus_per_worker},
+        seed=lc.seed,
+        storage=lc.storage,
+    )
+
+
+def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the evaluation results per method."""
+    from dmu_ray.data.importers import IMPORTERS
+    from dmu_ray.evaluate.embed import embed_to_gallery
+    from dmu_ray.evaluate.job import run_evaluation
+    from dmu_ray.evaluate.report import markdown_table
+    from dmu_ray.gallery import read_manifest
+    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.refresh import run_refresh
+    from dmu_ray.train.job import run_training
+
+    say = _say if progress else (lambda _m: None)
+    t_start = time.perf_counter()
+    steps = 5 + len(lc.methods)
+    step = iter(range(1, steps + 1))
+
+    def stage(msg: str) -> None:
+        say(f"\n[{next(step)}/{steps}] {msg}  ({time.perf_counter() - t_start:.0f}s)")
+
+    ensure_ray()
+    root = resolve(lc.root, lc.storage)
+    data_uri = f"{lc.root}/data/{lc.dataset}"
+    stage(f"data: {lc.dataset} -> {data_uri}")
+    if not resolve(data_uri, lc.storage).join("_dataset.json").exists():
+        info = IMPORTERS[lc.dataset](data_uri, image_size=lc.image_size, seed=lc.seed, storage=lc.storage)
+        say(f"  {info.num_classes} classes, rows {info.rows}")
+    else:
+        say("  already there")
+
+    old_name = f"old-s{lc.seed}"
+    stage(
+        f"old model: {lc.backbone}, {lc.split} split, {lc.old_fraction:.0%} old side, {lc.epochs_old} epochs"
+    )
+    old = run_training(
+        _train_cfg(lc, old_name, "old", {"name": "independent"}, lc.epochs_old), progress=progress
+    )
+
+    new: dict[str, dict[str, Any]] = {}
+    for method in lc.methods:
+        stage(f"new model: {method}, {lc.epochs_new} epochs")
+        m: dict[str, Any] = dict(VARIANTS[method])
+        if m["name"] != "independent":
+            m.update(old_model=old["model"], upgrade_width=lc.upgrade_width)
+        new[method] = run_training(
+            _train_cfg(lc, f"{method}-s{lc.seed}", "new", m, lc.epochs_new), progress=progress
+        )
+
+    old_gallery = f"{lc.root}/galleries/{old_name}"
+    stage(f"embed the gallery with the old model -> {old_gallery}")
+    if read_manifest(resolve(old_gallery, lc.storage)) is None:
+        embed_to_gallery(f"{data_uri}/gallery", old["model"], old_gallery, storage=lc.storage, overwrite=True)
+    else:
+        say("  already committed")
+
+    refreshed: dict[str, str] = {}
+    stage("refresh the old gallery with the upgrade module (Ray Data)")
+    for method, out in new.items():
+        if "upgrade_module" not in out:
+            continue
+        dest = f"{lc.root}/galleries/{old_name}-upgraded-by-{method}-s{lc.seed}"
+        res = run_refresh(
+            RefreshConfig(
+                source=old_gallery,
+                output=dest,
+                module=out["upgrade_module"],
+                dtype="float16",
+                pool=ActorPoolConfig(min_actors=1, max_actors=2),
+                storage=lc.storage,
+            ),
+            progress=progress,
+        )
+        say("  " + res.summary())
+        refreshed[method] = dest
+
+    stage("evaluate every pairing (faiss)")
+    results: dict[str, Any] = {}
+    for method, out in new.items():
+        galleries = {"old": old_gallery}
+        if method in refreshed:
+            galleries["upgraded"] = refreshed[method]
+        cfg = EvaluateConfig(
+            data=data_uri,
+            old_model=old["model"],
+            new_model=out["model"],
+            independent_model=new["independent"]["model"]
+            if "independent" in new and method != "independent"
+            else None,
+            galleries=galleries,
+            output=f"{lc.root}/eval/{method}-s{lc.seed}",
+            title=f"{method} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
+            storage=lc.storage,
+        )
+        results[method] = run_evaluation(cfg, progress=progress)
+        say(f"\n{method}:\n" + markdown_table(results[method]))
+    summary = {
+        m: {"pairings": r["pairings"], "headline": r["headline"], "files": r["files"]}
+        for m, r in results.items()
+    }
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    from dmu_ray.storage import write_bytes_atomic
+
+    write_bytes_atomic(
+        root.join("eval", f"lifecycle-s{lc.seed}.json"), json.dumps(summary, indent=2).encode()
+    )
+    return summary
