@@ -23,7 +23,7 @@ from dmu_ray.config import TrainConfig
 from dmu_ray.data.images import DecodeBatch, read_dataset_info
 from dmu_ray.data.importers import import_glyphs
 from dmu_ray.train.job import plan_training, run_training
-from dmu_ray.train.loop import build_trainee
+from dmu_ray.train.loop import build_trainee, train_step
 
 
 def plain_steps_per_s(cfg: TrainConfig, steps: int) -> float:
@@ -34,6 +34,7 @@ def plain_steps_per_s(cfg: TrainConfig, steps: int) -> float:
     batch = DecodeBatch(plan.data.image_size, plan.data.channels, augment=True)(t)
     x_all, y_all = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
     opt = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=cfg.optim.lr, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
     bs = cfg.optim.batch_size
     trainee.train()
     t0 = None
@@ -41,15 +42,7 @@ def plain_steps_per_s(cfg: TrainConfig, steps: int) -> float:
         if i == 5:
             t0 = time.perf_counter()  # after warm-up
         idx = torch.randint(0, len(y_all), (bs,))
-        x, y = x_all[idx], y_all[idx]
-        f_o = None
-        if old_model is not None:
-            with torch.no_grad():
-                f_o = old_model(x)
-        loss, _ = trainee(x, y, f_o)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(trainee, old_model, x_all[idx], y_all[idx], opt, scaler, amp=False)
     return steps / (time.perf_counter() - t0)
 
 

@@ -119,6 +119,26 @@ def test_trainee_losses_per_method():
         loss.backward()
 
 
+def test_losses_under_autocast():
+    """The GPU path runs under fp16 autocast; CPU bf16 autocast exercises the same dtype mixing."""
+    torch.manual_seed(0)
+    old_head = MarginHead(8, 3)
+    t = Trainee(
+        EmbeddingModel("small", 8, 1),
+        MarginHead(8, 3),
+        MethodConfig(name="dmu", old_model="x"),
+        psi=UpgradeModule(8, 8, 16, 1),
+        old_head=old_head,
+        old_classes=torch.tensor([True, True, False]),
+    )
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f_o = EmbeddingModel("small", 8, 1)(x)
+        loss, stats = t(x, y, f_o)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+
+
 def test_lr_schedule_warms_up_then_decays_to_zero():
     f = lr_lambda(warmup_steps=10, total_steps=100)
     assert f(0) < f(5) < f(9) <= 1.0

@@ -30,9 +30,11 @@ class MarginHead(nn.Module):
         """Cosine similarity of features to every class weight; ``detach_weight`` stops gradients
         into the class weights (for losses that must not move the classifier)."""
         w = self.weight.detach() if detach_weight else self.weight
-        return nn.functional.linear(
-            nn.functional.normalize(f.float(), dim=1), nn.functional.normalize(w.float(), dim=1)
-        )
+        # fp32 even under autocast: the margin's acos near +-1 needs it, and the logits must share a dtype
+        with torch.autocast(f.device.type, enabled=False):
+            return nn.functional.linear(
+                nn.functional.normalize(f.float(), dim=1), nn.functional.normalize(w.float(), dim=1)
+            )
 
     def apply_margin(self, cos: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Scaled logits from cosines, with this head's margin on each sample's target class."""

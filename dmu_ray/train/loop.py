@@ -107,6 +107,32 @@ def lr_lambda(warmup_steps: float, total_steps: int):
     return f
 
 
+def train_step(
+    trainee: nn.Module,
+    old_model: nn.Module | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step, the same on CPU and GPU: channels-last and fp16 autocast with loss
+    scaling when ``x`` is on CUDA and ``amp`` is set; the frozen old model runs under no_grad."""
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=amp and x.is_cuda):
+        f_o = None
+        if old_model is not None:
+            with torch.no_grad():
+                f_o = old_model(x)
+        loss, stats = trainee(x, y, f_o)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach(), stats
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: resume if a checkpoint exists, train the remaining epochs, report
     metrics and a checkpoint after every epoch."""
@@ -166,19 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ):
             if steps == 0:
                 _maybe_failure_drill(cfg, config, epoch, rank, world, time.perf_counter() - last_report)
-            x, y = batch["image"], batch["label"]
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                f_o = None
-                if old_model is not None:
-                    with torch.no_grad():
-                        f_o = old_model(x)
-                loss, stats = trainee(x, y, f_o)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            loss, stats = train_step(trainee, old_model, batch["image"], batch["label"], opt, scaler, amp)
             sched.step()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -188,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             steps += 1
-            samples += len(y)
+            samples += len(batch["label"])
         seconds = time.perf_counter() - t0
         metrics = {k: v / max(1, steps) for k, v in sums.items()}
         metrics.update(
