@@ -1,0 +1,80 @@
+"""Submitting dmu-ray jobs to a Ray cluster through the job API (``JobSubmissionClient``).
+
+The config is validated here, before anything reaches the cluster. The job runs ``python
+jobs/<job>.py --config <config>`` with the working directory uploaded as its runtime env (the
+config path is relative to it) and the package importable from it; cluster images provide the
+dependencies (``pip install -e .`` in the image, see docs/cluster.md), or ``pip`` adds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from dmu_ray.config import EvaluateConfig, RefreshConfig, TrainConfig, load_config
+
+JOBS: dict[str, tuple[str, type | None]] = {
+    "train": ("jobs/train.py", TrainConfig),
+    "refresh": ("jobs/refresh_gallery.py", RefreshConfig),
+    "evaluate": ("jobs/evaluate.py", EvaluateConfig),
+    "lifecycle": ("jobs/lifecycle.py", None),
+}
+EXCLUDES = [".git", "out", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".whl", ".gl"]
+
+
+def runtime_env(working_dir: str, pip: list[str] | None = None) -> dict[str, Any]:
+    env: dict[str, Any] = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": {"PYTHONPATH": "."}}
+    if pip:
+        env["pip"] = pip
+    return env
+
+
+def submit(
+    job: str,
+    config: str | None,
+    address: str,
+    *,
+    working_dir: str = ".",
+    pip: list[str] | None = None,
+    submission_id: str | None = None,
+    follow: bool = True,
+) -> tuple[str, str | None]:
+    """Validate the config, submit the job; with ``follow``, stream its logs until it ends.
+    Returns ``(submission_id, final status or None)``."""
+    from ray.job_submission import JobSubmissionClient
+
+    script, cfg_cls = JOBS[job]
+    if cfg_cls is not None:
+        if not config:
+            raise ValueError(f"job {job!r} needs --config")
+        load_config(cfg_cls, config)  # fail on this machine, not on the cluster
+    rel_config = None
+    if config:
+        try:
+            rel_config = str(Path(config).resolve().relative_to(Path(working_dir).resolve()))
+        except ValueError:
+            raise ValueError(
+                f"--config {config} must be inside the working dir {working_dir} (it is uploaded with it)"
+            ) from None
+    entrypoint = f"python {script}" + (f" --config {rel_config}" if rel_config else "")
+    client = JobSubmissionClient(address)
+    sid = client.submit_job(
+        entrypoint=entrypoint, runtime_env=runtime_env(working_dir, pip), submission_id=submission_id
+    )
+    print(f"submitted {sid}: {entrypoint}", file=sys.stderr, flush=True)
+    if not follow:
+        return sid, None
+    return sid, follow_job(client, sid)
+
+
+def follow_job(client, sid: str) -> str:
+    """Print the job's logs as they come; return its final status."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(sid):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    return str(client.get_job_status(sid))

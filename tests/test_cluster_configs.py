@@ -1,0 +1,73 @@
+"""Every cluster definition parses, has what its tool requires, and names entrypoints that exist."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from dmu_ray.config import EvaluateConfig, RefreshConfig, TrainConfig, load_config
+from dmu_ray.submit import JOBS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_CLASSES = {"train": TrainConfig, "refresh": RefreshConfig, "evaluate": EvaluateConfig}
+
+
+def test_aws_launcher_config_matches_rays_schema():
+    cfg = yaml.safe_load((ROOT / "cluster/aws.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler/ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)  # the schema `ray up` itself checks against
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    gpu = [t for t in types.values() if t["resources"].get("GPU")]
+    assert gpu and all(t["min_workers"] <= t["max_workers"] for t in gpu)
+    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in gpu)
+    assert "AccessKey" not in json.dumps(cfg) and "aws_secret" not in json.dumps(cfg).lower()
+
+
+def kuberay_docs():
+    for p in sorted((ROOT / "cluster/kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(p.read_text()):
+            yield p.name, doc
+
+
+def check_cluster_spec(name, spec):
+    assert spec["enableInTreeAutoscaling"] is True, name
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] and head["resources"]["limits"], name
+    groups = spec["workerGroupSpecs"]
+    assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups), name
+    for g in groups:
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (name, g["groupName"])
+    assert spec["rayVersion"] == ray.__version__, f"{name}: rayVersion differs from the pinned ray"
+
+
+@pytest.mark.parametrize("name, doc", list(kuberay_docs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_kuberay_manifests(name, doc):
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    if doc["kind"] == "RayCluster":
+        check_cluster_spec(name, doc["spec"])
+    else:
+        assert doc["kind"] == "RayJob"
+        check_cluster_spec(name, doc["spec"]["rayClusterSpec"])
+        m = re.fullmatch(r"python (jobs/\S+\.py) --config (\S+)", doc["spec"]["entrypoint"])
+        assert m, doc["spec"]["entrypoint"]
+        script, config = m.groups()
+        assert (ROOT / script).exists(), script
+        job = next(j for j, (s, _) in JOBS.items() if s == script)
+        load_config(CONFIG_CLASSES[job], ROOT / config)  # the config it names validates
+
+
+def test_job_entrypoints_and_example_configs():
+    for script, cls in JOBS.values():
+        assert (ROOT / script).exists(), script
+    for p in sorted((ROOT / "configs").glob("*.yaml")):
+        kind = p.name.split("_")[0]
+        load_config(CONFIG_CLASSES[kind], p)
+    for p in (ROOT / "jobs").glob("*.py"):
+        assert "dmu_ray.cli import main" in p.read_text() and len(p.read_text().splitlines()) < 20, p
+    assert os.access(ROOT / ".ci/run", os.R_OK)
