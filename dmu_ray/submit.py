@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ JOBS: dict[str, tuple[str, type | None]] = {
     "evaluate": ("jobs/evaluate.py", EvaluateConfig),
     "lifecycle": ("jobs/lifecycle.py", None),
 }
+AGENT_WAIT_S = 90
 EXCLUDES = [".git", "out", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".whl", ".gl"]
 
 
@@ -60,9 +62,16 @@ def submit(
             ) from None
     entrypoint = f"python {script}" + (f" --config {rel_config}" if rel_config else "")
     client = JobSubmissionClient(address)
-    sid = client.submit_job(
-        entrypoint=entrypoint, runtime_env=runtime_env(working_dir, pip), submission_id=submission_id
-    )
+    env = runtime_env(working_dir, pip)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            sid = client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id)
+            break
+        except RuntimeError as err:  # a cluster that just started has no job agent for a few seconds
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted {sid}: {entrypoint}", file=sys.stderr, flush=True)
     if not follow:
         return sid, None

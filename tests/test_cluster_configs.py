@@ -40,7 +40,9 @@ def check_cluster_spec(name, spec):
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] and head["resources"]["limits"], name
     groups = spec["workerGroupSpecs"]
-    assert any("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups), name
+    assert any(
+        "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups
+    ), name
     for g in groups:
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (name, g["groupName"])
     assert spec["rayVersion"] == ray.__version__, f"{name}: rayVersion differs from the pinned ray"
@@ -63,7 +65,7 @@ def test_kuberay_manifests(name, doc):
 
 
 def test_job_entrypoints_and_example_configs():
-    for script, cls in JOBS.values():
+    for script, _cls in JOBS.values():
         assert (ROOT / script).exists(), script
     for p in sorted((ROOT / "configs").glob("*.yaml")):
         kind = p.name.split("_")[0]

@@ -166,6 +166,7 @@ class _RefreshActor:
     """Ray Data actor: loads the module once, then upgrades one file per call."""
 
     def __init__(self, plan_args: dict[str, Any]) -> None:
+        import ray
         import torch
 
         cfg: RefreshConfig = plan_args["cfg"]
@@ -184,6 +185,7 @@ class _RefreshActor:
             batch_size=cfg.pool.batch_size,
             device=device,
             fail_after_files=plan_args.get("fail_after_files"),
+            worker=ray.get_runtime_context().get_node_id(),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

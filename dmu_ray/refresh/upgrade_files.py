@@ -70,6 +70,7 @@ class FileUpgrader:
         batch_size: int = 65536,
         device: str = "cpu",
         fail_after_files: int | None = None,
+        worker: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
@@ -82,6 +83,7 @@ class FileUpgrader:
         # test hook: raise after this many files in this process (simulates a crash mid-job)
         self._fail_after = fail_after_files
         self._done = 0
+        self.worker = worker  # provenance in the commit record (the Ray node id in a refresh job)
 
     @torch.inference_mode()
     def upgrade_matrix(self, mat: np.ndarray) -> np.ndarray:
@@ -143,6 +145,7 @@ class FileUpgrader:
             "quarantine": asdict(q_entry) if q_entry else None,
             "reasons": dict(reasons),
             "seconds": round(time.perf_counter() - t0, 4),
+            "worker": self.worker,
         }
         if entry.rows + (q_entry.rows if q_entry else 0) != rows_in:  # pragma: no cover - invariant
             raise RuntimeError(f"{rel}: rows do not reconcile: {rows_in} in, {entry.rows} out, {q_entry}")
