@@ -34,6 +34,16 @@ def _err(msg: str) -> None:
     print(f"dmu-ray: error: {msg}", file=sys.stderr)
 
 
+def _job_config(cls, ns: argparse.Namespace):
+    """A job's config from ``--config``, with ``--ray-address`` applied."""
+    from dmu_ray.config import load_config
+
+    cfg = load_config(cls, ns.config)
+    if ns.ray_address:
+        cfg.ray_address = ns.ray_address
+    return cfg
+
+
 def _progress(msg: str) -> None:
     print(f"\r{msg}", end="", file=sys.stderr, flush=True)
 
@@ -123,12 +133,10 @@ def _cmd_data_import(ns: argparse.Namespace) -> int:
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from dmu_ray.config import TrainConfig, load_config
+    from dmu_ray.config import TrainConfig
     from dmu_ray.train.job import run_training
 
-    cfg = load_config(TrainConfig, ns.config)
-    if ns.ray_address:
-        cfg.ray_address = ns.ray_address
+    cfg = _job_config(TrainConfig, ns)
     out = run_training(cfg, progress=not ns.quiet)
     last = out["metrics"]
     print(
@@ -152,13 +160,11 @@ def _cmd_embed(ns: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
-    from dmu_ray.config import EvaluateConfig, load_config
+    from dmu_ray.config import EvaluateConfig
     from dmu_ray.evaluate.job import run_evaluation
     from dmu_ray.evaluate.report import markdown_table
 
-    cfg = load_config(EvaluateConfig, ns.config)
-    if ns.ray_address:
-        cfg.ray_address = ns.ray_address
+    cfg = _job_config(EvaluateConfig, ns)
     result = run_evaluation(cfg, progress=not ns.quiet)
     print(markdown_table(result))
     print("written: " + ", ".join(result["files"].values()))
@@ -169,12 +175,10 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_refresh(ns: argparse.Namespace) -> int:
-    from dmu_ray.config import RefreshConfig, load_config
+    from dmu_ray.config import RefreshConfig
     from dmu_ray.refresh import run_refresh
 
-    cfg = load_config(RefreshConfig, ns.config)
-    if ns.ray_address:
-        cfg.ray_address = ns.ray_address
+    cfg = _job_config(RefreshConfig, ns)
     result = run_refresh(cfg, progress=not ns.quiet)
     print(result.summary())
     return 0
