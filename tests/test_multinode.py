@@ -42,6 +42,19 @@ def pids_matching(pattern: str) -> list[int]:
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
+def cluster_logs(temp: str, lines: int = 15) -> str:
+    """The tails of the job-related logs of the test cluster, for failure messages."""
+    out = []
+    for log in sorted(Path(temp).glob("session_latest/logs/*")):
+        if log.name.startswith(("dashboard_JobHead", "dashboard_agent", "job-driver")) and log.suffix in (
+            ".log",
+            ".err",
+        ):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"== {log.name}\n" + "\n".join(tail))
+    return "\n".join(out)
+
+
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     tag = uuid.uuid4().hex[:8]
@@ -78,6 +91,7 @@ def two_node_cluster(monkeypatch):
             "--include-dashboard",
             "true",
             *common,
+            *own_ports(),
         ],
         check=True,
         env=env,
@@ -101,7 +115,11 @@ def two_node_cluster(monkeypatch):
             capture_output=True,
             timeout=120,
         )
-        yield {"address": f"http://127.0.0.1:{dash}", "worker_raylet": f"node_manager_port={nm_port}"}
+        yield {
+            "address": f"http://127.0.0.1:{dash}",
+            "worker_raylet": f"node_manager_port={nm_port}",
+            "temp": temp,
+        }
     finally:
         for pid in pids_matching(temp):  # only this cluster's processes
             with contextlib.suppress(ProcessLookupError):
@@ -140,13 +158,16 @@ def test_refresh_job_survives_losing_a_node(two_node_cluster, tmp_path):
             }
         )
     )
-    sid, _ = submit(
-        "refresh",
-        str(job_dir / "refresh.yaml"),
-        two_node_cluster["address"],
-        working_dir=str(job_dir),
-        follow=False,
-    )
+    try:
+        sid, _ = submit(
+            "refresh",
+            str(job_dir / "refresh.yaml"),
+            two_node_cluster["address"],
+            working_dir=str(job_dir),
+            follow=False,
+        )
+    except RuntimeError as err:
+        raise AssertionError(f"{err}\n{cluster_logs(two_node_cluster['temp'])}") from err
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(two_node_cluster["address"])
@@ -154,7 +175,7 @@ def test_refresh_job_survives_losing_a_node(two_node_cluster, tmp_path):
     while time.time() < deadline and len(list((out / "_parts").glob("*.json"))) < 2:
         assert client.get_job_status(sid) not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(
             sid
-        )
+        )[-3000:] + cluster_logs(two_node_cluster["temp"])
         time.sleep(0.2)
     committed_before = len(list((out / "_parts").glob("*.json")))
     assert 2 <= committed_before < n_files, "the job finished before the node could be killed"
