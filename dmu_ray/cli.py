@@ -184,6 +184,40 @@ def _cmd_refresh(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backfill(ns: argparse.Namespace) -> int:
+    from dmu_ray.config import BackfillConfig
+    from dmu_ray.refresh.backfill import run_backfill
+
+    cfg = _job_config(BackfillConfig, ns)
+    result = run_backfill(cfg, progress=not ns.quiet)
+    b = result.manifest.extra.get("backfill", {})
+    print(
+        result.summary().replace("refresh committed", "backfill committed")
+        + f"; {b.get('rows_new', 0):,} rows re-embedded by {b.get('policy')}, "
+        f"{b.get('rows_transformed', 0):,} transformed"
+    )
+    return 0
+
+
+def _cmd_backfill_curve(ns: argparse.Namespace) -> int:
+    from dmu_ray.config import BackfillConfig
+    from dmu_ray.evaluate.backfill_curve import backfill_curve
+
+    cfg = _job_config(BackfillConfig, ns)
+    result = backfill_curve(cfg, progress=not ns.quiet)
+    print(
+        f"| policy | area ({result['metric']}) | "
+        + " | ".join(f"{f:.0%}" for f in result["fractions"])
+        + " |"
+    )
+    print("| --- | ---: |" + " ---: |" * len(result["fractions"]))
+    for policy, values in result["curves"].items():
+        cells = " | ".join(f"{100 * v:.1f}" for v in values)
+        print(f"| {policy} | {result['area'][policy]:.4f} | {cells} |")
+    print("written: " + ", ".join(result["files"].values()))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- demo
 
 
@@ -324,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train a model on Ray Train (old model, or new model with independent/bct/dmu)",
+        help="train on Ray Train: old model, new model (independent/bct/dmu/unibct), fastfill transformation",
         description="Run one Ray Train job from a config. Re-running the same config (same name and "
         "storage_path) resumes from the last checkpoint.",
     )
@@ -383,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the config here, submit `python jobs/<job>.py --config <config>` with this "
         "folder as the working dir, and stream the logs until the job ends (exit 0 when it succeeded).",
     )
-    smt.add_argument("job", nargs="?", choices=["train", "refresh", "evaluate", "lifecycle"])
+    smt.add_argument("job", nargs="?", choices=["train", "refresh", "backfill", "evaluate", "lifecycle"])
     smt.add_argument("--config", help="job config, inside the working dir")
     smt.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
     smt.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default .)")
@@ -408,6 +442,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ref.add_argument("--quiet", action="store_true", help="no progress output")
     ref.set_defaults(func=_cmd_refresh)
+
+    bf = sub.add_parser(
+        "backfill",
+        help="FastFill partial backfill: transform the gallery, re-embed the rows a policy ranks first",
+        description="Score every row of a committed gallery by the policy (uncertainty, random, "
+        "old-discriminativeness), re-embed the top fraction from their images with the new model, transform "
+        "the rest with the FastFill module, and commit the mixed gallery with a per-row provenance column "
+        "(Ray Data). Re-running the same config resumes.",
+    )
+    bf.add_argument("--config", required=True, help="backfill config (YAML); see configs/backfill_local.yaml")
+    bf.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    bf.add_argument("--quiet", action="store_true", help="no progress output")
+    bf.set_defaults(func=_cmd_backfill)
+
+    bc = sub.add_parser(
+        "backfill-curve",
+        help="the backfill curve: metric vs fraction backfilled per policy, its area, JSON and PNG",
+        description="Using a backfill config's 'curve' section: score the gallery by each policy, embed the "
+        "gallery images and the queries with the new model, and measure new queries against the mixed gallery at "
+        "each fraction. Writes backfill_curve.json and backfill_curve.png to curve.output.",
+    )
+    bc.add_argument("--config", required=True, help="backfill config with a 'curve' section (YAML)")
+    bc.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    bc.add_argument("--quiet", action="store_true", help="no progress output")
+    bc.set_defaults(func=_cmd_backfill_curve)
     return p
 
 

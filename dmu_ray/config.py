@@ -113,6 +113,69 @@ class RefreshConfig(StrictModel):
         return v
 
 
+BACKFILL_POLICIES = ("uncertainty", "random", "old-discriminativeness")
+BackfillPolicy = Literal["uncertainty", "random", "old-discriminativeness"]
+
+
+class BackfillCurveSection(StrictModel):
+    """``dmu-ray backfill-curve``: the metric of new-model queries against the mixed gallery at
+    each backfill fraction, for each policy (computed in memory from one pass of each model)."""
+
+    queries: str = Field(description="image data set part embedded with the new model as queries")
+    fractions: list[float] = Field(
+        default_factory=lambda: [round(i / 10, 1) for i in range(11)],
+        description="backfill fractions from 0 to 1",
+    )
+    policies: list[BackfillPolicy] = Field(default_factory=lambda: list(BACKFILL_POLICIES))
+    metric: str = Field(default="mAP@100", description="a metric of evaluate's pairings (mAP@K, R@K)")
+    output: str = Field(description="folder for backfill_curve.json and backfill_curve.png")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if len(v) < 2 or any(not 0.0 <= f <= 1.0 for f in v) or sorted(set(v)) != v:
+            raise ValueError("must be at least two distinct increasing values in [0, 1]")
+        if v[0] != 0.0 or v[-1] != 1.0:
+            raise ValueError("must start at 0 and end at 1 (the curve's area spans the whole axis)")
+        return v
+
+
+class BackfillConfig(StrictModel):
+    """``dmu-ray backfill``: FastFill's partial backfill. Every old vector is transformed by the
+    module; the ``fraction`` of rows the ``policy`` ranks first are re-embedded from their images
+    with the new model instead; the mixed gallery records each row's provenance."""
+
+    kind: Literal["backfill"] = "backfill"
+    source: str = Field(description="URI of the committed old gallery prefix")
+    images: str = Field(description="image data set part holding the gallery's images (same ids)")
+    module: str = Field(description="URI of the transformation (an upgrade-module artefact)")
+    new_model: str = Field(description="URI of the new model artefact (re-embeds the chosen rows)")
+    old_model: str | None = Field(
+        default=None, description="old model artefact (policy old-discriminativeness)"
+    )
+    policy: BackfillPolicy = "uncertainty"
+    fraction: float = Field(default=0.1, ge=0, le=1, description="share of rows re-embedded")
+    output: str = Field(description="URI of the mixed gallery prefix (never the source)")
+    seed: int = Field(default=0, description="seed of the random policy")
+    dtype: Literal["float16", "float32"] = "float16"
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    embed_pool: ActorPoolConfig = Field(
+        default_factory=lambda: ActorPoolConfig(batch_size=256), description="actors re-embedding images"
+    )
+    curve: BackfillCurveSection | None = None
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _old_model_for_policy(self) -> BackfillConfig:
+        needs = [self.policy] + (self.curve.policies if self.curve else [])
+        if "old-discriminativeness" in needs and not self.old_model:
+            raise ValueError(
+                "policy 'old-discriminativeness' needs old_model (its classifier scores the items)"
+            )
+        return self
+
+
 SPLITS = ("all", "extended-data", "extended-class", "open-data", "open-class")
 
 
@@ -147,10 +210,18 @@ class ModelConfig(StrictModel):
 
 
 class MethodConfig(StrictModel):
-    """Upgrade method; every DMU component is a switch, so an ablation is a config."""
+    """Upgrade method; every DMU component is a switch, so an ablation is a config.
 
-    name: Literal["independent", "bct", "dmu"] = "independent"
-    old_model: str | None = Field(default=None, description="URI of the old model artefact (bct, dmu)")
+    ``fastfill`` trains only its old-to-new transformation (with uncertainty) against the frozen
+    ``new_model``; ``unibct`` trains the new model against refined old-feature prototypes."""
+
+    name: Literal["independent", "bct", "dmu", "fastfill", "unibct"] = "independent"
+    old_model: str | None = Field(
+        default=None, description="URI of the old model artefact (bct, dmu, fastfill, unibct)"
+    )
+    new_model: str | None = Field(
+        default=None, description="fastfill: URI of the trained new model the transformation targets"
+    )
     compat_weight: float = Field(default=1.0, ge=0, description="lambda of the compatibility term")
     discriminativeness: Literal["prob", "entropy"] = "prob"
     selective: bool = Field(default=True, description="DMU: weight compatibility by old discriminativeness")
@@ -165,11 +236,23 @@ class MethodConfig(StrictModel):
     )
     upgrade_weight: float = Field(default=1.0, ge=0)
     align_weight: float = Field(default=1.0, ge=0)
+    transform_ce_weight: float = Field(
+        default=1.0, ge=0, description="fastfill: weight of the new classifier's loss on psi(f_o)"
+    )
+    prototype_k: int = Field(default=10, ge=1, description="unibct: neighbours in the old-feature graph")
+    prototype_alpha: float = Field(
+        default=0.5, ge=0, le=1, description="unibct: pull of same-class neighbours per refinement step"
+    )
+    prototype_iters: int = Field(default=2, ge=0, description="unibct: refinement steps")
 
     @model_validator(mode="after")
-    def _old_model_needed(self) -> MethodConfig:
-        if self.name in ("bct", "dmu") and not self.old_model:
+    def _models_needed(self) -> MethodConfig:
+        if self.name != "independent" and not self.old_model:
             raise ValueError(f"method {self.name!r} needs method.old_model (the old model artefact URI)")
+        if self.name == "fastfill" and not self.new_model:
+            raise ValueError("method 'fastfill' needs method.new_model (the trained new model artefact URI)")
+        if self.name != "fastfill" and self.new_model:
+            raise ValueError(f"method.new_model is only used by fastfill, not {self.name!r}")
         return self
 
 

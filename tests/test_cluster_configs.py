@@ -10,11 +10,16 @@ import pytest
 import ray
 import yaml
 
-from dmu_ray.config import EvaluateConfig, RefreshConfig, TrainConfig, load_config
+from dmu_ray.config import BackfillConfig, EvaluateConfig, RefreshConfig, TrainConfig, load_config
 from dmu_ray.submit import JOBS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_CLASSES = {"train": TrainConfig, "refresh": RefreshConfig, "evaluate": EvaluateConfig}
+CONFIG_CLASSES = {
+    "train": TrainConfig,
+    "refresh": RefreshConfig,
+    "evaluate": EvaluateConfig,
+    "backfill": BackfillConfig,
+}
 
 
 def test_aws_launcher_config_matches_rays_schema():

@@ -72,7 +72,10 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
     p = tmp_path / "c.yaml"
     good = {"name": "x", "storage_path": str(tmp_path / "runs"), "data": {"uri": digits}}
     p.write_text(yaml.safe_dump({**good, "method": {"name": "magic"}}))
-    with pytest.raises(ConfigError, match=r"method\.name: Input should be 'independent', 'bct' or 'dmu'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"method\.name: Input should be 'independent', 'bct', 'dmu', 'fastfill' or 'unibct'",
+    ):
         load_config(TrainConfig, p)
     p.write_text(yaml.safe_dump({**good, "method": {"name": "bct"}}))
     with pytest.raises(ConfigError, match="needs method.old_model"):

@@ -21,8 +21,8 @@ _M = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 def unit_hash(x: np.ndarray, seed: int) -> np.ndarray:
     """A deterministic value in [0, 1) for each int (splitmix64 of x + seed)."""
-    z = x.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):  # wrap-around is the point of the mixing
+        z = x.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         z = (z + np.uint64(0x9E3779B97F4A7C15)) & _M
         z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M
         z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M

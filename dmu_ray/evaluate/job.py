@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from dmu_ray.config import EvaluateConfig
-from dmu_ray.evaluate.embed import embed_images
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.report import write_report
 from dmu_ray.evaluate.search import SearchConfig
 from dmu_ray.gallery import EMB, LABEL, Gallery, embedding_matrix
 from dmu_ray.models.artifact import EMBEDDING_MODEL, UPGRADE_MODULE, build_upgrade_module, load_artifact
+from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
 
 Embedded = tuple[np.ndarray, np.ndarray]  # (labels, vectors)

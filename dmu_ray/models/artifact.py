@@ -90,7 +90,13 @@ def build_upgrade_module(art: Artifact) -> UpgradeModule:
     """The :class:`UpgradeModule` of an artefact, weights loaded, in eval mode."""
     c = art.card
     try:
-        m = UpgradeModule(int(c["in_dim"]), int(c["out_dim"]), int(c["width"]), int(c["depth"]))
+        m = UpgradeModule(
+            int(c["in_dim"]),
+            int(c["out_dim"]),
+            int(c["width"]),
+            int(c["depth"]),
+            uncertainty=bool(c.get("uncertainty", False)),
+        )
         m.load_state_dict(art.state_dict)
     except (KeyError, RuntimeError) as err:
         raise ArtifactError(f"{art.uri}: upgrade module does not load ({err})") from None

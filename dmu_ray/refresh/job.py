@@ -32,7 +32,14 @@ from dmu_ray.gallery import (
     write_manifest,
 )
 from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
-from dmu_ray.refresh.upgrade_files import PARTS_DIR, FileUpgrader, entry_from_record, read_record
+from dmu_ray.refresh.upgrade_files import (
+    PARTS_DIR,
+    PROVENANCE,
+    FileUpgrader,
+    Overrides,
+    entry_from_record,
+    read_record,
+)
 from dmu_ray.storage import Location, read_bytes, resolve, write_bytes_atomic
 
 JOB_MARKER = "_refresh.json"
@@ -94,9 +101,10 @@ def _check_file_schemas(src: Gallery) -> None:
         )
 
 
-def plan_refresh(cfg: RefreshConfig) -> RefreshPlan:
+def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) -> RefreshPlan:
     """Every check that can fail before cluster work: source committed and readable, module loads
-    and fits the gallery's dim, output prefix free or holding this same job. Then the pending files."""
+    and fits the gallery's dim, output prefix free or holding this same job. Then the pending files.
+    ``backfill`` (a partial backfill's policy and selection) becomes part of the job's identity."""
     src = Gallery.open(cfg.source, cfg.storage)
     out = resolve(cfg.output, cfg.storage)
     if out.uri == src.loc.uri or out.uri.startswith(src.loc.uri + "/"):
@@ -113,6 +121,10 @@ def plan_refresh(cfg: RefreshConfig) -> RefreshPlan:
     if not src.files:
         raise RefreshError(f"{src.loc.uri}: the gallery has no files")
     _check_file_schemas(src)
+    if backfill is not None and any(c["name"] == PROVENANCE for c in src.manifest.columns):
+        raise RefreshError(
+            f"{src.loc.uri} already has a {PROVENANCE!r} column; a backfill writes its own there"
+        )
     new_model = art.card.get("new_model_id") or f"{src.model.model_id}+{art.card.get('id', 'upgrade')}"
     model = ModelInfo(
         model_id=str(new_model),
@@ -132,6 +144,8 @@ def plan_refresh(cfg: RefreshConfig) -> RefreshPlan:
         "dtype": cfg.dtype,
         "normalize": cfg.normalize,
     }
+    if backfill is not None:
+        job["backfill"] = backfill
     existing = read_manifest(out)
     if existing is not None:
         if existing.extra.get("refresh", {}).get("job") == job:
@@ -186,6 +200,7 @@ class _RefreshActor:
             device=device,
             fail_after_files=plan_args.get("fail_after_files"),
             worker=ray.get_runtime_context().get_node_id(),
+            overrides=ray.get(plan_args["overrides"]) if plan_args.get("overrides") is not None else None,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -201,15 +216,21 @@ class _RefreshActor:
 
 
 def run_refresh(
-    cfg: RefreshConfig, *, progress: bool = True, fail_after_files: int | None = None
+    cfg: RefreshConfig,
+    *,
+    progress: bool = True,
+    fail_after_files: int | None = None,
+    backfill: dict[str, Any] | None = None,
+    overrides: Overrides | None = None,
 ) -> RefreshResult:
     """Plan, run the pending files on Ray Data, commit the manifest. Idempotent: a re-run of the
-    same job resumes; a re-run after commit does nothing."""
+    same job resumes; a re-run after commit does nothing. A partial backfill passes its identity
+    (``backfill``) and the re-embedded rows (``overrides``)."""
     import ray
 
     from dmu_ray.ray_session import ensure_ray
 
-    plan = plan_refresh(cfg)
+    plan = plan_refresh(cfg, backfill=backfill)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     if plan.done:
         say(f"{plan.out.uri} already holds this refresh; nothing to do")
@@ -237,6 +258,7 @@ def run_refresh(
                     "model": plan.model,
                     "module_sha256": plan.artifact.sha256,
                     "fail_after_files": fail_after_files,
+                    "overrides": ray.put(overrides) if overrides is not None else None,
                 }
             },
             batch_size=1,
@@ -286,6 +308,19 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
             "refresh": {"job": plan.job, "last_run_seconds": round(seconds, 3), "last_run_rows": rows_now}
         },
     )
+    if "backfill" in plan.job:
+        rows_new = sum(r.get("rows_new", 0) for r in records)
+        if rows_new != plan.job["backfill"]["rows_selected"]:
+            raise RefreshError(
+                f"the backfill selected {plan.job['backfill']['rows_selected']} rows but {rows_new} were "
+                "written with the new model's vector"
+            )
+        manifest.extra["backfill"] = {
+            **plan.job["backfill"],
+            "rows_new": rows_new,
+            "rows_transformed": manifest.rows - rows_new,
+            "provenance_column": PROVENANCE,
+        }
     if manifest.rows + manifest.quarantined_rows != manifest.rows_in:
         raise RefreshError(
             f"rows do not reconcile: {manifest.rows_in} in, {manifest.rows} out, {manifest.quarantined_rows} quarantined"

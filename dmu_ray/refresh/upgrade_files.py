@@ -7,6 +7,10 @@ prefix, it publishes (each atomically, in this order):
 2. ``<rel>`` under the output prefix: the upgraded rows, same ids and passthrough columns;
 3. ``_parts/<rel>.json``: the commit record (rows in/out/quarantined, sizes, sha256s).
 
+In a partial backfill (:mod:`dmu_ray.refresh.backfill`) the rows whose ids are in the
+:class:`Overrides` take the new model's vector instead of psi's, and a ``provenance`` column says
+which model produced each row (``new`` or ``transformed``).
+
 A file counts as done once its commit record exists; a crash anywhere before that makes a re-run
 redo the file and overwrite whatever partial outputs it left, so no row is lost or duplicated.
 """
@@ -42,6 +46,24 @@ from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import Location, read_bytes, write_bytes_atomic
 
 PARTS_DIR = "_parts"
+PROVENANCE = "provenance"
+
+
+class Overrides:
+    """New-model vectors for some ids (a partial backfill's re-embedded rows), looked up by id."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.vectors = np.asarray(ids)[order], np.asarray(vectors)[order]
+        if len(np.unique(self.ids)) != len(self.ids):
+            raise ValueError("override ids must be unique")
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(hit mask, row of each hit in vectors)`` for ``ids``."""
+        if not len(self.ids):
+            return np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=np.int64)
+        pos = np.searchsorted(self.ids, ids).clip(max=len(self.ids) - 1)
+        return self.ids[pos] == ids, pos
 
 
 def record_name(rel: str) -> str:
@@ -71,6 +93,7 @@ class FileUpgrader:
         device: str = "cpu",
         fail_after_files: int | None = None,
         worker: str | None = None,
+        overrides: Overrides | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
@@ -84,6 +107,7 @@ class FileUpgrader:
         self._fail_after = fail_after_files
         self._done = 0
         self.worker = worker  # provenance in the commit record (the Ray node id in a refresh job)
+        self.overrides = overrides
 
     @torch.inference_mode()
     def upgrade_matrix(self, mat: np.ndarray) -> np.ndarray:
@@ -107,7 +131,7 @@ class FileUpgrader:
         outs: list[pa.Table] = []
         bad_parts: list[pa.Table] = []
         reasons: Counter[str] = Counter()
-        rows_in = 0
+        rows_in = rows_new = 0
         for rb in pf.iter_batches(batch_size=self.batch_size):
             t = pa.Table.from_batches([rb])
             bad, why = row_problems(t, self.in_dim, where=src_loc.uri)
@@ -128,13 +152,21 @@ class FileUpgrader:
                 reasons.update(why)
                 t, y = t.filter(pa.array(finite)), y[finite]
             col = t.schema.get_field_index(EMB)
-            outs.append(t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y)))
+            t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
+            if self.overrides is not None:
+                t, hits = self._override(t, y)
+                rows_new += hits
+            outs.append(t)
         q_entry = None
         if bad_parts:
             q = pa.concat_tables(bad_parts, promote_options="permissive")
             q_entry = write_parquet_atomic(self.out.join(QUARANTINE_DIR, rel), q, source=rel)
             q_entry.path = f"{QUARANTINE_DIR}/{rel}"
         table = pa.concat_tables(outs) if outs else self._empty(pf.schema_arrow)
+        if not outs and self.overrides is not None:
+            table = table.append_column(
+                pa.field(PROVENANCE, pa.string(), nullable=False), pa.array([], pa.string())
+            )
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.meta})
         entry = write_parquet_atomic(self.out.join(rel), table, source=rel)
         entry.path = rel
@@ -144,6 +176,7 @@ class FileUpgrader:
             "file": asdict(entry),
             "quarantine": asdict(q_entry) if q_entry else None,
             "reasons": dict(reasons),
+            "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
             "worker": self.worker,
         }
@@ -152,6 +185,18 @@ class FileUpgrader:
         write_bytes_atomic(self.out.join(record_name(rel)), json.dumps(record).encode())
         self._done += 1
         return record
+
+    def _override(self, t: pa.Table, y: np.ndarray) -> tuple[pa.Table, int]:
+        """Put the new model's vector into the rows the backfill re-embedded; add provenance."""
+        hit, pos = self.overrides.lookup(t.column("id").to_numpy())
+        n = int(hit.sum())
+        if n:
+            y = y.copy()
+            y[hit] = self.overrides.vectors[pos[hit]].astype(y.dtype, copy=False)
+            col = t.schema.get_field_index(EMB)
+            t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
+        prov = pa.array(np.where(hit, "new", "transformed"), pa.string())
+        return t.append_column(pa.field(PROVENANCE, pa.string(), nullable=False), prov), n
 
     def _empty(self, schema: pa.Schema) -> pa.Table:
         i = schema.get_field_index(EMB)

@@ -40,6 +40,7 @@ class TrainPlan:
     trained_classes: list[bool]
     old: Artifact | None
     run_uri: str
+    new: Artifact | None = None  # fastfill: the frozen new model the transformation targets
 
     @property
     def export_uri(self) -> str:
@@ -68,7 +69,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         except ValueError as err:
             raise ConfigError(f"method.old_model: {err}") from None
         c = old.card
-        if int(c["dim"]) != cfg.model.dim:
+        if cfg.method.name != "fastfill" and int(c["dim"]) != cfg.model.dim:
             raise ConfigError(
                 f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c['dim']} dims; "
                 f"{cfg.method.name} compares new and old vectors directly, so they must match"
@@ -86,8 +87,58 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
             raise ConfigError(
                 f"method.old_model: {old.uri} takes {c['in_channels']}-channel images, the data has {data.channels}"
             )
+    new = _check_new_model(cfg, data) if cfg.method.name == "fastfill" else None
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
-    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri)
+    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new)
+
+
+def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
+    """fastfill: the frozen new model must load and be the model the config's ``model`` section
+    describes (it is what the transformation is trained to reach)."""
+    try:
+        new = load_artifact(cfg.method.new_model, cfg.storage, kind=EMBEDDING_MODEL)
+    except ValueError as err:
+        raise ConfigError(f"method.new_model: {err}") from None
+    c = new.card
+    for field, want in (("dim", cfg.model.dim), ("backbone", cfg.model.backbone)):
+        if c[field] != want:
+            raise ConfigError(
+                f"model.{field} is {want!r} but method.new_model {new.uri} has {c[field]!r}; "
+                "for fastfill the model section describes the frozen new model"
+            )
+    if int(c["num_classes"]) != data.num_classes or int(c["in_channels"]) != data.channels:
+        raise ConfigError(
+            f"method.new_model: {new.uri} has {c['num_classes']} classes and {c['in_channels']}-channel "
+            f"input, the data {data.num_classes} and {data.channels}"
+        )
+    return new
+
+
+def unibct_prototypes(plan: TrainPlan, progress: bool = True) -> dict[str, Any]:
+    """UniBCT's compatibility target: the old model embeds this run's training images (a Ray Data
+    pass), and their features are refined into class prototypes (see methods/prototypes.py)."""
+    from dmu_ray.methods.prototypes import refine_prototypes
+    from dmu_ray.models.inference import embed_images
+
+    cfg = plan.cfg
+    d = cfg.data
+    ids, labels, feats = embed_images(plan.train_loc.uri, cfg.method.old_model, storage=cfg.storage)
+    mask = split_mask(d.split, d.role, ids, labels, d.old_fraction, d.split_seed)
+    protos, present = refine_prototypes(
+        feats[mask],
+        labels[mask],
+        plan.data.num_classes,
+        k=cfg.method.prototype_k,
+        alpha=cfg.method.prototype_alpha,
+        iters=cfg.method.prototype_iters,
+    )
+    if progress:
+        print(
+            f"  unibct: {int(present.sum())} class prototypes from {int(mask.sum()):,} old features",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"prototypes": protos.tolist(), "prototype_present": present.tolist()}
 
 
 def decode_split_batch(
@@ -163,6 +214,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if not storage_loc.is_s3:
         storage_loc.fs.create_dir(storage_loc.path, recursive=True)
     info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
+    if cfg.method.name == "unibct":
+        info.update(unibct_prototypes(plan, progress))
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
         train_loop_config={
@@ -283,10 +336,12 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any]) -> dict[str
     }
     if trainee.psi is not None:
         up_uri = f"{plan.export_uri}/upgrade.pt"
+        target = plan.new.card if plan.new is not None else card  # fastfill targets a trained model
         psi_card = {
             "id": f"{cfg.name}-psi",
-            "new_model_id": cfg.name,
-            "new_model_version": str(card["epochs"]),
+            "method": cfg.method.name,
+            "new_model_id": str(target["id"]),
+            "new_model_version": str(target["epochs"]),
             "old_model": card["old_model"],
             **trainee.psi.config(),
         }

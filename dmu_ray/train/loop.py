@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmu_ray.config import MethodConfig, TrainConfig
+from dmu_ray.methods.fastfill import fastfill_loss
 from dmu_ray.methods.losses import compatibility_loss, discriminativeness, dmu_weights, mean_one, upgrade_loss
 from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
 from dmu_ray.models.embedding import EmbeddingModel
@@ -30,7 +31,11 @@ DRILL_WAIT_S = 6.0  # > 2 of Ray Train's default 2 s health-check polls
 
 
 class Trainee(nn.Module):
-    """New model + new classifier (+ upgrade module), the frozen old classifier, and the loss."""
+    """New model + new classifier (+ upgrade module), the frozen old classifier, and the loss.
+
+    For ``fastfill`` the new model and its classifier are the frozen, already trained new model
+    (``frozen_model``) and only psi learns; for ``unibct`` ``old_head`` holds the refined old-feature
+    prototypes instead of the old classifier."""
 
     def __init__(
         self,
@@ -41,25 +46,40 @@ class Trainee(nn.Module):
         psi: UpgradeModule | None = None,
         old_head: MarginHead | None = None,
         old_classes: torch.Tensor | None = None,
+        frozen_model: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.head, self.psi, self.method = model, head, psi, method
         self.old_head = old_head
+        self.frozen_model = frozen_model
+        if frozen_model:
+            model.requires_grad_(False)
+            head.requires_grad_(False)
         if old_head is not None:
             old_head.requires_grad_(False)
             self.register_buffer("old_classes", old_classes.bool())
 
+    def train(self, mode: bool = True) -> Trainee:
+        super().train(mode)
+        if self.frozen_model:  # its BatchNorm statistics must not move either
+            self.model.eval()
+        return self
+
     def forward(
         self, x: torch.Tensor, labels: torch.Tensor, f_o: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m = self.method
+        if m.name == "fastfill":
+            with torch.no_grad():
+                f_n = self.model(x)
+            return fastfill_loss(self.psi, f_o, f_n, labels, self.head, m.transform_ce_weight)
         f_n = self.model(x)
         ce = F.cross_entropy(self.head(f_n, labels), labels)
         loss, stats = ce, {"ce": ce.detach()}
-        m = self.method
-        if m.name == "independent" or f_o is None:
+        if m.name == "independent" or (f_o is None and m.name != "unibct"):
             return loss, stats
         known = self.old_classes[labels]
-        if m.name == "bct":
+        if m.name in ("bct", "unibct"):
             w_compat = mean_one(torch.ones_like(f_n[:, 0]), known)
         else:
             d = discriminativeness(self.old_head, f_o, labels, m.discriminativeness)
@@ -73,26 +93,46 @@ class Trainee(nn.Module):
             up, cos = upgrade_loss(self.psi, f_o, f_n, labels, self.head, w.upgrade, m.align_weight)
             loss = loss + m.upgrade_weight * up
             stats["upgrade"], stats["psi_cos"] = up.detach(), cos
-        with torch.no_grad():
-            stats["new_old_cos"] = (f_n * F.normalize(f_o.float(), dim=1)).sum(1).mean()
+        if f_o is not None:
+            with torch.no_grad():
+                stats["new_old_cos"] = (f_n * F.normalize(f_o.float(), dim=1)).sum(1).mean()
         return loss, stats
 
 
 def build_trainee(cfg: TrainConfig, info: dict[str, Any]) -> tuple[Trainee, nn.Module | None]:
-    """The Trainee and the frozen old embedding model (None for independent training)."""
+    """The Trainee and the frozen old embedding model (None where the loss needs no old features:
+    independent, unibct). ``info["prototypes"]`` (unibct) may be absent when a checkpoint will
+    supply them."""
     torch.manual_seed(cfg.seed)
-    model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
-    head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
-    if cfg.method.name == "independent":
-        return Trainee(model, head, cfg.method), None
-    art = load_artifact(cfg.method.old_model, cfg.storage, kind=EMBEDDING_MODEL)
+    m = cfg.method
+    if m.name == "independent":
+        model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
+        head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
+        return Trainee(model, head, m), None
+    art = load_artifact(m.old_model, cfg.storage, kind=EMBEDDING_MODEL)
     old_model, old_head = build_embedding_model(art)
     old_model.requires_grad_(False)
+    if m.name == "fastfill":
+        new_model, new_head = build_embedding_model(
+            load_artifact(m.new_model, cfg.storage, kind=EMBEDDING_MODEL)
+        )
+        psi = UpgradeModule(old_model.dim, new_model.dim, m.upgrade_width, m.upgrade_depth, uncertainty=True)
+        return Trainee(new_model, new_head, m, psi=psi, frozen_model=True), old_model
+    model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
+    head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
+    if m.name == "unibct":
+        proto_head = MarginHead(old_model.dim, info["num_classes"], old_head.kind, old_head.s, old_head.m)
+        present = torch.zeros(info["num_classes"], dtype=torch.bool)
+        if info.get("prototypes") is not None:
+            with torch.no_grad():
+                proto_head.weight.copy_(torch.tensor(info["prototypes"], dtype=torch.float32))
+            present = torch.tensor(info["prototype_present"], dtype=torch.bool)
+        return Trainee(model, head, m, old_head=proto_head, old_classes=present), None
     psi = None
-    if cfg.method.name == "dmu" and cfg.method.adapt:
-        psi = UpgradeModule(old_model.dim, cfg.model.dim, cfg.method.upgrade_width, cfg.method.upgrade_depth)
+    if m.name == "dmu" and m.adapt:
+        psi = UpgradeModule(old_model.dim, cfg.model.dim, m.upgrade_width, m.upgrade_depth)
     old_classes = torch.tensor(art.card.get("trained_classes") or [True] * info["num_classes"])
-    return Trainee(model, head, cfg.method, psi=psi, old_head=old_head, old_classes=old_classes), old_model
+    return Trainee(model, head, m, psi=psi, old_head=old_head, old_classes=old_classes), old_model
 
 
 def lr_lambda(warmup_steps: float, total_steps: int):

@@ -1,0 +1,90 @@
+"""UniBCT's compatibility target (Zhang et al., IJCAI 2022, arXiv 2203.01583): old class prototypes
+computed from the old model's features of the *new* training set, refined with the structure of
+the old feature space before the new model is trained against them.
+
+Plain class means of old features are poor targets when the old model embeds some images badly
+(new classes it never saw, new data it does not cover): those features sit among other classes and
+drag the mean. The refinement builds a k-nearest-neighbour graph over the old features and
+
+1. smooths each feature towards its same-class neighbours (``alpha``, ``iters`` steps), and
+2. weights each feature's vote for its class prototype by its structural consistency: the share of
+   its k neighbours that carry its label (features lost among other classes count little).
+
+This is our reading of "structural prototype refinement"; docs/methods.md says where it may differ
+from the paper's. The refined prototypes replace the old classifier in BCT's influence loss, which
+makes the loss defined for classes the old classifier never had (open-class upgrades).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+
+def knn_graph(feats: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """``(neighbour ids (n, k), cosine similarities (n, k))`` of each unit-norm row among the
+    others (itself excluded), exact inner-product search with faiss."""
+    x = np.ascontiguousarray(feats, dtype=np.float32)
+    n = len(x)
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError("a neighbour graph needs at least 2 features")
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    ids = np.empty((n, k), dtype=np.int64)
+    sims = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, batch):
+        d, i = index.search(x[lo : lo + batch], k + 1)
+        rows = np.arange(lo, min(lo + batch, n))[:, None]
+        keep = i != rows  # drop the row itself wherever it ranked (duplicates may displace it)
+        keep[keep.sum(1) > k, -1] = False  # itself absent from the top k+1: drop the last instead
+        ids[lo : lo + batch] = i[keep].reshape(-1, k)
+        sims[lo : lo + batch] = d[keep].reshape(-1, k)
+    return ids, sims
+
+
+def refine_prototypes(
+    feats: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    k: int = 10,
+    alpha: float = 0.5,
+    iters: int = 2,
+    min_weight: float = 0.05,
+    chunk: int = 16384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prototypes (num_classes, d) unit-norm float32, present (num_classes,) bool)`` from old
+    features of labelled images (see the module docstring). Classes without features are absent
+    (their prototype rows are zero). ``alpha=0, min_weight=1`` gives plain class means."""
+    if feats.ndim != 2 or len(feats) != len(labels):
+        raise ValueError(f"features {feats.shape} and labels {labels.shape} do not match")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    x = feats.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    nbr, sims = knn_graph(x, k)
+    same = labels[nbr] == labels[:, None]
+    w = np.where(same, np.clip(sims, 0.0, None), 0.0)
+    consistency = same.mean(1)
+    row_sum = w.sum(1, keepdims=True)
+    has = row_sum[:, 0] > 0
+    refined = x.copy()
+    denom = np.where(has, row_sum[:, 0], 1.0)[:, None]
+    for _ in range(iters):
+        smooth = np.empty_like(x)
+        for lo in range(0, len(x), chunk):  # n x k x d floats at a time would not fit for big sets
+            sl = slice(lo, lo + chunk)
+            smooth[sl] = np.einsum("nk,nkd->nd", w[sl], refined[nbr[sl]]) / denom[sl]
+        refined = np.where(has[:, None], (1.0 - alpha) * x + alpha * smooth, x)
+        refined /= np.linalg.norm(refined, axis=1, keepdims=True).clip(1e-12)
+    vote = np.maximum(consistency, min_weight)
+    protos = np.zeros((num_classes, x.shape[1]), dtype=np.float64)
+    np.add.at(protos, labels, refined * vote[:, None])
+    present = np.bincount(labels, minlength=num_classes) > 0
+    norms = np.linalg.norm(protos, axis=1, keepdims=True)
+    protos = np.where(norms > 0, protos / np.clip(norms, 1e-12, None), 0.0)
+    return protos.astype(np.float32), present

@@ -1,0 +1,114 @@
+"""Running an embedding-model artefact over an image data set part on a Ray Data actor pool.
+
+Evaluation embeds query and gallery images with it, UniBCT the training images (old features for
+its prototypes), and a FastFill backfill the images of the rows it re-embeds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from dmu_ray.config import ActorPoolConfig, StorageConfig
+from dmu_ray.data.images import DecodeBatch, read_dataset_info
+from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
+from dmu_ray.storage import resolve
+
+
+class _EmbedActor:
+    def __init__(
+        self,
+        model_uri: str,
+        storage: StorageConfig,
+        size: int,
+        channels: int,
+        threads: int,
+        gpu: bool,
+        only_ids: np.ndarray | None = None,
+    ) -> None:
+        import torch
+
+        from dmu_ray.models.artifact import build_embedding_model
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+        self.model = build_embedding_model(load_artifact(model_uri, storage, kind=EMBEDDING_MODEL))[0].to(
+            self.device
+        )
+        self.decode = DecodeBatch(size, channels, augment=False)
+        self.only_ids = pa.array(only_ids) if only_ids is not None else None
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        import pyarrow.compute as pc
+        import torch
+
+        if self.only_ids is not None:  # before decoding: skipped images cost no decode work
+            batch = batch.filter(pc.is_in(batch.column("id"), value_set=self.only_ids))
+        if batch.num_rows == 0:
+            return {
+                "id": np.empty(0, np.int64),
+                "label": np.empty(0, np.int64),
+                "embedding": np.empty((0, self.model.dim), np.float32),
+            }
+        d = self.decode(batch)
+        with torch.inference_mode():
+            f = self.model(torch.from_numpy(d["image"]).to(self.device)).float().cpu().numpy()
+        return {"id": d["id"], "label": d["label"], "embedding": f}
+
+
+def embed_images(
+    images_uri: str,
+    model_uri: str,
+    *,
+    storage: StorageConfig | None = None,
+    pool: ActorPoolConfig | None = None,
+    only_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, labels, embeddings)`` of every image under ``images_uri`` (a data set part such as
+    ``<data>/query``), or of those whose id is in ``only_ids``, sorted by id. The images' size and
+    channels come from the data set's ``_dataset.json`` one folder up; the model must take that
+    many channels."""
+    import ray.data
+
+    from dmu_ray.ray_session import ensure_ray
+
+    storage = storage or StorageConfig()
+    pool = pool or ActorPoolConfig(batch_size=256)
+    loc = resolve(images_uri, storage)
+    info = read_dataset_info(loc.uri.rsplit("/", 1)[0], storage)
+    card = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL).card
+    if int(card["in_channels"]) != info.channels:
+        raise ValueError(
+            f"{model_uri} takes {card['in_channels']}-channel images but {images_uri} has {info.channels}"
+        )
+    ensure_ray()
+    ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, file_extensions=["parquet"]).select_columns(
+        ["id", "image", "label"]
+    )
+    ds = ds.map_batches(
+        _EmbedActor,
+        fn_constructor_kwargs=dict(
+            model_uri=model_uri,
+            storage=storage,
+            size=info.image_size,
+            channels=info.channels,
+            threads=max(1, int(pool.num_cpus)),
+            gpu=pool.num_gpus > 0,
+            only_ids=only_ids,
+        ),
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+    )
+    parts = [p for p in ds.iter_batches(batch_size=None, batch_format="numpy") if len(p["id"])]
+    if not parts and only_ids is not None:  # no id has an image: the caller says what that means
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, int(card["dim"])), np.float32)
+    if not parts:
+        raise ValueError(f"{images_uri}: no images")
+    ids = np.concatenate([p["id"] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    labels = np.concatenate([p["label"] for p in parts])[order]
+    emb = np.concatenate([np.asarray(p["embedding"], dtype=np.float32) for p in parts])[order]
+    return ids[order], labels, emb

@@ -1,0 +1,180 @@
+"""FastFill's uncertainty loss and backfill orders, UniBCT's prototype refinement, on hand-made data."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmu_ray.config import MethodConfig
+from dmu_ray.methods.fastfill import (
+    BackfillScorer,
+    curve_area,
+    fastfill_loss,
+    select_top,
+    uncertainty_loss,
+)
+from dmu_ray.methods.prototypes import knn_graph, refine_prototypes
+from dmu_ray.models.embedding import EmbeddingModel
+from dmu_ray.models.heads import MarginHead
+from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.train.loop import Trainee
+
+
+def test_uncertainty_loss_learns_the_log_of_each_samples_loss():
+    per_sample = torch.tensor([0.01, 0.1, 1.0, 4.0])
+    s = torch.zeros(4, requires_grad=True)
+    opt = torch.optim.SGD([s], lr=0.05)
+    for _ in range(3000):
+        opt.zero_grad()
+        uncertainty_loss(per_sample, s).backward()
+        opt.step()
+    assert torch.allclose(s.detach(), per_sample.log(), atol=0.05)
+
+
+def test_fastfill_transformation_is_most_uncertain_where_it_cannot_be_right():
+    """The new feature is a fixed rotation of the old one (learnable) where the old feature's first
+    coordinate is <= 0, and a random vector elsewhere. On held-out samples, psi must have learnt the
+    rotation and rank the unlearnable half as the more uncertain."""
+    torch.manual_seed(0)
+    d = 16
+    rot = torch.linalg.qr(torch.randn(d, d))[0]
+
+    def make(n):
+        f_o = F.normalize(torch.randn(n, d), dim=1)
+        noisy = f_o[:, 0] > 0
+        return f_o, torch.where(noisy[:, None], F.normalize(torch.randn(n, d), dim=1), f_o @ rot), noisy
+
+    f_o, f_n, _ = make(2048)
+    t_o, t_n, t_noisy = make(1000)
+    psi = UpgradeModule(d, d, 64, 2, uncertainty=True)
+    head = MarginHead(d, 2)
+    labels = torch.zeros(len(f_o), dtype=torch.long)
+    opt = torch.optim.Adam(psi.parameters(), lr=3e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        loss, stats = fastfill_loss(psi, f_o, f_n, labels, head, ce_weight=0.0)
+        loss.backward()
+        opt.step()
+    psi.eval()
+    with torch.no_grad():
+        y, log_var = psi.forward_with_uncertainty(t_o)
+    cos = (F.normalize(y, dim=1) * t_n).sum(1)
+    assert cos[~t_noisy].mean() > 0.9  # the learnable half is learnt
+    lv = log_var.numpy()
+    auc = (lv[t_noisy.numpy()][:, None] > lv[~t_noisy.numpy()][None, :]).mean()
+    assert auc > 0.95, auc  # the unlearnable half ranks first for backfilling
+    assert head.weight.grad is None  # the new classifier is not moved
+
+
+def test_select_top_takes_the_highest_scores_and_breaks_ties_by_id_not_order():
+    ids = np.arange(100, 200)
+    scores = np.r_[np.linspace(0, 1, 90), np.full(10, 0.5)]
+    mask = select_top(ids, scores, 0.3)
+    assert mask.sum() == 30
+    assert scores[mask].min() >= scores[~mask].max()
+    perm = np.random.default_rng(0).permutation(100)
+    again = select_top(ids[perm], scores[perm], 0.3)
+    assert set(ids[perm][again]) == set(ids[mask])
+    assert select_top(ids, scores, 0.0).sum() == 0 and select_top(ids, scores, 1.0).all()
+    with pytest.raises(ValueError, match="fraction"):
+        select_top(ids, scores, 1.5)
+
+
+def test_backfill_scorer_policies():
+    torch.manual_seed(0)
+    old_head = MarginHead(3, 3, s=10.0)
+    with torch.no_grad():
+        old_head.weight.copy_(torch.eye(3))
+    # sample 0 sits on a class axis (the old model is sure), sample 1 between all three (unsure)
+    mat = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=np.float32) / np.array(
+        [[1.0], [3**0.5]], np.float32
+    )
+    ids = np.array([7, 8])
+    psi = UpgradeModule(3, 3, 8, 1, uncertainty=True)
+    y, s = BackfillScorer(["uncertainty", "random", "old-discriminativeness"], psi, old_head, seed=3)(
+        ids, mat
+    )
+    assert np.allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    assert s["old-discriminativeness"][1] > s["old-discriminativeness"][0]
+    _, s2 = BackfillScorer(["random"], psi, seed=3)(ids, mat)
+    assert np.array_equal(s["random"], s2["random"])  # a hash of the id: same on every worker
+    with pytest.raises(ValueError, match="uncertainty branch|trained with uncertainty"):
+        BackfillScorer(["uncertainty"], UpgradeModule(3, 3, 8, 1))
+    with pytest.raises(ValueError, match="old model's classifier"):
+        BackfillScorer(["old-discriminativeness"], psi)
+
+
+def test_curve_area():
+    assert curve_area([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75)
+    assert curve_area([0, 1], [0.4, 0.4]) == pytest.approx(0.4)
+
+
+def test_knn_graph_leaves_each_point_out_even_with_duplicates():
+    x = np.array([[1, 0], [1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids, sims = knn_graph(x, 2)
+    assert ids.shape == (4, 2) and all(i not in row for i, row in enumerate(ids))
+    assert ids[0, 0] == 1 and ids[1, 0] == 0 and sims[0, 0] == pytest.approx(1.0)
+
+
+def test_refined_prototypes_resist_features_lost_among_other_classes():
+    rng = np.random.default_rng(0)
+    d = 16
+    e = np.eye(d)
+    a = e[0] + 0.2 * rng.standard_normal((80, d))
+    a_lost = e[1] + 0.2 * rng.standard_normal((30, d))  # class-0 images the old model put among class 1
+    b = e[1] + 0.2 * rng.standard_normal((100, d))
+    feats = np.vstack([a, a_lost, b]).astype(np.float32)
+    labels = np.r_[np.zeros(110, int), np.ones(100, int)]
+    refined, present = refine_prototypes(feats, labels, 3, k=10)
+    plain, _ = refine_prototypes(feats, labels, 3, alpha=0.0, min_weight=1.0)
+    unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    means = np.stack([unit[labels == c].mean(0) for c in (0, 1)])
+    assert np.allclose(plain[:2], means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
+    assert present.tolist() == [True, True, False] and not refined[2].any()
+    assert refined[0] @ e[0] > plain[0] @ e[0] + 0.03  # pulled back to where class 0 really is
+    assert refined[1] @ e[1] > 0.98
+    with pytest.raises(ValueError, match="labels must be in"):
+        refine_prototypes(feats, labels, 1)
+
+
+def test_trainee_fastfill_trains_only_the_transformation():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    new_model, new_head = EmbeddingModel("small", 8, 1), MarginHead(8, 3)
+    before = {k: v.clone() for k, v in new_model.state_dict().items()}
+    psi = UpgradeModule(4, 8, 16, 1, uncertainty=True)
+    t = Trainee(
+        new_model,
+        new_head,
+        MethodConfig(name="fastfill", old_model="o", new_model="n"),
+        psi=psi,
+        frozen_model=True,
+    )
+    t.train()
+    assert not new_model.training and psi.training  # BatchNorm statistics of the frozen model stay put
+    opt = torch.optim.SGD([p for p in t.parameters() if p.requires_grad], lr=0.1)
+    loss, stats = t(x, y, F.normalize(torch.randn(8, 4), dim=1))
+    assert {"align", "transform_ce", "log_var", "psi_cos"} <= set(stats)
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in new_model.state_dict().items())
+    assert psi.log_var[0].weight.grad is not None
+
+
+def test_trainee_unibct_pulls_new_features_to_the_prototypes_of_present_classes():
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 1, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    protos = MarginHead(8, 3)
+    present = torch.tensor([True, True, False])
+    t = Trainee(
+        EmbeddingModel("small", 8, 1),
+        MarginHead(8, 3),
+        MethodConfig(name="unibct", old_model="o"),
+        old_head=protos,
+        old_classes=present,
+    )
+    loss, stats = t(x, y)  # no old features needed during training
+    assert set(stats) == {"ce", "compat"} and torch.isfinite(loss)
+    loss.backward()
+    assert protos.weight.grad is None
