@@ -257,10 +257,7 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
         card = load_artifact(model_uri, plan.cfg.storage, kind=EMBEDDING_MODEL).card
     except ArtifactError:
         return None
-    if (
-        card.get("config") != plan.cfg.model_dump(mode="json", exclude={"storage"})
-        or card.get("epochs") != plan.cfg.optim.epochs
-    ):
+    if not _same_config(card.get("config"), plan.cfg) or card.get("epochs") != plan.cfg.optim.epochs:
         return None
     out = {
         "model": model_uri,
@@ -272,6 +269,22 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
     if resolve(up_uri, plan.cfg.storage).exists():
         out["upgrade_module"] = up_uri
     return out
+
+
+def _same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Whether an export's saved config means ``cfg`` (storage aside). Compared without defaults,
+    so an export written before a new option existed still matches a config leaving it at its default."""
+    from pydantic import ValidationError
+
+    if not isinstance(saved, dict):
+        return False
+    try:
+        then = TrainConfig.model_validate(saved)
+    except ValidationError:
+        return False
+    return then.model_dump(mode="json", exclude={"storage"}, exclude_defaults=True) == cfg.model_dump(
+        mode="json", exclude={"storage"}, exclude_defaults=True
+    )
 
 
 def _train_entry(config: dict[str, Any]) -> None:
