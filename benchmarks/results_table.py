@@ -2,6 +2,8 @@
 
     python benchmarks/results_table.py                          # 3 seeds, all variants
     python benchmarks/results_table.py --seeds 0 --epochs-new 2  # a quick look
+    python benchmarks/results_table.py --split open-class --methods independent bct unibct \
+        --root out/results-open-class                            # UniBCT's open-set protocol
 
 For each seed: one lifecycle (old model on 30% of the classes, then every new-model variant, the
 gallery refresh with each upgrade module, the evaluation). Prints mean +- std of mAP@100 and R@1
@@ -27,6 +29,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(VARIANTS))
     ap.add_argument("--epochs-old", type=int, default=6)
     ap.add_argument("--epochs-new", type=int, default=4)
+    ap.add_argument(
+        "--split",
+        default="extended-class",
+        choices=["extended-class", "extended-data", "open-class", "open-data"],
+        help="split protocol (use a separate --root per protocol: run names do not include it)",
+    )
     args = ap.parse_args()
     runs = {}
     for seed in args.seeds:
@@ -36,12 +44,13 @@ def main() -> None:
             methods=args.methods,
             epochs_old=args.epochs_old,
             epochs_new=args.epochs_new,
+            split=args.split,
         )
         runs[seed] = run_lifecycle(lc, progress=True)
     with open(f"{args.root}/results.json", "w") as f:
         json.dump(runs, f, indent=2)
     for metric in ("mAP@100", "R@1"):
-        print(f"\n{metric} (%), mean +- std over seeds {args.seeds}\n")
+        print(f"\n{metric} (%), {args.split}, mean +- std over seeds {args.seeds}\n")
         print("| method | " + " | ".join(PAIRINGS) + " |")
         print("| --- |" + " ---: |" * len(PAIRINGS))
         for m in args.methods:

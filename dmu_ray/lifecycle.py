@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dmu": {"name": "dmu"},
     "dmu-no-selection": {"name": "dmu", "selective": False},
     "dmu-no-adaptation": {"name": "dmu", "adapt": False},
+    "unibct": {"name": "unibct"},
 }
 
 
@@ -46,10 +47,10 @@ class LifecycleConfig(StrictModel):
     root: str = Field(default="out/demo", description="where everything goes (local or s3://)")
     dataset: Literal["glyphs", "digits"] = "glyphs"
     image_size: int = 32
-    split: Literal["extended-class", "extended-data"] = "extended-class"
+    split: Literal["extended-class", "extended-data", "open-class", "open-data"] = "extended-class"
     old_fraction: float = Field(default=0.3, gt=0, lt=1)
-    methods: list[Literal["independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation"]] = Field(
-        default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)"
+    methods: list[Literal["independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation", "unibct"]] = (
+        Field(default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)")
     )
     backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
     dim: int = 128

@@ -1,6 +1,7 @@
 """Training on a real local Ray cluster (2 CPU workers, gloo), checkpoints on the loopback S3 server."""
 
 import pytest
+import torch
 import yaml
 
 from dmu_ray.config import ConfigError, TrainConfig, load_config
@@ -16,11 +17,11 @@ def digits(tmp_path_factory):
     return str(path)
 
 
-def config(name, storage_path, data, storage=None, **over) -> TrainConfig:
+def config(name, storage_path, data_uri, storage=None, **over) -> TrainConfig:
     base = {
         "name": name,
         "storage_path": storage_path,
-        "data": {"uri": data, "augment": True},
+        "data": {"uri": data_uri, "augment": True},
         "model": {"backbone": "small", "dim": 32},
         "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0.5},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
@@ -107,7 +108,74 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
                 method={"name": "dmu", "old_model": old_uri, "upgrade_in_dim": 16},
             )
         )
+
+    # a run name already used by a different config is refused (Ray Train would resume its checkpoint)
+    from dmu_ray.train.job import _claim_run
+
+    claimed = str(tmp_path / "claimed")
+    _claim_run(plan_training(config("same-name", claimed, digits)))
+    _claim_run(
+        plan_training(config("same-name", claimed, digits, optim={"epochs": 5}))
+    )  # more epochs: same run
+    with pytest.raises(ConfigError, match="holds a run of a different config"):
+        run_training(config("same-name", claimed, digits, model={"dim": 16}), progress=False)
     with pytest.raises(ConfigError, match="fewer than one batch per worker"):
         plan_training(config("n", str(tmp_path), digits, optim={"batch_size": 4096}))
     with pytest.raises(ValueError, match="not an image data set"):
         plan_training(config("n", str(tmp_path), str(tmp_path / "nodata")))
+
+
+def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, digits):
+    runs = str(tmp_path / "runs")
+    split = {"split": "open-class", "old_fraction": 0.4}
+    old = run_training(
+        config("old", runs, digits, data={**split, "role": "old"}, optim={"epochs": 1}), progress=False
+    )
+    # UniBCT: the new model sees only classes the old one never did; BCT's loss would be empty here
+    uni = run_training(
+        config(
+            "unibct",
+            runs,
+            digits,
+            data={**split, "role": "new"},
+            optim={"epochs": 1},
+            method={"name": "unibct", "old_model": old["model"], "prototype_k": 5},
+        ),
+        progress=False,
+    )
+    assert uni["metrics"]["compat"] > 0 and load_artifact(uni["model"]).card["method"] == "unibct"
+    # FastFill: only the transformation learns, towards the frozen UniBCT model
+    ff = run_training(
+        config(
+            "fastfill",
+            runs,
+            digits,
+            data={**split, "role": "new"},
+            optim={"epochs": 1},
+            method={
+                "name": "fastfill",
+                "old_model": old["model"],
+                "new_model": uni["model"],
+                "upgrade_width": 32,
+            },
+        ),
+        progress=False,
+    )
+    assert {"align", "transform_ce", "log_var"} <= set(ff["metrics"])
+    art = load_artifact(ff["upgrade_module"])
+    psi = build_upgrade_module(art)
+    assert psi.uncertainty and art.card["new_model_id"] == "unibct"
+    frozen = load_artifact(ff["model"]).state_dict
+    target = load_artifact(uni["model"]).state_dict
+    assert all(torch.equal(frozen[k], target[k]) for k in target)  # the new model did not move
+    # a fastfill config whose model section does not describe the new model fails up front
+    with pytest.raises(ConfigError, match="model.dim is 16"):
+        plan_training(
+            config(
+                "bad",
+                runs,
+                digits,
+                model={"dim": 16},
+                method={"name": "fastfill", "old_model": old["model"], "new_model": uni["model"]},
+            )
+        )

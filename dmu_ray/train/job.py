@@ -208,6 +208,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
         f"{cfg.scaling.num_workers} worker(s), {cfg.optim.epochs} epochs -> {plan.run_uri}"
     )
+    _claim_run(plan)
     ensure_ray(cfg.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     storage_loc = resolve(cfg.storage_path, cfg.storage)
@@ -269,6 +270,40 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
     if resolve(up_uri, plan.cfg.storage).exists():
         out["upgrade_module"] = up_uri
     return out
+
+
+RUN_CONFIG = "_config.json"
+
+
+def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
+    """What must not change between a run and its resumption: everything but storage and epochs
+    (more epochs is how a finished run is continued)."""
+    d = cfg.model_dump(mode="json", exclude={"storage"}, exclude_defaults=True)
+    d.get("optim", {}).pop("epochs", None)
+    return d
+
+
+def _claim_run(plan: TrainPlan) -> None:
+    """Ray Train resumes any run with this name and storage path; refuse when the run folder holds
+    a run of a different config (its checkpoint would be resumed as if it were this one)."""
+    import json
+
+    from dmu_ray.storage import read_bytes, write_bytes_atomic
+
+    loc = resolve(plan.run_uri, plan.cfg.storage).join(RUN_CONFIG)
+    if loc.exists():
+        try:
+            theirs = _resumable_view(TrainConfig.model_validate(json.loads(read_bytes(loc))))
+        except ValueError:
+            theirs = None
+        mine = _resumable_view(plan.cfg)
+        if theirs != mine:
+            raise ConfigError(
+                f"name: {plan.run_uri} holds a run of a different config (see its {RUN_CONFIG}); "
+                "use another name, or the same config to resume it"
+            )
+        return
+    write_bytes_atomic(loc, plan.cfg.model_dump_json(exclude={"storage"}).encode())
 
 
 def _same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
