@@ -1,1 +1,2 @@
-"""Upgrade methods as loss modules: independent, bct, dmu (fastfill, unibct to come)."""
+"""Upgrade methods as losses and their helpers: independent, bct, dmu (losses), fastfill (losses,
+backfill orders), unibct (prototype refinement)."""
