@@ -222,24 +222,23 @@ def _cmd_backfill_curve(ns: argparse.Namespace) -> int:
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
-    from dmu_ray.config import load_config
+    from dmu_ray.config import load_config, parse_config
     from dmu_ray.lifecycle import LifecycleConfig, run_lifecycle
 
     lc = load_config(LifecycleConfig, ns.config) if ns.config else LifecycleConfig()
     overrides = {
         "root": ns.storage,
         "dataset": ns.dataset,
+        "split": ns.split,
         "epochs_old": ns.epochs_old,
         "epochs_new": ns.epochs_new,
         "seed": ns.seed,
+        "methods": [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None,
     }
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(lc, k, v)
-    if ns.methods:
-        lc.methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    data = lc.model_dump() | {k: v for k, v in overrides.items() if v is not None}
     if ns.endpoint_url or ns.region:
-        lc.storage = _storage(ns)
+        data["storage"] = _storage(ns).model_dump()
+    lc = parse_config(LifecycleConfig, data, "the demo's options")  # names a bad --methods entry
     summary = run_lifecycle(lc, progress=not ns.quiet)
     print(f"\ndemo finished in {summary['seconds']:.0f}s; results under {lc.root}/eval/")
     for method in lc.methods:
@@ -403,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", help="comma-separated new-model methods (default dmu; e.g. independent,bct,dmu)"
     )
     demo.add_argument("--dataset", choices=["glyphs", "digits"])
+    demo.add_argument(
+        "--split",
+        choices=["extended-class", "extended-data", "open-class", "open-data"],
+        help="split protocol (default extended-class; use another --storage per protocol)",
+    )
     demo.add_argument("--epochs-old", type=int)
     demo.add_argument("--epochs-new", type=int)
     demo.add_argument("--seed", type=int)
