@@ -275,6 +275,9 @@ class ScalingSection(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD"] = Field(
+        default="PACK", description="PACK fills nodes one by one; SPREAD puts workers on different nodes"
+    )
 
 
 class TrainConfig(StrictModel):

@@ -197,3 +197,64 @@ def test_refresh_job_survives_losing_a_node(two_node_cluster, tmp_path):
     assert validate_gallery(g).ok
     workers = {json.loads(p.read_text())["worker"] for p in (out / "_parts").glob("*.json")}
     assert len(workers) == 2, f"files were committed by {len(workers)} node(s); the killed node did no work"
+
+
+def test_training_job_resumes_after_losing_a_node(two_node_cluster, tmp_path):
+    """A short training job with one worker on each node (SPREAD); the second node dies after the
+    first checkpoint, and the run must resume from a checkpoint and finish every epoch."""
+    from dmu_ray.data.importers import import_digits
+
+    data = tmp_path / "digits"
+    import_digits(str(data), image_size=16)
+    job_dir = tmp_path / "job"
+    (job_dir / "jobs").mkdir(parents=True)
+    shutil.copy(ROOT / "jobs/train.py", job_dir / "jobs/train.py")
+    runs = tmp_path / "runs"
+    epochs = 4
+    (job_dir / "train.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "two-node",
+                "storage_path": str(runs),
+                "data": {"uri": str(data), "decode_cpus": 0.25},
+                "model": {"backbone": "small", "dim": 32},
+                "optim": {"epochs": epochs, "batch_size": 32, "lr": 0.05, "warmup_epochs": 0.5},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 0.25, "placement_strategy": "SPREAD"},
+                "max_failures": 3,
+            }
+        )
+    )
+    try:
+        sid, _ = submit(
+            "train",
+            str(job_dir / "train.yaml"),
+            two_node_cluster["address"],
+            working_dir=str(job_dir),
+            follow=False,
+        )
+    except RuntimeError as err:
+        raise AssertionError(f"{err}\n{cluster_logs(two_node_cluster['temp'])}") from err
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(two_node_cluster["address"])
+    deadline = time.time() + 420
+    done = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    while time.time() < deadline and not list((runs / "two-node").glob("checkpoint_*")):
+        assert client.get_job_status(sid) not in done, client.get_job_logs(sid)[-3000:] + cluster_logs(
+            two_node_cluster["temp"]
+        )
+        time.sleep(0.5)
+    assert not (runs / "two-node/export/model.pt").exists(), (
+        "the run finished before the node could be killed"
+    )
+    for pid in pids_matching(two_node_cluster["worker_raylet"]):
+        os.kill(pid, signal.SIGKILL)  # the second node dies with its training worker
+    while time.time() < deadline and client.get_job_status(sid) not in done:
+        time.sleep(1)
+    logs = client.get_job_logs(sid)
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED, logs[-3000:]
+    from dmu_ray.models.artifact import load_artifact
+
+    hist = load_artifact(str(runs / "two-node/export/model.pt")).card["history"]
+    assert [h["epoch"] for h in hist] == list(range(epochs))  # every epoch once, none lost or repeated
+    assert any(h["resumed_from"] > 0 for h in hist), f"the run never resumed from a checkpoint: {hist}"

@@ -231,6 +231,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 "CPU": cfg.scaling.cpus_per_worker,
                 **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
             },
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
