@@ -276,11 +276,16 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
 RUN_CONFIG = "_config.json"
 
 
+OPERATIONAL = {"storage", "ray_address", "scaling", "max_failures", "failure_drill_epoch"}
+
+
 def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
-    """What must not change between a run and its resumption: everything but storage and epochs
-    (more epochs is how a finished run is continued)."""
-    d = cfg.model_dump(mode="json", exclude={"storage"}, exclude_defaults=True)
+    """What must not change between a run and its resumption: what is trained and how. Where it
+    runs (storage, cluster, workers, failure handling) and the epoch count (more epochs is how a
+    finished run is continued) may change."""
+    d = cfg.model_dump(mode="json", exclude=OPERATIONAL, exclude_defaults=True)
     d.get("optim", {}).pop("epochs", None)
+    d.get("data", {}).pop("decode_cpus", None)
     return d
 
 
