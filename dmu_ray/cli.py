@@ -34,6 +34,13 @@ def _err(msg: str) -> None:
     print(f"dmu-ray: error: {msg}", file=sys.stderr)
 
 
+def _job_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """The arguments every job command takes (``_job_config`` reads them)."""
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
 def _job_config(cls, ns: argparse.Namespace):
     """A job's config from ``--config``, with ``--ray-address`` applied."""
     from dmu_ray.config import load_config
@@ -361,9 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one Ray Train job from a config. Re-running the same config (same name and "
         "storage_path) resumes from the last checkpoint.",
     )
-    tr.add_argument("--config", required=True, help="training config (YAML); see configs/train_*.yaml")
-    tr.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    tr.add_argument("--quiet", action="store_true", help="no progress output")
+    _job_args(tr, "training config (YAML); see configs/train_*.yaml")
     tr.set_defaults(func=_cmd_train)
 
     emb = sub.add_parser("embed", help="embed an image set with a model into a gallery prefix (Ray Data)")
@@ -381,11 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed the query set and gallery with each model (Ray Data), search with faiss, and write "
         "eval.json, eval.md and pairings.png to the config's output folder.",
     )
-    ev.add_argument(
-        "--config", required=True, help="evaluation config (YAML); see configs/evaluate_local.yaml"
-    )
-    ev.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    ev.add_argument("--quiet", action="store_true", help="no progress output")
+    _job_args(ev, "evaluation config (YAML); see configs/evaluate_local.yaml")
     ev.set_defaults(func=_cmd_evaluate)
 
     demo = sub.add_parser(
@@ -438,13 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream every file of a committed gallery through the upgrade module on a Ray Data "
         "actor pool and commit a new gallery. Re-running the same config resumes after a failure.",
     )
-    ref.add_argument(
-        "--config", required=True, help="refresh job config (YAML); see configs/refresh_local.yaml"
-    )
-    ref.add_argument(
-        "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
-    )
-    ref.add_argument("--quiet", action="store_true", help="no progress output")
+    _job_args(ref, "refresh job config (YAML); see configs/refresh_local.yaml")
     ref.set_defaults(func=_cmd_refresh)
 
     bf = sub.add_parser(
@@ -455,9 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the rest with the FastFill module, and commit the mixed gallery with a per-row provenance column "
         "(Ray Data). Re-running the same config resumes.",
     )
-    bf.add_argument("--config", required=True, help="backfill config (YAML); see configs/backfill_local.yaml")
-    bf.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    bf.add_argument("--quiet", action="store_true", help="no progress output")
+    _job_args(bf, "backfill config (YAML); see configs/backfill_local.yaml")
     bf.set_defaults(func=_cmd_backfill)
 
     bc = sub.add_parser(
@@ -467,9 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gallery images and the queries with the new model, and measure new queries against the mixed gallery at "
         "each fraction. Writes backfill_curve.json and backfill_curve.png to curve.output.",
     )
-    bc.add_argument("--config", required=True, help="backfill config with a 'curve' section (YAML)")
-    bc.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
-    bc.add_argument("--quiet", action="store_true", help="no progress output")
+    _job_args(bc, "backfill config with a 'curve' section (YAML)")
     bc.set_defaults(func=_cmd_backfill_curve)
     return p
 

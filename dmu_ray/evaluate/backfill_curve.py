@@ -10,7 +10,6 @@ with the same selection rule as ``dmu-ray backfill``, searched with faiss.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import sys
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 
 from dmu_ray.config import BackfillConfig
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing
+from dmu_ray.evaluate.report import figure_png
 from dmu_ray.methods.fastfill import curve_area, select_top
 from dmu_ray.models.inference import embed_images
 from dmu_ray.refresh.backfill import plan_backfill, score_gallery
@@ -112,8 +112,4 @@ def plot_curves(result: dict[str, Any]) -> bytes:
     ax.set_title("backfill curve: new queries vs the mixed gallery")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -56,6 +56,13 @@ def plot_pairings(result: dict[str, Any]) -> bytes:
     ax.set_ylabel("%")
     ax.set_title(result.get("title", "retrieval by query/gallery model pairing"))
     ax.legend()
+    return figure_png(fig)
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out, 110 dpi); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
