@@ -269,15 +269,30 @@ class OptimConfig(StrictModel):
 
 
 class ScalingSection(StrictModel):
-    """Ray Train workers."""
+    """Ray Train workers. With ``min_workers`` set the run is elastic: it starts with as many
+    workers (``min_workers`` to ``num_workers``) as the cluster holds, goes on with fewer when a
+    node is lost, and grows when nodes join (checked every ``resize_check_s``); every change of
+    size restarts the worker group from the last epoch checkpoint."""
 
-    num_workers: int = Field(default=2, ge=1)
+    num_workers: int = Field(default=2, ge=1, description="workers (the most, when elastic)")
+    min_workers: int | None = Field(default=None, ge=1, description="set: elastic, at least this many")
+    resize_check_s: float = Field(
+        default=60.0, gt=0, description="elastic: how often a running group looks for room to grow"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD"] = Field(
         default="PACK", description="PACK fills nodes one by one; SPREAD puts workers on different nodes"
     )
+
+    @field_validator("min_workers")
+    @classmethod
+    def _min_le_max(cls, v: int | None, info: Any) -> int | None:
+        hi = info.data.get("num_workers")
+        if v is not None and hi is not None and v > hi:
+            raise ValueError(f"must be <= num_workers ({hi})")
+        return v
 
 
 class TrainConfig(StrictModel):

@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmu_ray.config import MethodConfig
+from dmu_ray.config import MethodConfig, OptimConfig
 from dmu_ray.data.splits import old_classes, split_mask
 from dmu_ray.methods.losses import compatibility_loss, discriminativeness, dmu_weights, mean_one, upgrade_loss
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule
-from dmu_ray.train.loop import Trainee, lr_lambda
+from dmu_ray.train.loop import Trainee, lr_lambda, run_scheduler
 
 
 def old_head_3_classes() -> MarginHead:
@@ -145,6 +145,25 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert (
         f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5, abs=0.02) and f(100) == pytest.approx(0.0)
     )
+
+
+def test_resumed_schedule_follows_the_run_whatever_the_worker_count():
+    optim = OptimConfig(lr=0.1, epochs=4, warmup_epochs=1)
+
+    def lrs(steps_per_epoch: int, start_epoch: int, steps: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+        sched = run_scheduler(opt, optim, steps_per_epoch, start_epoch)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    whole = lrs(20, 0, 80)  # 2 workers, 20 steps an epoch, all 4 epochs in one go
+    assert lrs(20, 2, 40) == pytest.approx(whole[40:])  # resumed at epoch 2 with 2 workers
+    one_worker = lrs(40, 2, 80)  # resumed at epoch 2 with 1 worker: twice the steps an epoch
+    assert one_worker[::2] == pytest.approx(whole[40:], rel=0.05) and one_worker[-1] < whole[41]
 
 
 @pytest.mark.parametrize("protocol", ["extended-data", "extended-class", "open-data", "open-class"])

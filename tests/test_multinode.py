@@ -1,6 +1,9 @@
-"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`): the
-refresh job is submitted through the job API, the second node's raylet is killed part way, and
-the job must still commit every id exactly once. Teardown kills only this cluster's processes."""
+"""Real multi-node Ray clusters on this machine (`ray start --head` + `ray start --address`), jobs
+submitted through the job API, a node's raylet killed part way:
+- refresh must still commit every id exactly once;
+- elastic training must resume from its checkpoint with fewer workers, grow again when a node
+  joins, and train every epoch exactly once.
+Teardown kills only the test cluster's processes."""
 
 import contextlib
 import json
@@ -20,9 +23,10 @@ import pytest
 import torch
 import yaml
 
+from dmu_ray.data.importers import import_digits
 from dmu_ray.gallery import Gallery, GalleryWriter, ModelInfo, embedding_array
 from dmu_ray.gallery_ops import validate_gallery
-from dmu_ray.models.artifact import save_upgrade_module
+from dmu_ray.models.artifact import load_artifact, save_upgrade_module
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import resolve
 from dmu_ray.submit import submit
@@ -55,19 +59,25 @@ def cluster_logs(temp: str, lines: int = 15) -> str:
     return "\n".join(out)
 
 
-@pytest.fixture
-def two_node_cluster(monkeypatch):
-    tag = uuid.uuid4().hex[:8]
-    temp = f"/tmp/dmu-mn-{tag}"
-    port, dash, nm_port = free_port(), free_port(), free_port()
-    # Loopback-only test cluster: no auth token to hand between the nodes (Ray 2.60 enables token
-    # auth by default; real clusters must give every node the head's token, see docs/cluster.md).
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--num-cpus", "1", "--temp-dir", temp, "--disable-usage-stats"]
+class LocalCluster:
+    """A Ray cluster of separate `ray start` nodes on this machine, each with its own ports (so
+    nothing collides with another Ray here) and all under one temp dir (teardown kills only the
+    processes that name it)."""
 
-    def own_ports() -> list[str]:  # per node, so nothing collides with another Ray on this machine
-        return [
+    def __init__(self, temp: str):
+        self.temp = temp
+        self.port, self.dash = free_port(), free_port()
+        # A killed node is declared dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s).
+        self.env = {
+            **os.environ,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
+        self.address = f"http://127.0.0.1:{self.dash}"
+
+    def _start(self, args: list[str], cpus: int) -> None:
+        ports = [
             f"--{opt}={free_port()}"
             for opt in (
                 "dashboard-agent-listen-port",
@@ -76,58 +86,107 @@ def two_node_cluster(monkeypatch):
                 "metrics-export-port",
             )
         ]
-
-    subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--port",
-            str(port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash),
-            "--include-dashboard",
-            "true",
-            *common,
-            *own_ports(),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    try:
+        common = ["--num-cpus", str(cpus), "--temp-dir", self.temp, "--disable-usage-stats"]
         subprocess.run(
-            [
-                RAY,
-                "start",
-                "--address",
-                f"127.0.0.1:{port}",
-                "--node-manager-port",
-                str(nm_port),
-                *common,
-                *own_ports(),
-            ],
-            check=True,
-            env=env,
-            capture_output=True,
-            timeout=120,
+            [RAY, "start", *args, *common, *ports], check=True, env=self.env, capture_output=True, timeout=120
         )
-        yield {
-            "address": f"http://127.0.0.1:{dash}",
-            "worker_raylet": f"node_manager_port={nm_port}",
-            "temp": temp,
-        }
-    finally:
-        for pid in pids_matching(temp):  # only this cluster's processes
+
+    def start_head(self, cpus: int) -> None:
+        self._start(
+            [
+                "--head",
+                "--port",
+                str(self.port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dash),
+                "--include-dashboard",
+                "true",
+            ],
+            cpus,
+        )
+
+    def add_node(self, cpus: int) -> str:
+        """Start a worker node; returns a pattern that finds its raylet process."""
+        nm_port = free_port()
+        self._start(["--address", f"127.0.0.1:{self.port}", "--node-manager-port", str(nm_port)], cpus)
+        return f"node_manager_port={nm_port}"
+
+    def kill_node(self, raylet: str) -> None:
+        """SIGKILL a worker node's raylet: the node dies with its tasks and actors."""
+        pids = pids_matching(raylet)
+        assert pids, f"raylet {raylet} not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        for pid in pids_matching(self.temp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def test_refresh_job_survives_losing_a_node(two_node_cluster, tmp_path):
+@pytest.fixture
+def local_cluster(monkeypatch):
+    # Loopback-only test cluster: no auth token to hand between the nodes (Ray 2.60 enables token
+    # auth by default; real clusters must give every node the head's token, see docs/cluster.md).
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = LocalCluster(f"/tmp/dmu-mn-{uuid.uuid4().hex[:8]}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def submit_job(cluster: LocalCluster, job: str, job_dir: Path, config: dict) -> str:
+    """Submit ``jobs/<job script>`` with ``config`` through the job API; returns the submission id."""
+    from dmu_ray.submit import JOBS
+
+    script = JOBS[job][0]
+    (job_dir / "jobs").mkdir(parents=True)
+    shutil.copy(ROOT / script, job_dir / script)
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(config))
+    try:
+        sid, _ = submit(
+            job, str(job_dir / "job.yaml"), cluster.address, working_dir=str(job_dir), follow=False
+        )
+    except RuntimeError as err:
+        raise AssertionError(f"{err}\n{cluster_logs(cluster.temp)}") from err
+    return sid
+
+
+def wait_until(cluster: LocalCluster, sid: str, done, what: str, timeout: float) -> None:
+    """Poll ``done()`` until true; fail with the job's logs if the job ends first or time runs out."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.address)
+    deadline = time.time() + timeout
+    while not done():
+        status = client.get_job_status(sid)
+        if status.is_terminal() or time.time() > deadline:
+            raise AssertionError(
+                f"job {status} while waiting for {what}\n"
+                + client.get_job_logs(sid)[-3000:]
+                + cluster_logs(cluster.temp)
+            )
+        time.sleep(0.5)
+
+
+def wait_for_end(cluster: LocalCluster, sid: str, timeout: float) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.address)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not client.get_job_status(sid).is_terminal():
+        time.sleep(1)
+    status = client.get_job_status(sid)
+    assert status == JobStatus.SUCCEEDED, f"job {status}\n" + client.get_job_logs(sid)[-4000:]
+
+
+def test_refresh_job_survives_losing_a_node(local_cluster, tmp_path):
+    local_cluster.start_head(cpus=1)
+    second = local_cluster.add_node(cpus=1)
     n_files, rows = 12, 4000
     src = tmp_path / "old"
     rng = np.random.default_rng(0)
@@ -143,57 +202,75 @@ def test_refresh_job_survives_losing_a_node(two_node_cluster, tmp_path):
         )
     torch.manual_seed(0)
     save_upgrade_module(str(tmp_path / "psi.pt"), UpgradeModule(64, 64, 1024, 3), {"id": "psi"})
-    job_dir = tmp_path / "job"
-    (job_dir / "jobs").mkdir(parents=True)
-    shutil.copy(ROOT / "jobs/refresh_gallery.py", job_dir / "jobs/refresh_gallery.py")
     out = tmp_path / "new"
-    (job_dir / "refresh.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "source": str(src),
-                "output": str(out),
-                "module": str(tmp_path / "psi.pt"),
-                "dtype": "float16",
-                "pool": {"min_actors": 2, "max_actors": 2, "num_cpus": 0.5, "batch_size": 512},
-            }
-        )
+    sid = submit_job(
+        local_cluster,
+        "refresh",
+        tmp_path / "job",
+        {
+            "source": str(src),
+            "output": str(out),
+            "module": str(tmp_path / "psi.pt"),
+            "dtype": "float16",
+            "pool": {"min_actors": 2, "max_actors": 2, "num_cpus": 0.5, "batch_size": 512},
+        },
     )
-    try:
-        sid, _ = submit(
-            "refresh",
-            str(job_dir / "refresh.yaml"),
-            two_node_cluster["address"],
-            working_dir=str(job_dir),
-            follow=False,
-        )
-    except RuntimeError as err:
-        raise AssertionError(f"{err}\n{cluster_logs(two_node_cluster['temp'])}") from err
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(two_node_cluster["address"])
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list((out / "_parts").glob("*.json"))) < 2:
-        assert client.get_job_status(sid) not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(
-            sid
-        )[-3000:] + cluster_logs(two_node_cluster["temp"])
-        time.sleep(0.2)
-    committed_before = len(list((out / "_parts").glob("*.json")))
-    assert 2 <= committed_before < n_files, "the job finished before the node could be killed"
-    raylets = [p for p in pids_matching(two_node_cluster["worker_raylet"])]
-    assert raylets, "worker raylet not found"
-    for pid in raylets:
-        os.kill(pid, signal.SIGKILL)  # the second node dies with its actors
-    while time.time() < deadline and client.get_job_status(sid) not in (
-        JobStatus.SUCCEEDED,
-        JobStatus.FAILED,
-        JobStatus.STOPPED,
-    ):
-        time.sleep(1)
-    logs = client.get_job_logs(sid)
-    assert client.get_job_status(sid) == JobStatus.SUCCEEDED, logs[-3000:]
+    committed = lambda: len(list((out / "_parts").glob("*.json")))  # noqa: E731
+    wait_until(local_cluster, sid, lambda: committed() >= 2, "two committed files", timeout=240)
+    assert committed() < n_files, "the job finished before the node could be killed"
+    local_cluster.kill_node(second)  # the second node dies with its actors
+    wait_for_end(local_cluster, sid, timeout=240)
     g = Gallery.open(str(out))
     ids = g.read(columns=["id"]).column("id").to_numpy()
     assert len(ids) == n_files * rows and len(np.unique(ids)) == len(ids)  # every id exactly once
     assert validate_gallery(g).ok
     workers = {json.loads(p.read_text())["worker"] for p in (out / "_parts").glob("*.json")}
     assert len(workers) == 2, f"files were committed by {len(workers)} node(s); the killed node did no work"
+
+
+def latest_history(run: Path) -> list[dict]:
+    """The epoch history in the run's newest checkpoint ([] before the first)."""
+    ckpts = sorted(run.glob("checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    for state in reversed(ckpts):
+        with contextlib.suppress(Exception):  # a checkpoint being written or rotated away
+            return torch.load(state, map_location="cpu", weights_only=True)["history"]
+    return []
+
+
+def test_elastic_training_loses_a_node_and_grows_back(local_cluster, tmp_path):
+    """One training worker per node (3 CPUs a node, 2 per worker, 1 left for the data pipeline).
+    The second node is killed after the first checkpoint: the run resumes from it with one
+    worker; then a new node joins and the run grows back to two workers."""
+    local_cluster.start_head(cpus=3)
+    second = local_cluster.add_node(cpus=3)
+    data = tmp_path / "digits"
+    import_digits(str(data), image_size=16)
+    runs = tmp_path / "runs"
+    epochs = 4
+    sid = submit_job(
+        local_cluster,
+        "train",
+        tmp_path / "job",
+        {
+            "name": "elastic",
+            "storage_path": str(runs),
+            "data": {"uri": str(data), "augment": True},
+            "model": {"backbone": "small", "dim": 32},
+            "optim": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "warmup_epochs": 0.5},
+            "scaling": {"num_workers": 2, "min_workers": 1, "cpus_per_worker": 2, "resize_check_s": 1},
+            "max_failures": 3,
+        },
+    )
+    run = runs / "elastic"
+    wait_until(local_cluster, sid, lambda: len(latest_history(run)) >= 1, "the first checkpoint", 300)
+    assert latest_history(run)[0]["workers"] == 2, "the run did not start with a worker on each node"
+    local_cluster.kill_node(second)
+    shrunk = lambda: any(h["workers"] == 1 for h in latest_history(run))  # noqa: E731
+    wait_until(local_cluster, sid, shrunk, "an epoch with one worker", 300)
+    local_cluster.add_node(cpus=3)
+    wait_for_end(local_cluster, sid, timeout=300)
+    hist = load_artifact(str(run / "export" / "model.pt")).card["history"]
+    assert [h["epoch"] for h in hist] == list(range(epochs)), hist  # every epoch exactly once
+    sizes = [h["workers"] for h in hist]
+    assert 1 in sizes and sizes[-1] == 2 and sizes.index(1) > 0, sizes  # 2 -> 1 -> 2 workers
+    assert any(h["resumed_from"] > 0 for h in hist), hist

@@ -84,6 +84,9 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
     p.write_text(yaml.safe_dump({**good, "name": "bad name!"}))
     with pytest.raises(ConfigError, match=r"  name: "):
         load_config(TrainConfig, p)
+    p.write_text(yaml.safe_dump({**good, "scaling": {"num_workers": 2, "min_workers": 3}}))
+    with pytest.raises(ConfigError, match=r"scaling\.min_workers: .*must be <= num_workers \(2\)"):
+        load_config(TrainConfig, p)
 
     # an old model to check against (an export written without training: only its card matters)
     from dmu_ray.models.artifact import save_embedding_model

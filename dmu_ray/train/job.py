@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from dmu_ray.config import ConfigError, TrainConfig
+from dmu_ray.config import ConfigError, ScalingSection, TrainConfig
 from dmu_ray.data.images import DatasetInfo, read_dataset_info
 from dmu_ray.data.splits import split_mask
 from dmu_ray.models.artifact import (
@@ -206,7 +206,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         return done
     say(
         f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
-        f"{cfg.scaling.num_workers} worker(s), {cfg.optim.epochs} epochs -> {plan.run_uri}"
+        f"{_worker_desc(cfg.scaling)}, {cfg.optim.epochs} epochs -> {plan.run_uri}"
     )
     _claim_run(plan)
     ensure_ray(cfg.ray_address)
@@ -225,13 +225,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             "run_uri": plan.run_uri,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=_worker_count(cfg.scaling),
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,
                 **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
             },
             placement_strategy=cfg.scaling.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -246,6 +247,19 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if result.error:
         raise result.error
     return export_run(plan, result.checkpoint, result.metrics or {})
+
+
+def _worker_desc(scaling: ScalingSection) -> str:
+    if scaling.min_workers is None:
+        return f"{scaling.num_workers} worker(s)"
+    return f"{scaling.min_workers}-{scaling.num_workers} workers (elastic)"
+
+
+def _worker_count(scaling: ScalingSection) -> int | tuple[int, int]:
+    """Ray Train's num_workers: a fixed count, or (min, max) for an elastic run."""
+    if scaling.min_workers is None:
+        return scaling.num_workers
+    return (scaling.min_workers, scaling.num_workers)
 
 
 def finished_export(plan: TrainPlan) -> dict[str, Any] | None:

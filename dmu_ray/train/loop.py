@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmu_ray.config import MethodConfig, TrainConfig
+from dmu_ray.config import MethodConfig, OptimConfig, TrainConfig
 from dmu_ray.methods.fastfill import fastfill_loss
 from dmu_ray.methods.losses import compatibility_loss, discriminativeness, dmu_weights, mean_one, upgrade_loss
 from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
@@ -147,6 +147,18 @@ def lr_lambda(warmup_steps: float, total_steps: int):
     return f
 
 
+def run_scheduler(
+    opt: torch.optim.Optimizer, optim: OptimConfig, steps_per_epoch: int, start_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule of a worker group that starts at ``start_epoch``: a function of the position
+    in the run, counted in this group's steps per epoch, so a run resumed with another number of
+    workers (elastic, or resubmitted) stays on the same curve. Build it before loading a saved
+    optimizer state (the optimizer's LRs must still be the base LRs)."""
+    schedule = lr_lambda(optim.warmup_epochs * steps_per_epoch, optim.epochs * steps_per_epoch)
+    done = start_epoch * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule(done + step))
+
+
 def train_step(
     trainee: nn.Module,
     old_model: nn.Module | None,
@@ -205,13 +217,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.SGD(
         params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
     )
-    steps_per_epoch = max(1, info["rows"] // (cfg.optim.batch_size * world))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.epochs * steps_per_epoch)
-    )
+    sched = run_scheduler(opt, cfg.optim, max(1, info["rows"] // (cfg.optim.batch_size * world)), start_epoch)
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        opt.load_state_dict(state["optimizer"])  # momentum buffers; its saved LR is set below
+        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+            group["lr"] = lr
     amp = cfg.optim.amp and cuda
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     shard = ray.train.get_dataset_shard("train")
@@ -252,8 +262,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds=seconds,
             samples_per_s=samples * world / seconds if seconds else 0.0,
             resumed_from=start_epoch,
+            workers=world,
         )
-        history.append({k: metrics[k] for k in ("epoch", "loss", "ce", "resumed_from") if k in metrics})
+        history.append(
+            {k: metrics[k] for k in ("epoch", "loss", "ce", "resumed_from", "workers") if k in metrics}
+        )
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
@@ -261,7 +274,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {
                         "trainee": inner.state_dict(),
                         "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
                         "epoch": epoch,
                         "history": history,
                     },
