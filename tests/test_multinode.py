@@ -1,6 +1,6 @@
 """Real multi-node Ray clusters on this machine (`ray start --head` + `ray start --address`), jobs
 submitted through the job API, a node's raylet killed part way:
-- refresh must still commit every id exactly once;
+- refresh must still commit every id exactly once, and a node that joins takes over the work;
 - elastic training must resume from its checkpoint with fewer workers, grow again when a node
   joins, and train every epoch exactly once.
 Teardown kills only the test cluster's processes."""
@@ -184,10 +184,12 @@ def wait_for_end(cluster: LocalCluster, sid: str, timeout: float) -> None:
     assert status == JobStatus.SUCCEEDED, f"job {status}\n" + client.get_job_logs(sid)[-4000:]
 
 
-def test_refresh_job_survives_losing_a_node(local_cluster, tmp_path):
+def test_refresh_job_survives_losing_a_node_and_uses_a_joining_one(local_cluster, tmp_path):
+    """Two 1-CPU nodes, one 1-CPU refresh actor on each. After two files are committed a third
+    node joins and the second node is killed: its actor can only be restarted on the new node."""
     local_cluster.start_head(cpus=1)
     second = local_cluster.add_node(cpus=1)
-    n_files, rows = 12, 4000
+    n_files, rows = 24, 4000
     src = tmp_path / "old"
     rng = np.random.default_rng(0)
     with GalleryWriter(
@@ -212,20 +214,23 @@ def test_refresh_job_survives_losing_a_node(local_cluster, tmp_path):
             "output": str(out),
             "module": str(tmp_path / "psi.pt"),
             "dtype": "float16",
-            "pool": {"min_actors": 2, "max_actors": 2, "num_cpus": 0.5, "batch_size": 512},
+            "pool": {"min_actors": 2, "max_actors": 2, "num_cpus": 1, "batch_size": 512},
         },
     )
     committed = lambda: len(list((out / "_parts").glob("*.json")))  # noqa: E731
     wait_until(local_cluster, sid, lambda: committed() >= 2, "two committed files", timeout=240)
+    local_cluster.add_node(cpus=1)
     assert committed() < n_files, "the job finished before the node could be killed"
-    local_cluster.kill_node(second)  # the second node dies with its actors
+    local_cluster.kill_node(second)  # the second node dies with its actor
     wait_for_end(local_cluster, sid, timeout=240)
     g = Gallery.open(str(out))
     ids = g.read(columns=["id"]).column("id").to_numpy()
     assert len(ids) == n_files * rows and len(np.unique(ids)) == len(ids)  # every id exactly once
     assert validate_gallery(g).ok
     workers = {json.loads(p.read_text())["worker"] for p in (out / "_parts").glob("*.json")}
-    assert len(workers) == 2, f"files were committed by {len(workers)} node(s); the killed node did no work"
+    assert len(workers) == 3, (
+        f"files were committed by {len(workers)} node(s), not by the head, the killed and the new node"
+    )
 
 
 def latest_history(run: Path) -> list[dict]:
