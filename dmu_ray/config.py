@@ -244,6 +244,9 @@ class MethodConfig(StrictModel):
         default=0.5, ge=0, le=1, description="unibct: pull of same-class neighbours per refinement step"
     )
     prototype_iters: int = Field(default=2, ge=0, description="unibct: refinement steps")
+    prototype_refine: bool = Field(
+        default=True, description="unibct: false gives plain class means of old features (ablation)"
+    )
 
     @model_validator(mode="after")
     def _models_needed(self) -> MethodConfig:

@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dmu-no-selection": {"name": "dmu", "selective": False},
     "dmu-no-adaptation": {"name": "dmu", "adapt": False},
     "unibct": {"name": "unibct"},
+    "unibct-plain": {"name": "unibct", "prototype_refine": False},
 }
 
 
@@ -49,9 +50,11 @@ class LifecycleConfig(StrictModel):
     image_size: int = 32
     split: Literal["extended-class", "extended-data", "open-class", "open-data"] = "extended-class"
     old_fraction: float = Field(default=0.3, gt=0, lt=1)
-    methods: list[Literal["independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation", "unibct"]] = (
-        Field(default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)")
-    )
+    methods: list[
+        Literal[
+            "independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation", "unibct", "unibct-plain"
+        ]
+    ] = Field(default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)")
     backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
     dim: int = 128
     epochs_old: int = 6

@@ -76,3 +76,13 @@ def test_unreadable_and_malformed_files(tmp_path):
 def test_storage_secrets_never_printed():
     s = StorageConfig(access_key_id="AKIAXXX", secret_access_key="topsecret")
     assert "topsecret" not in repr(s) and "AKIAXXX" not in repr(s)
+
+
+def test_every_lifecycle_variant_can_be_asked_for():
+    from dmu_ray.config import MethodConfig
+    from dmu_ray.lifecycle import VARIANTS, LifecycleConfig
+
+    assert LifecycleConfig(methods=list(VARIANTS)).methods == list(VARIANTS)
+    for name, method in VARIANTS.items():
+        extra = {} if method["name"] == "independent" else {"old_model": "old.pt"}
+        assert MethodConfig.model_validate(method | extra), name

@@ -130,7 +130,8 @@ def unibct_prototypes(plan: TrainPlan, progress: bool = True) -> dict[str, Any]:
         plan.data.num_classes,
         k=cfg.method.prototype_k,
         alpha=cfg.method.prototype_alpha,
-        iters=cfg.method.prototype_iters,
+        iters=cfg.method.prototype_iters if cfg.method.prototype_refine else 0,
+        **({} if cfg.method.prototype_refine else {"min_weight": 1.0}),  # plain class means
     )
     if progress:
         print(
