@@ -131,6 +131,7 @@ def test_refined_prototypes_resist_features_lost_among_other_classes():
     unit = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     means = np.stack([unit[labels == c].mean(0) for c in (0, 1)])
     assert np.allclose(plain[:2], means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-5)
+    assert np.allclose(refine_prototypes(feats, labels, 3, refine=False)[0], plain, atol=1e-5)
     assert present.tolist() == [True, True, False] and not refined[2].any()
     assert refined[0] @ e[0] > plain[0] @ e[0] + 0.03  # pulled back to where class 0 really is
     assert refined[1] @ e[1] > 0.98

@@ -52,11 +52,13 @@ def refine_prototypes(
     alpha: float = 0.5,
     iters: int = 2,
     min_weight: float = 0.05,
+    refine: bool = True,
     chunk: int = 16384,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(prototypes (num_classes, d) unit-norm float32, present (num_classes,) bool)`` from old
     features of labelled images (see the module docstring). Classes without features are absent
-    (their prototype rows are zero). ``alpha=0, min_weight=1`` gives plain class means."""
+    (their prototype rows are zero). ``refine=False`` gives plain class means (no neighbour graph is
+    built); so do ``alpha=0, min_weight=1``, the long way."""
     if feats.ndim != 2 or len(feats) != len(labels):
         raise ValueError(f"features {feats.shape} and labels {labels.shape} do not match")
     if not 0.0 <= alpha <= 1.0:
@@ -66,10 +68,25 @@ def refine_prototypes(
         raise ValueError(f"labels must be in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     x = feats.astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    if refine:
+        refined, vote = _refined_votes(x, labels, k, alpha, iters, min_weight, chunk)
+    else:
+        refined, vote = x, np.ones(len(x), dtype=np.float32)
+    protos = np.zeros((num_classes, x.shape[1]), dtype=np.float64)
+    np.add.at(protos, labels, refined * vote[:, None])
+    present = np.bincount(labels, minlength=num_classes) > 0
+    norms = np.linalg.norm(protos, axis=1, keepdims=True)
+    protos = np.where(norms > 0, protos / np.clip(norms, 1e-12, None), 0.0)
+    return protos.astype(np.float32), present
+
+
+def _refined_votes(
+    x: np.ndarray, labels: np.ndarray, k: int, alpha: float, iters: int, min_weight: float, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1 and 2 of the module docstring: the smoothed unit-norm features and their votes."""
     nbr, sims = knn_graph(x, k)
     same = labels[nbr] == labels[:, None]
     w = np.where(same, np.clip(sims, 0.0, None), 0.0)
-    consistency = same.mean(1)
     row_sum = w.sum(1, keepdims=True)
     has = row_sum[:, 0] > 0
     refined = x.copy()
@@ -81,10 +98,4 @@ def refine_prototypes(
             smooth[sl] = np.einsum("nk,nkd->nd", w[sl], refined[nbr[sl]]) / denom[sl]
         refined = np.where(has[:, None], (1.0 - alpha) * x + alpha * smooth, x)
         refined /= np.linalg.norm(refined, axis=1, keepdims=True).clip(1e-12)
-    vote = np.maximum(consistency, min_weight)
-    protos = np.zeros((num_classes, x.shape[1]), dtype=np.float64)
-    np.add.at(protos, labels, refined * vote[:, None])
-    present = np.bincount(labels, minlength=num_classes) > 0
-    norms = np.linalg.norm(protos, axis=1, keepdims=True)
-    protos = np.where(norms > 0, protos / np.clip(norms, 1e-12, None), 0.0)
-    return protos.astype(np.float32), present
+    return refined, np.maximum(same.mean(1), min_weight)

@@ -130,8 +130,8 @@ def unibct_prototypes(plan: TrainPlan, progress: bool = True) -> dict[str, Any]:
         plan.data.num_classes,
         k=cfg.method.prototype_k,
         alpha=cfg.method.prototype_alpha,
-        iters=cfg.method.prototype_iters if cfg.method.prototype_refine else 0,
-        **({} if cfg.method.prototype_refine else {"min_weight": 1.0}),  # plain class means
+        iters=cfg.method.prototype_iters,
+        refine=cfg.method.prototype_refine,
     )
     if progress:
         print(
@@ -251,9 +251,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
 
 def _worker_desc(scaling: ScalingSection) -> str:
-    if scaling.min_workers is None:
-        return f"{scaling.num_workers} worker(s)"
-    return f"{scaling.min_workers}-{scaling.num_workers} workers (elastic)"
+    n = _worker_count(scaling)
+    return f"{n[0]}-{n[1]} workers (elastic)" if isinstance(n, tuple) else f"{n} worker(s)"
 
 
 def _worker_count(scaling: ScalingSection) -> int | tuple[int, int]:
