@@ -31,7 +31,10 @@ def _storage(ns: argparse.Namespace) -> StorageConfig:
 
 
 def _err(msg: str) -> None:
-    print(f"dmu-ray: error: {msg}", file=sys.stderr)
+    """Print an error; credentials (URI user-info, AWS secrets of this environment) are redacted."""
+    from dmu_ray.storage import redact
+
+    print(f"dmu-ray: error: {redact(msg)}", file=sys.stderr)
 
 
 def _job_args(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -75,6 +78,8 @@ def _cmd_gallery_import(ns: argparse.Namespace) -> int:
         label_column=ns.label_column,
         rows_per_file=ns.rows_per_file,
         overwrite=ns.overwrite,
+        dim=ns.dim,
+        infer_dim=ns.infer_dim,
         storage=_storage(ns),
         progress=_progress,
     )
@@ -86,11 +91,24 @@ def _cmd_gallery_import(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _open_gallery(ns: argparse.Namespace):
+    """``ns.uri`` opened for inspect/validate; an uncommitted prefix's error says which option reads it."""
+    from dmu_ray.gallery import Gallery, UncommittedGalleryError
+
+    try:
+        return Gallery.open(ns.uri, _storage(ns), allow_uncommitted=ns.allow_uncommitted)
+    except UncommittedGalleryError as err:
+        if "has no _manifest.json" in str(err):
+            raise UncommittedGalleryError(
+                f"{err}; pass --allow-uncommitted to read its files anyway"
+            ) from None
+        raise
+
+
 def _cmd_gallery_inspect(ns: argparse.Namespace) -> int:
-    from dmu_ray.gallery import Gallery
     from dmu_ray.gallery_ops import inspect_gallery
 
-    info = inspect_gallery(Gallery.open(ns.uri, _storage(ns), allow_uncommitted=ns.allow_uncommitted))
+    info = inspect_gallery(_open_gallery(ns))
     if ns.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -108,10 +126,9 @@ def _cmd_gallery_inspect(ns: argparse.Namespace) -> int:
 
 
 def _cmd_gallery_validate(ns: argparse.Namespace) -> int:
-    from dmu_ray.gallery import Gallery
     from dmu_ray.gallery_ops import validate_gallery
 
-    g = Gallery.open(ns.uri, _storage(ns), allow_uncommitted=ns.allow_uncommitted)
+    g = _open_gallery(ns)
     rep = validate_gallery(
         g, checksums=not ns.no_checksums, duplicates=not ns.no_duplicate_check, progress=_progress
     )
@@ -324,7 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--rows-per-file", type=int, default=1_000_000, help="rows per output file (default 1,000,000)"
     )
     imp.add_argument(
-        "--overwrite", action="store_true", help="delete what the destination prefix holds first"
+        "--dim",
+        type=int,
+        help="vector dimension when the Parquet embedding column is a variable-length list "
+        "(rows of another length are quarantined)",
+    )
+    imp.add_argument(
+        "--infer-dim",
+        action="store_true",
+        help="variable-length lists without --dim: take the most common length (others are quarantined)",
+    )
+    imp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete what the destination prefix holds first (refused if it holds the input)",
     )
     _storage_args(imp)
     imp.set_defaults(func=_cmd_gallery_import)

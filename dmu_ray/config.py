@@ -82,6 +82,12 @@ class ActorPoolConfig(StrictModel):
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; 0 runs on CPU")
     batch_size: int = Field(default=65536, ge=1, description="rows per batch through the module")
+    resource_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long to wait for a node that can hold one actor before failing (an "
+        "autoscaling cluster needs minutes to start one; 0: fail at once)",
+    )
 
     @field_validator("max_actors")
     @classmethod
@@ -285,6 +291,12 @@ class ScalingSection(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, gt=0)
+    resource_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long to wait for a node that can hold one worker before failing (an "
+        "autoscaling cluster needs minutes to start one; 0: fail at once)",
+    )
     placement_strategy: Literal["PACK", "SPREAD"] = Field(
         default="PACK", description="PACK fills nodes one by one; SPREAD puts workers on different nodes"
     )
@@ -346,20 +358,29 @@ class EvaluateConfig(StrictModel):
     ray_address: str | None = None
 
 
+#: Config keys whose values are never shown in an error, whatever their type or section.
+SECRET_KEYS = frozenset({"access_key_id", "secret_access_key", "session_token", "password", "token"})
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
+    from dmu_ray.storage import redact
+
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        secret = any(str(p) in SECRET_KEYS for p in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required field is missing"
         else:
             msg = e["msg"]
-            if "input" in e and e["type"] not in ("model_type", "dict_type"):
-                shown = repr(e["input"])
+            if secret:
+                msg += " (value not shown)"
+            elif "input" in e and e["type"] not in ("model_type", "dict_type"):
+                shown = redact(repr(e["input"]))
                 msg += f" (got {shown[:80]})"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {redact(msg)}")
     return "\n".join(lines)
 
 

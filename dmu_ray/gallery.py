@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dmu_ray import __version__
 from dmu_ray.config import StorageConfig
-from dmu_ray.storage import Location, read_bytes, resolve, write_bytes_atomic
+from dmu_ray.storage import Location, StorageError, _check_relative, read_bytes, resolve, write_bytes_atomic
 
 __all__ = [
     "FORMAT",
@@ -56,6 +56,9 @@ __all__ = [
     "write_parquet_atomic",
     "read_manifest",
     "write_manifest",
+    "open_parquet",
+    "conform_ids",
+    "unstorable_rows",
 ]
 
 FORMAT = "dmu-ray.gallery/1"
@@ -149,13 +152,14 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "_manifest.json") -> Manifest:
+        """Parse and check a manifest: every path stays inside the prefix, no file is listed twice,
+        and the totals add up (see :meth:`check`)."""
         try:
             d = json.loads(text)
-            if d.get("format") != FORMAT:
-                raise GalleryError(
-                    f"{where}: unknown manifest format {d.get('format')!r} (expected {FORMAT})"
-                )
-            return cls(
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                fmt = d.get("format") if isinstance(d, dict) else None
+                raise GalleryError(f"{where}: unknown manifest format {fmt!r} (expected {FORMAT})")
+            m = cls(
                 model=ModelInfo.from_dict(d["model"]),
                 files=[FileEntry(**f) for f in d["files"]],
                 quarantine=[FileEntry(**f) for f in d.get("quarantine", [])],
@@ -168,8 +172,37 @@ class Manifest:
                 created_at=d.get("created_at", ""),
                 created_by=d.get("created_by", ""),
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
             raise GalleryError(f"{where}: malformed manifest ({err})") from None
+        m.check(where, stated={k: d[k] for k in ("rows", "quarantined_rows") if k in d})
+        return m
+
+    def check(self, where: str = "_manifest.json", stated: dict[str, Any] | None = None) -> None:
+        """Refuse a manifest that does not add up: a path outside the prefix, a file listed twice,
+        negative counts, stated totals that differ from the file list, or
+        ``rows + quarantined_rows != rows_in``."""
+        seen: set[str] = set()
+        for e in [*self.files, *self.quarantine]:
+            try:
+                _check_relative(e.path)
+            except StorageError as err:
+                raise GalleryError(f"{where}: file entry {err}") from None
+            norm = posixpath.normpath(e.path)
+            if norm in seen:
+                raise GalleryError(f"{where}: {e.path!r} is listed more than once")
+            seen.add(norm)
+            if not isinstance(e.rows, int) or not isinstance(e.bytes, int) or e.rows < 0 or e.bytes < 0:
+                raise GalleryError(f"{where}: {e.path!r} has invalid rows/bytes ({e.rows!r}, {e.bytes!r})")
+        for key, value in (stated or {}).items():
+            if value != getattr(self, key):
+                raise GalleryError(
+                    f"{where}: states {key} = {value} but its file list adds up to {getattr(self, key)}"
+                )
+        if self.rows + self.quarantined_rows != self.rows_in:
+            raise GalleryError(
+                f"{where}: rows do not reconcile: rows_in {self.rows_in} != rows {self.rows} + "
+                f"quarantined {self.quarantined_rows}"
+            )
 
 
 # ----------------------------------------------------------------------------------------- arrays
@@ -363,6 +396,60 @@ def conform_batch(table: pa.Table, model: ModelInfo, *, normalize: bool = False)
     return table.replace_schema_metadata(meta)
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def conform_ids(table: pa.Table, where: str = "<input>") -> pa.Table:
+    """The id column as the contract's types: any integer type -> int64 (unsigned values above
+    int64's range are refused naming ``where``), ``large_string`` -> ``string``."""
+    i = table.schema.get_field_index(ID)
+    t = table.schema.field(ID).type
+    if t == pa.int64() or t == pa.string():
+        return table
+    col = table.column(ID)
+    if pa.types.is_unsigned_integer(t) and t.bit_width == 64:
+        hi = pc.max(col).as_py()
+        if hi is not None and hi > INT64_MAX:
+            raise GalleryError(
+                f"{where}: id {hi} does not fit in int64 (ids must be int64 or string); "
+                "store such ids as strings"
+            )
+    if pa.types.is_integer(t):
+        return table.set_column(i, pa.field(ID, pa.int64()), pc.cast(col, pa.int64()))
+    if pa.types.is_large_string(t):
+        return table.set_column(i, pa.field(ID, pa.string()), pc.cast(col, pa.string()))
+    raise GalleryError(f"{where}: column {ID!r} must be an integer or string, got {t}")
+
+
+def norm_tolerance(dtype: str) -> float:
+    """How far from 1 a stored row's L2 norm may be in a gallery that declares normalised vectors."""
+    return 2e-2 if dtype == "float16" else 1e-3
+
+
+def unstorable_rows(mat: np.ndarray, model: ModelInfo) -> tuple[np.ndarray, list[str]]:
+    """Rows of an ``(n, d)`` matrix in its stored dtype that the gallery would reject: non-finite
+    values (e.g. a float16 overflow) and, when ``model.normalized``, rows that are not unit-norm
+    (a zero vector cannot be normalised). Returns a mask and one reason per masked row."""
+    finite = np.isfinite(mat).all(axis=1)
+    lost = ~finite
+    zero = np.zeros(len(mat), dtype=bool)
+    off = np.zeros(len(mat), dtype=bool)
+    if model.normalized:
+        norms = np.linalg.norm(np.where(finite[:, None], mat, 0).astype(np.float32), axis=1)
+        zero = finite & (norms == 0)
+        off = finite & ~zero & (np.abs(norms - 1) > norm_tolerance(model.dtype))
+        lost = lost | zero | off
+    words = []
+    for i in np.flatnonzero(lost):
+        if not finite[i]:
+            words.append(f"value out of {model.dtype} range (NaN/Inf once stored)")
+        elif zero[i]:
+            words.append("zero vector (cannot be L2-normalised)")
+        else:
+            words.append("not unit-norm but the gallery is declared normalized")
+    return lost, words
+
+
 # ------------------------------------------------------------------------------------------ files
 
 
@@ -404,6 +491,16 @@ def write_parquet_atomic(
     )
 
 
+def open_parquet(loc: Location) -> pq.ParquetFile:
+    """Open one Parquet file; any failure (missing, not Parquet, truncated) names the file."""
+    try:
+        return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+    except FileNotFoundError:
+        raise GalleryError(f"{loc.uri}: no such file") from None
+    except (pa.ArrowException, OSError) as err:
+        raise GalleryError(f"{loc.uri}: not a readable Parquet file ({err})") from None
+
+
 def read_manifest(loc: Location) -> Manifest | None:
     """The manifest under ``loc``, or None when there is none."""
     m = loc.join(MANIFEST_NAME)
@@ -426,7 +523,9 @@ class GalleryWriter:
     """Write a new gallery prefix: validate, quarantine, shard into files, commit with a manifest.
 
     Use as a context manager: the manifest is written only when the block exits without error, so
-    an interrupted import leaves an uncommitted prefix that readers refuse.
+    an interrupted import leaves an uncommitted prefix that readers refuse. ``inputs`` are the
+    locations the rows are read from: a destination that holds one of them, or lies inside one,
+    is refused before anything is deleted or written.
     Duplicate ids within one writer are quarantined (the writer keeps the ids it has seen: 8 bytes a
     row for int64 ids).
     """
@@ -441,6 +540,7 @@ class GalleryWriter:
         normalize: bool = False,
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
+        inputs: Iterable[Location] = (),
     ) -> None:
         if rows_per_file < 1:
             raise GalleryError(f"rows_per_file must be >= 1, got {rows_per_file}")
@@ -450,7 +550,7 @@ class GalleryWriter:
         self.rows_per_file, self.row_group_rows = rows_per_file, row_group_rows
         self.normalize = normalize
         self.extra = dict(extra or {})
-        self._prepare_prefix(overwrite)
+        self._prepare_prefix(overwrite, list(inputs))
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._bad: list[pa.Table] = []
@@ -458,11 +558,20 @@ class GalleryWriter:
         self._quarantine: list[FileEntry] = []
         self._reasons: Counter[str] = Counter()
         self._seen = IdSet()
+        self._id_type: pa.DataType | None = None
         self._rows_in = 0
         self._schema: pa.Schema | None = None
         self._closed = False
 
-    def _prepare_prefix(self, overwrite: bool) -> None:
+    def _prepare_prefix(self, overwrite: bool, inputs: list[Location]) -> None:
+        for src in inputs:
+            if self.loc.overlaps(src):
+                raise GalleryError(
+                    f"input {src.uri} and destination {self.loc.uri} overlap: a gallery is never "
+                    "written where its own input lives (nothing was deleted); choose another destination"
+                )
+        if self.loc.missing_bucket():
+            raise GalleryError(self.loc.describe_missing())
         existing = self.loc.list_files(recursive=True)
         if not existing:
             return
@@ -475,30 +584,55 @@ class GalleryWriter:
         self.loc.fs.delete_dir_contents(self.loc.path)
 
     def write(self, table: pa.Table | pa.RecordBatch, source: str = "<input>") -> None:
-        """Validate and buffer rows; full files are written as they fill up."""
+        """Validate and buffer rows; full files are written as they fill up.
+
+        A row is quarantined (with its reason) when it breaks the contract, when its stored form
+        would (a value that overflows the gallery's dtype, a vector that cannot be unit-normalised
+        in a normalised gallery), or when its id was already written: whatever this writer
+        commits passes :func:`~dmu_ray.gallery_ops.validate_gallery`."""
         if self._closed:
             raise GalleryError("writer is closed")
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
+        check_columns(table.schema, source)
+        table = conform_ids(table, source)
+        id_type = table.schema.field(ID).type
+        if self._id_type is None:
+            self._id_type = id_type
+        elif id_type != self._id_type:
+            raise GalleryError(
+                f"{source}: ids are {id_type} here but {self._id_type} in earlier input; "
+                "a gallery holds one id type (int64 or string)"
+            )
+        n = table.num_rows
         bad, reasons = row_problems(table, self.model.dim, where=source)
-        reason = np.full(table.num_rows, None, dtype=object)
+        reason = np.full(n, None, dtype=object)
         reason[bad] = reasons
         ok = np.flatnonzero(~bad)
-        ids = _single_array(table.column(ID)).take(pa.array(ok)).to_numpy(zero_copy_only=False)
-        first = first_occurrences(ids, self._seen)
-        self._seen.add(ids[first])
-        dup = ok[~first]
-        bad[dup] = True
-        reason[dup] = "duplicate id"
+        good = None
+        if len(ok):
+            good = conform_batch(
+                table if len(ok) == n else table.take(pa.array(ok)), self.model, normalize=self.normalize
+            )
+            lost, words = unstorable_rows(embedding_matrix(good.column(EMB)), self.model)
+            if lost.any():
+                bad[ok[lost]] = True
+                reason[ok[lost]] = words
+                ok, good = ok[~lost], good.filter(pa.array(~lost))
+            ids = _single_array(good.column(ID)).to_numpy(zero_copy_only=False)
+            first = first_occurrences(ids, self._seen)
+            self._seen.add(ids[first])
+            if not first.all():
+                bad[ok[~first]] = True
+                reason[ok[~first]] = "duplicate id"
+                good = good.filter(pa.array(first))
         if bad.any():
             bad_idx = np.flatnonzero(bad)
             words = reason[bad_idx].tolist()
             self._bad.append(quarantine_table(table.take(pa.array(bad_idx)), words, bad_idx + self._rows_in))
             self._reasons.update(words)
-            table = table.filter(pa.array(~bad))
-        self._rows_in += len(bad)
-        if table.num_rows:
-            good = conform_batch(table, self.model, normalize=self.normalize)
+        self._rows_in += n
+        if good is not None and good.num_rows:
             if self._schema is None:
                 self._schema = good.schema
             elif good.schema.remove_metadata() != self._schema.remove_metadata():
@@ -577,11 +711,12 @@ class Gallery:
         manifest = read_manifest(loc)
         if manifest is not None:
             return cls(loc, manifest, [f.path for f in manifest.files])
+        if not loc.exists():
+            raise UncommittedGalleryError(f"{loc.describe_missing()}: it is not a gallery")
         if not allow_uncommitted:
-            what = "does not exist" if not loc.exists() else "has no _manifest.json"
             raise UncommittedGalleryError(
-                f"{loc.uri} {what}: it is not a committed gallery (a writer may still be running or "
-                "may have died). Pass allow_uncommitted / --allow-uncommitted to read its files anyway."
+                f"{loc.uri} has no {MANIFEST_NAME}: it is not a committed gallery (a writer may still "
+                "be running or may have died)"
             )
         files = loc.list_files(suffix=".parquet", recursive=True)
         if not files:
@@ -609,12 +744,9 @@ class Gallery:
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
         loc = self.loc.join(rel)
-        try:
-            return pq.ParquetFile(loc.fs.open_input_file(loc.path))
-        except FileNotFoundError:
-            raise GalleryError(f"{loc.uri}: listed in the manifest but missing") from None
-        except pa.ArrowInvalid as err:
-            raise GalleryError(f"{loc.uri}: not a readable Parquet file ({err})") from None
+        if self.manifest is not None and not loc.is_file():
+            raise GalleryError(f"{loc.uri}: listed in the manifest but missing")
+        return open_parquet(loc)
 
     def schema(self) -> pa.Schema:
         return self.parquet_file(self.files[0]).schema_arrow

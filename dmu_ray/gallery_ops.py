@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -29,6 +31,8 @@ from dmu_ray.gallery import (
     embedding_type,
     first_occurrences,
     iter_npy_batches,
+    norm_tolerance,
+    open_parquet,
     row_problems,
 )
 from dmu_ray.storage import TMP_DIR, Location, read_bytes, resolve
@@ -40,12 +44,20 @@ Progress = Callable[[str], None]
 
 def _npy_source(loc: Location, batch_rows: int) -> Iterator[np.ndarray]:
     data: bytes | str = loc.path if not loc.is_s3 else read_bytes(loc)
-    yield from iter_npy_batches(data, batch_rows)
+    try:
+        yield from iter_npy_batches(data, batch_rows)
+    except (ValueError, OSError, EOFError) as err:
+        if isinstance(err, GalleryError):
+            raise GalleryError(f"{loc.uri}: {err}") from None
+        raise GalleryError(f"{loc.uri}: not a readable .npy array ({err})") from None
 
 
 def _load_1d(uri: str, storage: StorageConfig | None, what: str, n: int) -> np.ndarray:
     loc = resolve(uri, storage)
-    arr = np.load(loc.path) if not loc.is_s3 else np.load(pa.BufferReader(read_bytes(loc)))
+    try:
+        arr = np.load(loc.path) if not loc.is_s3 else np.load(pa.BufferReader(read_bytes(loc)))
+    except (ValueError, OSError, EOFError) as err:
+        raise GalleryError(f"{uri}: not a readable .npy array of {what} ({err})") from None
     if arr.ndim != 1 or len(arr) != n:
         raise GalleryError(f"{uri}: {what} must be a 1-D array of {n} entries, got shape {arr.shape}")
     return arr
@@ -76,6 +88,8 @@ def import_vectors(
     rows_per_file: int = 1_000_000,
     batch_rows: int = 65536,
     overwrite: bool = False,
+    dim: int | None = None,
+    infer_dim: bool = False,
     storage: StorageConfig | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
@@ -83,17 +97,34 @@ def import_vectors(
 
     ``.npy``: rows are vectors; ids from ``ids`` (a 1-D ``.npy``) or ``0..n-1``; labels from ``labels``.
     Parquet: ``id_column``/``embedding_column``/``label_column`` are renamed to the contract's names
-    (the embedding may be any list of numbers); other columns pass through. Bad rows are quarantined.
+    (the embedding may be any list of numbers); other columns pass through. The dimension is the
+    fixed-size list's (from the schema), else ``dim``, else, with ``infer_dim``, the most common
+    length over the files. Bad rows (wrong dimension included) are quarantined; ids become int64
+    or string. The destination must not hold or lie inside any input (nothing is ever deleted
+    that the import reads).
     """
     src_loc = resolve(src, storage)
     if not src_loc.exists():
-        raise GalleryError(f"{src}: no such file or folder")
+        missing = src_loc.describe_missing() if src_loc.missing_bucket() else f"{src}: no such file or folder"
+        raise GalleryError(missing)
+    dest_loc = resolve(dest, storage)
+    inputs = [src_loc] + [resolve(u, storage) for u in (ids, labels) if u]
+    for loc in inputs:
+        if dest_loc.overlaps(loc):
+            raise GalleryError(
+                f"input {loc.uri} and destination {dest_loc.uri} overlap: an import never writes where "
+                "its own input lives (nothing was deleted); choose another destination"
+            )
+    if dim is not None and dim < 1:
+        raise GalleryError(f"dim must be positive, got {dim}")
     say = progress or (lambda _msg: None)
 
     if src_loc.path.endswith(".npy"):
         first = next(iter(_npy_source(src_loc, 1)), None)
         if first is None:
             raise GalleryError(f"{src}: the array has no rows")
+        if dim is not None and dim != first.shape[1]:
+            raise GalleryError(f"{src}: the array holds {first.shape[1]}-d vectors, not {dim}-d (--dim)")
         dim = first.shape[1]
         n = _npy_rows(src_loc)
         id_arr = _load_1d(ids, storage, "ids", n) if ids else np.arange(n, dtype=np.int64)
@@ -116,21 +147,24 @@ def import_vectors(
             )
         files = _parquet_sources(src_loc)
         rename = {id_column: ID, embedding_column: EMB, label_column: LABEL}
-        first_schema = pq.ParquetFile(files[0].fs.open_input_file(files[0].path)).schema_arrow
-        missing = [c for c in (id_column, embedding_column) if c not in first_schema.names]
-        if missing:
-            raise GalleryError(f"{files[0].uri}: missing column(s) {missing} (columns: {first_schema.names})")
-        dim = _infer_dim(files[0], embedding_column)
+        schemas = {f.uri: open_parquet(f).schema_arrow for f in files}  # all readable before any write
+        for f in files:
+            names = schemas[f.uri].names
+            missing = [c for c in (id_column, embedding_column) if c not in names]
+            if missing:
+                raise GalleryError(f"{f.uri}: missing column(s) {missing} (columns: {names})")
+        dim = _parquet_dim(files, schemas, embedding_column, dim, infer_dim)
 
         def tables() -> Iterator[tuple[pa.Table, str]]:
             for f in files:
-                pf = pq.ParquetFile(f.fs.open_input_file(f.path))
-                for batch in pf.iter_batches(batch_size=batch_rows):
-                    t = pa.Table.from_batches([batch])
-                    yield t.rename_columns([rename.get(c, c) for c in t.column_names]), f.uri
+                try:
+                    for batch in open_parquet(f).iter_batches(batch_size=batch_rows):
+                        t = pa.Table.from_batches([batch])
+                        yield t.rename_columns([rename.get(c, c) for c in t.column_names]), f.uri
+                except (pa.ArrowException, OSError) as err:
+                    raise GalleryError(f"{f.uri}: not a readable Parquet file ({err})") from None
 
     model = ModelInfo(model_id=model_id, version=version, dim=dim, dtype=dtype, normalized=normalize)
-    dest_loc = resolve(dest, storage)
     writer = GalleryWriter(
         dest_loc,
         model,
@@ -138,6 +172,7 @@ def import_vectors(
         normalize=normalize,
         overwrite=overwrite,
         extra={"imported_from": src_loc.uri},
+        inputs=inputs,
     )
     rows = 0
     for table, where in tables():
@@ -153,16 +188,47 @@ def _npy_rows(loc: Location) -> int:
     return int(np.load(loc.path, mmap_mode="r").shape[0])
 
 
-def _infer_dim(loc: Location, column: str) -> int:
-    pf = pq.ParquetFile(loc.fs.open_input_file(loc.path))
-    t = pf.schema_arrow.field(column).type
-    if pa.types.is_fixed_size_list(t):
-        return t.list_size
-    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
-        lengths = [len(v) for v in batch.column(0).to_pylist()[:1024] if v is not None]
-        if lengths:
-            return max(set(lengths), key=lengths.count)  # the common length; others get quarantined
-    raise GalleryError(f"{loc.uri}: cannot infer the embedding dimension (no non-null {column!r})")
+def _parquet_dim(
+    files: list[Location], schemas: dict[str, pa.Schema], column: str, dim: int | None, infer: bool
+) -> int:
+    """The gallery's dimension: the fixed-size list's (every file that has one must agree), else
+    ``dim``, else (``infer``) the most common list length over up to 4,096 rows of each file."""
+    fixed = {}
+    for f in files:
+        t = schemas[f.uri].field(column).type
+        if pa.types.is_fixed_size_list(t):
+            fixed[f.uri] = t.list_size
+    if dim is not None:
+        return dim
+    sizes = set(fixed.values())
+    if len(sizes) > 1:
+        listing = ", ".join(f"{u}: {d}" for u, d in list(fixed.items())[:4])
+        raise GalleryError(
+            f"the files' {column!r} columns have different fixed sizes ({listing}); pass --dim to choose "
+            "one (rows of another size are quarantined)"
+        )
+    if sizes and len(fixed) == len(files):
+        return sizes.pop()
+    if not infer:
+        variable = next(f.uri for f in files if f.uri not in fixed)
+        raise GalleryError(
+            f"{variable}: column {column!r} is a variable-length list, so the dimension is not in the "
+            "schema; pass --dim D (or --infer-dim to take the most common length)"
+        )
+    counts: Counter[int] = Counter()
+    for f in files:
+        seen = 0
+        for batch in open_parquet(f).iter_batches(batch_size=1024, columns=[column]):
+            lengths = pc.list_value_length(batch.column(0)).drop_null().to_numpy(zero_copy_only=False)
+            counts.update(lengths[lengths > 0].tolist())
+            seen += batch.num_rows
+            if seen >= 4096:
+                break
+    if not counts:
+        raise GalleryError(
+            f"cannot infer the embedding dimension: no non-empty {column!r} in {files[0].uri} ..."
+        )
+    return counts.most_common(1)[0][0]
 
 
 def inspect_gallery(g: Gallery) -> dict[str, Any]:
@@ -247,7 +313,7 @@ def validate_gallery(
                 rep.problems.append(f"{uri}: sha256 differs from the manifest (file changed or corrupt)")
         try:
             pf = pq.ParquetFile(pa.BufferReader(data))
-        except pa.ArrowInvalid as err:
+        except (pa.ArrowException, OSError) as err:
             rep.problems.append(f"{uri}: not a readable Parquet file ({err})")
             continue
         _check_schema(pf.schema_arrow, want_type, model, uri, rep)
@@ -255,7 +321,11 @@ def validate_gallery(
             rep.problems.append(f"{uri}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
         if EMB not in pf.schema_arrow.names or ID not in pf.schema_arrow.names:
             continue
-        _check_rows(pf, model, uri, batch_size, seen if duplicates else None, rep)
+        try:
+            _check_rows(pf, model, uri, batch_size, seen if duplicates else None, rep)
+        except (pa.ArrowException, OSError, GalleryError) as err:
+            rep.problems.append(f"{uri}: unreadable rows ({err})")
+            continue
         rep.files_checked += 1
         say(f"checked {i + 1}/{len(g.files)} files, {rep.rows_checked:,} rows")
     if m is not None:
@@ -290,7 +360,7 @@ def _check_rows(
     pf: pq.ParquetFile, model: ModelInfo, uri: str, batch_size: int, seen: IdSet | None, rep: ValidationReport
 ) -> None:
     bad_rows, reasons_seen, dup_rows, off_norm = 0, set(), 0, 0
-    tol = 2e-2 if model.dtype == "float16" else 1e-3
+    tol = norm_tolerance(model.dtype)
     for batch in pf.iter_batches(batch_size=batch_size, columns=[ID, EMB]):
         t = pa.Table.from_batches([batch])
         bad, reasons = row_problems(t, model.dim, where=uri)
@@ -321,7 +391,10 @@ def _check_manifest_totals(g: Gallery, m: Manifest, rep: ValidationReport) -> No
         if not loc.is_file():
             rep.problems.append(f"{loc.uri}: quarantine file listed in the manifest but missing")
             continue
-        q_rows += pq.ParquetFile(loc.fs.open_input_file(loc.path)).metadata.num_rows
+        try:
+            q_rows += open_parquet(loc).metadata.num_rows
+        except GalleryError as err:
+            rep.problems.append(str(err))
     if q_rows != m.quarantined_rows:
         rep.problems.append(f"quarantine holds {q_rows} rows, manifest says {m.quarantined_rows}")
     if m.rows + m.quarantined_rows != m.rows_in:

@@ -8,7 +8,13 @@ One code path serves local disk and any S3-compatible store:
   chain (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``, shared files, instance/pod roles) and
   ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL`` for S3-compatible servers.
 
-Credentials never appear in reprs, logs or manifests: :class:`Location` prints only the URI.
+Credentials never appear in reprs, logs or manifests: :class:`Location` prints only the URI, a URI
+with credentials in it (``s3://KEY:SECRET@bucket``) is refused without echoing them, and
+:func:`redact` scrubs any message that is about to be shown.
+
+Paths that come from data (a manifest, a commit record) are joined with :meth:`Location.join`,
+which refuses any part that would leave the location (``..``, absolute paths): what a file lists
+can never make dmu-ray read or write outside the prefix it was given.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -26,32 +33,99 @@ import pyarrow.fs as pafs
 
 from dmu_ray.config import StorageConfig
 
-__all__ = ["Location", "resolve", "write_bytes_atomic", "read_bytes", "TMP_DIR"]
+__all__ = [
+    "Location",
+    "StorageError",
+    "resolve",
+    "write_bytes_atomic",
+    "create_exclusive",
+    "read_bytes",
+    "redact",
+    "TMP_DIR",
+]
 
 #: Sub-folder that holds in-flight writes; pyarrow and Ray Data skip names starting with "_".
 TMP_DIR = "_tmp"
 
 
+class StorageError(ValueError):
+    """A URI or storage location that cannot be used; the message names it (credentials redacted)."""
+
+
+def _check_relative(part: str) -> None:
+    """Refuse a path part that would leave the folder it is joined to."""
+    if not isinstance(part, str) or not part:
+        raise StorageError(f"path {part!r} is empty or not a string")
+    pieces = part.replace("\\", "/").split("/")
+    if part.startswith("/") or ".." in pieces or "://" in part or (len(part) > 1 and part[1] == ":"):
+        raise StorageError(f"path {redact(part)!r} leaves its folder (absolute, '..' or a URI)")
+
+
 @dataclass(frozen=True)
 class Location:
-    """A resolved URI: a pyarrow filesystem, the path inside it, and the URI it came from."""
+    """A resolved URI: a pyarrow filesystem, the path inside it, and the URI it came from.
+
+    ``storage`` is the config it was resolved with (kept for the few operations that pyarrow's
+    filesystem cannot do, such as S3's conditional put); it never shows in the repr."""
 
     fs: pafs.FileSystem
     path: str
     uri: str
+    storage: StorageConfig | None = field(default=None, compare=False, repr=False)
 
     def __repr__(self) -> str:  # never show the filesystem (it may hold credentials)
         return f"Location({self.uri!r})"
 
     def join(self, *parts: str) -> Location:
-        """The location of ``parts`` below this one."""
+        """The location of ``parts`` below this one. Every part must stay below it: an absolute
+        part, a ``..`` component or a URI raises :class:`StorageError` (paths read from manifests
+        and commit records go through here)."""
+        for part in parts:
+            _check_relative(part)
         path = posixpath.join(self.path, *parts)
         uri = self.uri.rstrip("/") + "/" + "/".join(parts)
-        return Location(self.fs, path, uri)
+        return Location(self.fs, path, uri, self.storage)
 
     @property
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")
+
+    @property
+    def bucket(self) -> str | None:
+        """The bucket of an ``s3://`` location (None on local disk)."""
+        return self.path.split("/", 1)[0] if self.is_s3 else None
+
+    def _real(self) -> str:
+        return os.path.realpath(self.path) if not self.is_s3 else self.path
+
+    def contains(self, other: Location) -> bool:
+        """True when ``other`` is this location or lies below it (same store; symlinks resolved
+        on local disk)."""
+        if self.is_s3 != other.is_s3:
+            return False
+        mine, theirs = self._real().rstrip("/"), other._real().rstrip("/")
+        return theirs == mine or theirs.startswith(mine + "/") or mine in ("", "/")
+
+    def overlaps(self, other: Location) -> bool:
+        """True when one of the two locations holds the other."""
+        return self.contains(other) or other.contains(self)
+
+    def missing_bucket(self) -> bool:
+        """True for an ``s3://`` location whose bucket does not exist (or cannot be seen)."""
+        if not self.is_s3:
+            return False
+        try:
+            return self.fs.get_file_info(self.bucket).type == pafs.FileType.NotFound
+        except OSError:
+            return True
+
+    def describe_missing(self) -> str:
+        """Why this location is not there, in words: a missing bucket is named as such."""
+        if self.missing_bucket():
+            return (
+                f"bucket {self.bucket!r} does not exist or is not visible with these credentials ({self.uri})"
+            )
+        return f"{self.uri} does not exist"
 
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
@@ -103,21 +177,30 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
 def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     """Turn a local path, ``file://`` URI or ``s3://bucket/prefix`` into a :class:`Location`."""
     if not uri:
-        raise ValueError("empty URI")
+        raise StorageError("empty URI")
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
+    if "@" in parsed.netloc and scheme:
+        raise StorageError(
+            f"{redact(uri)!r}: credentials in a URI are not accepted (and are not shown here); "
+            "give them through the AWS chain (environment, shared files, instance role) or a "
+            "config's storage: section"
+        )
     if scheme == "s3":
         if not parsed.netloc:
-            raise ValueError(f"{uri!r}: an s3:// URI needs a bucket (s3://bucket/prefix)")
+            raise StorageError(f"{uri!r}: an s3:// URI needs a bucket (s3://bucket/prefix)")
         path = (parsed.netloc + parsed.path).rstrip("/")
-        return Location(_s3_filesystem(storage or StorageConfig()), path, "s3://" + path)
+        storage = storage or StorageConfig()
+        return Location(_s3_filesystem(storage), path, "s3://" + path, storage)
     if scheme == "file":
         path = os.path.abspath(parsed.path)
     elif scheme in ("",) or (len(scheme) == 1 and os.name == "nt"):
         path = os.path.abspath(os.path.expanduser(uri))
     else:
-        raise ValueError(f"{uri!r}: unsupported URI scheme {scheme!r} (use a local path, file:// or s3://)")
-    return Location(pafs.LocalFileSystem(), path.rstrip("/") or "/", path.rstrip("/") or "/")
+        raise StorageError(
+            f"{redact(uri)!r}: unsupported URI scheme {scheme!r} (use a local path, file:// or s3://)"
+        )
+    return Location(pafs.LocalFileSystem(), path.rstrip("/") or "/", path.rstrip("/") or "/", storage)
 
 
 def write_bytes_atomic(loc: Location, data: bytes | pa.Buffer | memoryview) -> str:
@@ -140,6 +223,87 @@ def write_bytes_atomic(loc: Location, data: bytes | pa.Buffer | memoryview) -> s
             loc.fs.delete_file(tmp)
         raise
     return digest
+
+
+def create_exclusive(loc: Location, data: bytes) -> bool:
+    """Create the object at ``loc`` with ``data`` only if nothing is there yet, atomically.
+
+    Returns True when this call created it, False when something already existed (whoever wrote
+    it won). Local disk: the bytes go to a temporary file that is then hard-linked into place
+    (``link`` fails if the name exists, and readers never see a partial file). S3: a conditional
+    PUT (``If-None-Match: *``), which S3 and S3-compatible stores evaluate atomically.
+    """
+    if loc.is_s3:
+        return _s3_put_if_absent(loc, data)
+    parent, name = posixpath.split(loc.path)
+    os.makedirs(posixpath.join(parent, TMP_DIR), exist_ok=True)
+    tmp = posixpath.join(parent, TMP_DIR, f"{name}.{uuid.uuid4().hex}")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        os.link(tmp, loc.path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.rmdir(posixpath.join(parent, TMP_DIR))  # only when empty
+
+
+def _s3_client(cfg: StorageConfig | None):
+    """A boto3 S3 client with the same endpoint, region and credentials as the pyarrow filesystem."""
+    import boto3
+
+    cfg = cfg or StorageConfig()
+    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {"endpoint_url": endpoint}
+    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs["region_name"] = region or ("us-east-1" if endpoint else None)
+    if cfg.anonymous:
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        kwargs["config"] = Config(signature_version=UNSIGNED)
+    elif cfg.access_key_id is not None and cfg.secret_access_key is not None:
+        kwargs["aws_access_key_id"] = cfg.access_key_id.get_secret_value()
+        kwargs["aws_secret_access_key"] = cfg.secret_access_key.get_secret_value()
+        if cfg.session_token is not None:
+            kwargs["aws_session_token"] = cfg.session_token.get_secret_value()
+    return boto3.client("s3", **kwargs)
+
+
+def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = loc.path.partition("/")
+    try:
+        _s3_client(loc.storage).put_object(Bucket=bucket, Key=key, Body=bytes(data), IfNoneMatch="*")
+        return True
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return False
+        if code == "NoSuchBucket":
+            raise StorageError(f"bucket {bucket!r} does not exist ({loc.uri})") from None
+        raise StorageError(f"{loc.uri}: conditional put failed ({code or status})") from None
+
+
+_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with credentials removed: the user-info part of any URI (``s3://KEY:SECRET@``),
+    the values of the AWS credential variables of this environment, and ``secrets``."""
+    out = _URI_USERINFO.sub(r"\1***@", str(text))
+    values = [os.environ.get(k) for k in _SECRET_ENV] + list(secrets or [])
+    for v in sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True):
+        out = out.replace(v, "***")
+    return out
 
 
 def read_bytes(loc: Location) -> bytes:

@@ -15,11 +15,15 @@ from dmu_ray.gallery import (
     GalleryError,
     GalleryWriter,
     IdSet,
+    Manifest,
     ModelInfo,
     UncommittedGalleryError,
+    conform_batch,
     embedding_array,
     embedding_matrix,
     first_occurrences,
+    write_manifest,
+    write_parquet_atomic,
 )
 from dmu_ray.gallery_ops import import_vectors, inspect_gallery, validate_gallery
 from dmu_ray.storage import resolve
@@ -166,8 +170,11 @@ def test_validate_catches_corruption_and_missing_files(root):
 
 def test_validate_catches_unnormalised_and_duplicates(tmp_path):
     uri = str(tmp_path / "n")
-    with GalleryWriter(resolve(uri), ModelInfo(model_id="m", dim=8, normalized=True), rows_per_file=10) as w:
-        w.write(make_table(20, 8))  # normalize=False, yet the model claims normalized
+    # a foreign writer: the model claims normalized vectors but the rows are not (the GalleryWriter
+    # quarantines such rows, so the file is written by hand)
+    model = ModelInfo(model_id="m", dim=8, normalized=True)
+    entry = write_parquet_atomic(resolve(uri).join("a.parquet"), conform_batch(make_table(20, 8), model))
+    write_manifest(resolve(uri), Manifest(model=model, files=[entry], rows_in=20))
     rep = validate_gallery(Gallery.open(uri))
     assert any("not unit-norm" in p for p in rep.problems)
     uri2 = str(tmp_path / "d")
@@ -251,6 +258,7 @@ def test_import_npy_and_parquet(root, tmp_path):
         model_id="x",
         id_column="key",
         embedding_column="vec",
+        dim=2,  # a variable-length list: the dimension is given, not guessed
         storage=root.storage,
     )
     assert m2.rows == 2 and m2.quarantine_reasons == {"wrong dimension 3 (expected 2)": 1}

@@ -3,8 +3,14 @@ pool, then commit the new gallery's manifest.
 
 Work is split by input file (``ray.data.from_items`` over the paths, one file per actor call), so
 each output file is published atomically by exactly one successful call and a re-run only redoes
-files without a commit record (see :mod:`dmu_ray.refresh.upgrade_files`). Inside a file, batches
-stay in Arrow form and reach the module as zero-copy ``(n, d)`` arrays.
+files without a valid commit record (see :mod:`dmu_ray.refresh.upgrade_files`). Inside a file,
+batches stay in Arrow form and reach the module as zero-copy ``(n, d)`` arrays.
+
+Before anything is written the job checks the source (its manifest adds up, every file has the
+committed size and columns), the module, the output prefix (not overlapping the source, free or
+holding this same job), the Ray cluster (reachable, with a node that can hold one actor), and
+then claims the output atomically (``_refresh.json``, create-if-absent): of two different jobs
+started into one output, exactly one runs and the other fails naming the difference.
 """
 
 from __future__ import annotations
@@ -33,14 +39,14 @@ from dmu_ray.gallery import (
 )
 from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
 from dmu_ray.refresh.upgrade_files import (
-    PARTS_DIR,
     PROVENANCE,
     FileUpgrader,
     Overrides,
     entry_from_record,
     read_record,
+    verify_record,
 )
-from dmu_ray.storage import Location, read_bytes, resolve, write_bytes_atomic
+from dmu_ray.storage import Location, create_exclusive, read_bytes, resolve
 
 JOB_MARKER = "_refresh.json"
 
@@ -59,6 +65,7 @@ class RefreshPlan:
     job: dict[str, Any]
     pending: list[str]
     done: bool = False
+    redo: dict[str, str] = field(default_factory=dict)  # commit records that did not count, and why
 
 
 @dataclass
@@ -83,13 +90,24 @@ class RefreshResult:
         )
 
 
-def _check_file_schemas(src: Gallery) -> None:
+def _check_source_files(src: Gallery) -> None:
+    """Every source file is there with the size its manifest committed and the contract's columns."""
+    entries = {f.path: f for f in src.manifest.files}
+
     def check(rel: str) -> str | None:
         loc = src.loc.join(rel)
         try:
+            size = loc.fs.get_file_info(loc.path).size
+            if size is None:
+                return f"{loc.uri}: listed in the manifest but missing"
+            if size != entries[rel].bytes:
+                return (
+                    f"{loc.uri}: {size} bytes, the manifest says {entries[rel].bytes} (the file changed "
+                    "after its gallery was committed)"
+                )
             check_columns(pq.ParquetFile(loc.fs.open_input_file(loc.path)).schema_arrow, loc.uri)
-        except (GalleryError, OSError, pa.ArrowInvalid) as err:
-            return str(err)
+        except (GalleryError, OSError, pa.ArrowException) as err:
+            return str(err) if loc.uri in str(err) else f"{loc.uri}: {err}"
         return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -107,9 +125,10 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
     ``backfill`` (a partial backfill's policy and selection) becomes part of the job's identity."""
     src = Gallery.open(cfg.source, cfg.storage)
     out = resolve(cfg.output, cfg.storage)
-    if out.uri == src.loc.uri or out.uri.startswith(src.loc.uri + "/"):
+    if out.overlaps(src.loc):
         raise RefreshError(
-            f"output {out.uri} must not be the source prefix or inside it (refresh never writes in place)"
+            f"output {out.uri} must not be the source prefix {src.loc.uri}, inside it or hold it "
+            "(refresh never writes in place)"
         )
     art = load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE)
     module = build_upgrade_module(art)
@@ -120,7 +139,7 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
         )
     if not src.files:
         raise RefreshError(f"{src.loc.uri}: the gallery has no files")
-    _check_file_schemas(src)
+    _check_source_files(src)
     if backfill is not None and any(c["name"] == PROVENANCE for c in src.manifest.columns):
         raise RefreshError(
             f"{src.loc.uri} already has a {PROVENANCE!r} column; a backfill writes its own there"
@@ -171,9 +190,46 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
                 f"output {out.uri} already holds {len(stray)} file(s) that are not from this refresh "
                 f"(e.g. {stray[0]}); choose another output prefix"
             )
-    committed = {f[: -len(".json")] for f in out.join(PARTS_DIR).list_files(suffix=".json", recursive=True)}
-    pending = [f for f in src.files if f not in committed]
-    return RefreshPlan(cfg, src, out, art, model, job, pending)
+    if marker.is_file():  # a partial run of this job: redo every file whose commit does not hold
+        todo = _verify_commits(out, src)
+        pending = [f for f in src.files if f in todo]
+        redo = {k: v for k, v in todo.items() if v}
+    else:
+        pending, redo = list(src.files), {}
+    return RefreshPlan(cfg, src, out, art, model, job, pending, redo=redo)
+
+
+def _verify_commits(out: Location, src: Gallery) -> dict[str, str | None]:
+    """For each source file that is not committed in ``out``, why (None: never started). A commit
+    record counts only when the files it names are there with the recorded size and sha256."""
+    rows = {f.path: f.rows for f in src.manifest.files}
+
+    def check(rel: str) -> tuple[str, str | None, bool]:
+        rec = read_record(out, rel)
+        return rel, verify_record(out, rel, rec, rows[rel]), rec is not None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(check, src.files))
+    return {rel: (why if had else None) for rel, why, had in results if why is not None}
+
+
+def claim_output(plan: RefreshPlan) -> None:
+    """Claim the output prefix for this job atomically (create ``_refresh.json`` if absent; a
+    conditional put on S3). If another job got there first, fail unless it is this same job."""
+    marker = plan.out.join(JOB_MARKER)
+    mine = json.dumps(plan.job, sort_keys=True).encode()
+    if create_exclusive(marker, mine):
+        return
+    try:
+        theirs = json.loads(read_bytes(marker))
+    except (ValueError, FileNotFoundError):
+        theirs = None
+    if theirs != plan.job:
+        diff = sorted(k for k in plan.job if not isinstance(theirs, dict) or theirs.get(k) != plan.job[k])
+        raise RefreshError(
+            f"output {plan.out.uri} was claimed by another refresh job (differs in {diff}); nothing was "
+            "written by this one. Choose another output prefix"
+        )
 
 
 class _RefreshActor:
@@ -201,6 +257,7 @@ class _RefreshActor:
             fail_after_files=plan_args.get("fail_after_files"),
             worker=ray.get_runtime_context().get_node_id(),
             overrides=ray.get(plan_args["overrides"]) if plan_args.get("overrides") is not None else None,
+            expected=plan_args.get("expected"),
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -228,15 +285,25 @@ def run_refresh(
     (``backfill``) and the re-embedded rows (``overrides``)."""
     import ray
 
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import ensure_ray, require_resources
 
     plan = plan_refresh(cfg, backfill=backfill)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     if plan.done:
         say(f"{plan.out.uri} already holds this refresh; nothing to do")
         return RefreshResult(read_manifest(plan.out), 0, 0, 0.0, len(plan.source.files))
-    if not plan.out.join(JOB_MARKER).is_file():
-        write_bytes_atomic(plan.out.join(JOB_MARKER), json.dumps(plan.job, sort_keys=True).encode())
+    pool = cfg.pool
+    if plan.pending:  # the cluster can run the pool, before anything is written
+        ensure_ray(cfg.ray_address)
+        require_resources(
+            {"CPU": pool.num_cpus, "GPU": pool.num_gpus},
+            "a refresh actor (pool.num_cpus, pool.num_gpus)",
+            wait_s=pool.resource_wait_s,
+            count=pool.min_actors,
+        )
+    claim_output(plan)
+    for rel, why in plan.redo.items():
+        say(f"redoing {rel}: its commit record does not count ({why})")
     skipped = len(plan.source.files) - len(plan.pending)
     say(
         f"refresh {plan.source.loc.uri} -> {plan.out.uri}: {len(plan.pending)} file(s) to upgrade, {skipped} already committed"
@@ -244,9 +311,11 @@ def run_refresh(
     t0 = time.perf_counter()
     rows_now = 0
     if plan.pending:
-        ensure_ray(cfg.ray_address)
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        pool = cfg.pool
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        # a backstop for a pool whose node went away after the check above: fail, do not hang
+        ctx.wait_for_min_actors_s = int(max(600, 2 * pool.resource_wait_s))
+        expected = {f.path: f for f in plan.source.manifest.files if f.path in set(plan.pending)}
         ds = ray.data.from_items([{"path": p} for p in plan.pending], override_num_blocks=len(plan.pending))
         ds = ds.map_batches(
             _RefreshActor,
@@ -257,6 +326,7 @@ def run_refresh(
                     "out": plan.out,
                     "model": plan.model,
                     "module_sha256": plan.artifact.sha256,
+                    "expected": expected,
                     "fail_after_files": fail_after_files,
                     "overrides": ray.put(overrides) if overrides is not None else None,
                 }
@@ -287,6 +357,14 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
             raise RefreshError(
                 f"{plan.out.uri}: {rel} has no commit record after the run; re-run the refresh"
             )
+        for d in (rec["file"], rec["quarantine"]):
+            if d is None:
+                continue
+            loc = plan.out.join(d["path"])
+            if loc.fs.get_file_info(loc.path).size != d["bytes"]:
+                raise RefreshError(
+                    f"{loc.uri} is missing or changed since it was committed; re-run the refresh to redo it"
+                )
         return rec
 
     with ThreadPoolExecutor(max_workers=16) as pool:

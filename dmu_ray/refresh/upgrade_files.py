@@ -11,12 +11,19 @@ In a partial backfill (:mod:`dmu_ray.refresh.backfill`) the rows whose ids are i
 :class:`Overrides` take the new model's vector instead of psi's, and a ``provenance`` column says
 which model produced each row (``new`` or ``transformed``).
 
-A file counts as done once its commit record exists; a crash anywhere before that makes a re-run
-redo the file and overwrite whatever partial outputs it left, so no row is lost or duplicated.
+A file counts as done once its commit record exists *and* the files it names are there with the
+recorded size and sha256 (:func:`verify_record`); a crash anywhere before that, or a committed
+output deleted or changed since, makes a re-run redo the file and overwrite whatever it left, so
+no row is lost or duplicated.
+
+The source file is checked against its gallery's manifest (bytes, sha256, row count) before its
+output is committed: a file that changed after its gallery was committed fails the job, naming
+the file, and nothing is written for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import warnings
@@ -34,16 +41,18 @@ from dmu_ray.gallery import (
     MODEL_META_KEY,
     QUARANTINE_DIR,
     FileEntry,
+    GalleryError,
     ModelInfo,
     embedding_array,
     embedding_matrix,
     embedding_type,
     quarantine_table,
     row_problems,
+    unstorable_rows,
     write_parquet_atomic,
 )
 from dmu_ray.models.upgrade import UpgradeModule
-from dmu_ray.storage import Location, read_bytes, write_bytes_atomic
+from dmu_ray.storage import Location, StorageError, read_bytes, write_bytes_atomic
 
 PARTS_DIR = "_parts"
 PROVENANCE = "provenance"
@@ -66,16 +75,74 @@ class Overrides:
         return self.ids[pos] == ids, pos
 
 
+class SourceIntegrityError(GalleryError):
+    """A source file differs from what its gallery's manifest committed (bytes, sha256 or rows)."""
+
+
 def record_name(rel: str) -> str:
     return f"{PARTS_DIR}/{rel}.json"
 
 
 def read_record(out: Location, rel: str) -> dict[str, Any] | None:
-    """The commit record of input file ``rel``, or None if it is not committed."""
+    """The commit record of input file ``rel``, or None if there is none (or it is unreadable)."""
     loc = out.join(record_name(rel))
     if not loc.is_file():
         return None
-    return json.loads(read_bytes(loc))
+    try:
+        rec = json.loads(read_bytes(loc))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def sha256_of(loc: Location, chunk: int = 8 << 20) -> tuple[int, str]:
+    """``(bytes, sha256 hex)`` of a file, streamed."""
+    h, n = hashlib.sha256(), 0
+    with loc.fs.open_input_stream(loc.path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+            n += len(block)
+    return n, h.hexdigest()
+
+
+def _check_entry(out: Location, d: Any, want_path: str) -> str | None:
+    if not isinstance(d, dict) or d.get("path") != want_path:
+        return f"names {d.get('path') if isinstance(d, dict) else d!r}, not {want_path!r}"
+    try:
+        loc = out.join(want_path)
+    except StorageError as err:
+        return str(err)
+    info = loc.fs.get_file_info(loc.path)
+    if info.type.name != "File":
+        return f"{loc.uri} is missing"
+    if info.size != d.get("bytes"):
+        return f"{loc.uri} has {info.size} bytes, the record says {d.get('bytes')}"
+    if sha256_of(loc)[1] != d.get("sha256"):
+        return f"{loc.uri}: sha256 differs from the record"
+    return None
+
+
+def verify_record(out: Location, rel: str, rec: dict[str, Any] | None, rows_in: int) -> str | None:
+    """Why the commit record of ``rel`` does not count (None when it does): it must exist, name
+    ``rel`` and its quarantine file, account for the source's ``rows_in`` rows, and every file it
+    names must be there with the recorded size and sha256."""
+    if rec is None:
+        return "no commit record"
+    try:
+        if rec.get("source") != rel:
+            return f"the record is for {rec.get('source')!r}"
+        if rec.get("rows_in") != rows_in:
+            return f"the record counts {rec.get('rows_in')} rows in, the source file has {rows_in}"
+        q = rec.get("quarantine")
+        rows_out = rec["file"]["rows"] + (q["rows"] if q else 0)
+        if rows_out != rows_in:
+            return f"the record's rows do not reconcile ({rows_in} in, {rows_out} out + quarantined)"
+        why = _check_entry(out, rec["file"], rel)
+        if why is None and q:
+            why = _check_entry(out, q, f"{QUARANTINE_DIR}/{rel}")
+        return why
+    except (KeyError, TypeError, AttributeError) as err:
+        return f"malformed record ({err})"
 
 
 class FileUpgrader:
@@ -94,6 +161,7 @@ class FileUpgrader:
         fail_after_files: int | None = None,
         worker: str | None = None,
         overrides: Overrides | None = None,
+        expected: dict[str, FileEntry] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
@@ -108,6 +176,35 @@ class FileUpgrader:
         self._done = 0
         self.worker = worker  # provenance in the commit record (the Ray node id in a refresh job)
         self.overrides = overrides
+        self.expected = expected  # the source manifest's entries: each file is verified before use
+
+    def open_source(self, rel: str) -> pq.ParquetFile:
+        """The source file ``rel``, verified against its manifest entry (bytes, sha256, rows)
+        when one was given; the whole file is read into memory once for that."""
+        loc = self.src.join(rel)
+        want = self.expected.get(rel) if self.expected is not None else None
+        if self.expected is not None and want is None:
+            raise SourceIntegrityError(f"{loc.uri}: not listed in the source gallery's manifest")
+        try:
+            if want is None:
+                return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+            data = read_bytes(loc)
+        except FileNotFoundError:
+            raise SourceIntegrityError(f"{loc.uri}: listed in the source manifest but missing") from None
+        changed = f"{loc.uri} changed after its gallery was committed"
+        if len(data) != want.bytes:
+            raise SourceIntegrityError(f"{changed}: {len(data)} bytes, the manifest says {want.bytes}")
+        if hashlib.sha256(data).hexdigest() != want.sha256:
+            raise SourceIntegrityError(f"{changed}: its sha256 differs from the manifest's")
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+        except (pa.ArrowException, OSError) as err:
+            raise SourceIntegrityError(f"{loc.uri}: not a readable Parquet file ({err})") from None
+        if pf.metadata.num_rows != want.rows:
+            raise SourceIntegrityError(
+                f"{changed}: {pf.metadata.num_rows} rows, the manifest says {want.rows}"
+            )
+        return pf
 
     @torch.inference_mode()
     def upgrade_matrix(self, mat: np.ndarray) -> np.ndarray:
@@ -127,7 +224,7 @@ class FileUpgrader:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
         t0 = time.perf_counter()
         src_loc = self.src.join(rel)
-        pf = pq.ParquetFile(src_loc.fs.open_input_file(src_loc.path))
+        pf = self.open_source(rel)
         outs: list[pa.Table] = []
         bad_parts: list[pa.Table] = []
         reasons: Counter[str] = Counter()
@@ -145,12 +242,12 @@ class FileUpgrader:
             if not t.num_rows:
                 continue
             y = self.upgrade_matrix(embedding_matrix(t.column(EMB)))
-            finite = np.isfinite(y).all(axis=1)
-            if not finite.all():
-                why = ["upgrade produced NaN/Inf"] * int((~finite).sum())
-                bad_parts.append(quarantine_table(t.filter(pa.array(~finite)), why, good_idx[~finite]))
+            lost, words = unstorable_rows(y, self.model)
+            if lost.any():
+                why = [f"upgrade output: {w}" for w in words]
+                bad_parts.append(quarantine_table(t.filter(pa.array(lost)), why, good_idx[lost]))
                 reasons.update(why)
-                t, y = t.filter(pa.array(finite)), y[finite]
+                t, y = t.filter(pa.array(~lost)), y[~lost]
             col = t.schema.get_field_index(EMB)
             t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
             if self.overrides is not None:
