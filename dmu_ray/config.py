@@ -345,9 +345,29 @@ class EvaluateConfig(StrictModel):
     )
     output: str = Field(description="folder for eval.json, eval.md and plots (local or s3://)")
     title: str = "retrieval by query/gallery model pairing"
-    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    check_gallery_models: bool = Field(
+        default=True,
+        description="refuse a gallery whose dmu.model says another model (or no upgrade module) made it "
+        "than the one it is paired with; false checks dimensions only",
+    )
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     map_at: int = Field(default=100, ge=1)
     tar_fars: list[float] = Field(default_factory=lambda: [1e-3, 1e-2])
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every k must be >= 1 (got {v})")
+        return v
+
+    @field_validator("tar_fars")
+    @classmethod
+    def _fars_in_unit(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < f < 1.0 for f in v):
+            raise ValueError(f"every FAR must lie strictly between 0 and 1 (got {v})")
+        return v
+
     exact_max: int = Field(
         default=200_000, ge=1, description="exact search up to this gallery size, IVF above"
     )

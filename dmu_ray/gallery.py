@@ -385,7 +385,8 @@ def conform_batch(table: pa.Table, model: ModelInfo, *, normalize: bool = False)
             mat = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, model.dim)
         if normalize:
             mat = l2_normalize(mat)
-        emb = embedding_array(mat.astype(np.dtype(model.dtype), copy=False))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing rows are caught by the writer
+            emb = embedding_array(mat.astype(np.dtype(model.dtype), copy=False))
     table = table.set_column(table.schema.get_field_index(EMB), pa.field(EMB, target, nullable=False), emb)
     if LABEL in table.column_names and table.schema.field(LABEL).type != pa.int64():
         table = table.set_column(

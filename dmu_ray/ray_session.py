@@ -11,6 +11,8 @@ import time
 
 import ray
 
+from dmu_ray.config import ActorPoolConfig
+
 log = logging.getLogger(__name__)
 
 #: Seconds to wait for a TCP connection to a given cluster address before calling it unreachable.
@@ -108,4 +110,14 @@ def require_resources(bundle: dict[str, float], what: str, *, wait_s: float = 0.
         + (f" (waited {wait_s:g}s for the autoscaler)" if wait_s > 0 else "")
         + f"; nodes offer: {'; '.join(offered) or 'nothing'}. Lower the request, or, on an "
         "autoscaling cluster, raise resource_wait_s so that a node can start"
+    )
+
+
+def require_pool(pool: ActorPoolConfig, what: str) -> None:
+    """:func:`require_resources` for one actor of a Ray Data actor pool config."""
+    require_resources(
+        {"CPU": pool.num_cpus, "GPU": pool.num_gpus},
+        f"{what} (pool.num_cpus {pool.num_cpus:g}, pool.num_gpus {pool.num_gpus:g})",
+        wait_s=pool.resource_wait_s,
+        count=pool.min_actors,
     )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dmu_ray.config import EvaluateConfig
-from dmu_ray.evaluate.job import _gallery_vectors, check_inputs
+from dmu_ray.evaluate.job import check_inputs
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance, tar_at_far
 from dmu_ray.evaluate.report import write_report
@@ -84,21 +84,27 @@ def test_bad_inputs_are_named(tmp_path):
         evaluate_pairing("new/old", q, ql, np.ones((4, 3), np.float32), np.zeros(4, int))
     with pytest.raises(EvaluationError, match="old/old: the gallery is empty"):
         evaluate_pairing("old/old", q, ql, np.zeros((0, 2), np.float32), np.zeros(0, int))
-    # a pre-embedded gallery without labels
-    with GalleryWriter(resolve(str(tmp_path / "nolabel")), ModelInfo(model_id="m", dim=2)) as w:
-        import pyarrow as pa
-
-        w.write(pa.table({"id": [1, 2], "embedding": embedding_array(unit([0, 90]))}))
-    cfg = EvaluateConfig(data="d", old_model="o", new_model="n", output=str(tmp_path / "out"))
-    with pytest.raises(EvaluationError, match="galleries.old: .* has no 'label' column"):
-        _gallery_vectors(str(tmp_path / "nolabel"), cfg, "old")
-    # models of mismatched dims: the upgrade module does not map old -> new
     save_embedding_model(
         str(tmp_path / "old.pt"), EmbeddingModel("small", 16, 1), MarginHead(16, 3), {"id": "old"}
     )
     save_embedding_model(
         str(tmp_path / "new.pt"), EmbeddingModel("small", 32, 1), MarginHead(32, 3), {"id": "new"}
     )
+    # a pre-embedded gallery without labels
+    with GalleryWriter(resolve(str(tmp_path / "nolabel")), ModelInfo(model_id="old", dim=16)) as w:
+        import pyarrow as pa
+
+        w.write(pa.table({"id": [1, 2], "embedding": embedding_array(np.eye(16, dtype=np.float32)[:2])}))
+    cfg = EvaluateConfig(
+        data="d",
+        old_model=str(tmp_path / "old.pt"),
+        new_model=str(tmp_path / "new.pt"),
+        galleries={"old": str(tmp_path / "nolabel")},
+        output=str(tmp_path / "out"),
+    )
+    with pytest.raises(EvaluationError, match="galleries.old: .* has no 'label' column"):
+        check_inputs(cfg)
+    # models of mismatched dims: the upgrade module does not map old -> new
     save_upgrade_module(str(tmp_path / "psi.pt"), UpgradeModule(16, 16, 8, 1))
     bad = EvaluateConfig(
         data="d",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sys
 from typing import Any
 
@@ -14,48 +15,143 @@ from dmu_ray.config import EvaluateConfig
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.report import write_report
 from dmu_ray.evaluate.search import SearchConfig
-from dmu_ray.gallery import EMB, LABEL, Gallery, embedding_matrix
-from dmu_ray.models.artifact import EMBEDDING_MODEL, UPGRADE_MODULE, build_upgrade_module, load_artifact
+from dmu_ray.gallery import EMB, LABEL, Gallery, GalleryError, embedding_matrix
+from dmu_ray.models.artifact import (
+    EMBEDDING_MODEL,
+    UPGRADE_MODULE,
+    Artifact,
+    build_upgrade_module,
+    load_artifact,
+)
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
 
 Embedded = tuple[np.ndarray, np.ndarray]  # (labels, vectors)
 
 
+def _load_card(cfg: EvaluateConfig, role: str, kind: str) -> Artifact:
+    try:
+        return load_artifact(getattr(cfg, role), cfg.storage, kind=kind)
+    except (ValueError, OSError) as err:
+        raise EvaluationError(f"{role}: {err}") from None
+
+
+def _check_made_by(g: Gallery, role: str, art: Artifact) -> None:
+    """An ``old``/``new`` gallery must hold vectors embedded by that model itself: no upgrade
+    module in its ``dmu.model``, and the model's artefact (sha256-exact when the gallery records
+    it, else by model id) is the one it is paired with."""
+    m, what = g.model, f"galleries.{role} ({g.loc.uri})"
+    model_id = str(art.card.get("id"))
+    if m.upgrade_module is not None:
+        raise EvaluationError(
+            f"{what} holds vectors upgraded by {m.upgrade_module} (model {m.model_id!r}), not vectors "
+            f"embedded by {role}_model {model_id!r}; is it the upgraded gallery?"
+        )
+    recorded = m.extra.get("artifact") if isinstance(m.extra, dict) else None
+    if recorded is not None and recorded != art.ident:
+        raise EvaluationError(f"{what} was embedded by {recorded}, but {role}_model is {art.ident}")
+    if recorded is None and m.model_id != model_id:
+        raise EvaluationError(
+            f"{what} was embedded by model {m.model_id!r}, but {role}_model is {model_id!r} "
+            "(import the gallery with --model-id matching the model card's id, or set "
+            "check_gallery_models: false)"
+        )
+
+
+def _check_upgraded(g: Gallery, role: str, psi: Artifact | None, new: Artifact) -> None:
+    """An ``upgraded``/``mixed`` gallery must come from an upgrade module (the configured one when
+    given) that maps into the new model's space; a mixed one from a backfill with that new model."""
+    m, what = g.model, f"galleries.{role} ({g.loc.uri})"
+    if m.upgrade_module is None:
+        raise EvaluationError(
+            f"{what} holds vectors embedded by model {m.model_id!r}, not produced by an upgrade module "
+            "(is it the old or new gallery?)"
+        )
+    if psi is not None and m.upgrade_module != psi.ident:
+        raise EvaluationError(f"{what} was upgraded by {m.upgrade_module}, but upgrade_module is {psi.ident}")
+    target = psi.card.get("new_model_id") if psi is not None else None
+    if target is not None and str(target) != str(new.card.get("id")):
+        raise EvaluationError(
+            f"upgrade_module {psi.uri} maps into model {target!r}'s space, but new_model is {new.card.get('id')!r}"
+        )
+    if role == "mixed":
+        bf = g.manifest.extra.get("backfill", {}) if g.manifest is not None else {}
+        if not bf:
+            raise EvaluationError(f"{what} is not a backfilled gallery (its manifest has no backfill record)")
+        if bf.get("new_model_sha256") not in (None, new.sha256):
+            raise EvaluationError(f"{what} was backfilled with another new model than new_model {new.ident}")
+
+
 def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Load every artefact's card and check dims before any embedding work; returns the cards."""
-    cards = {}
-    for role in ("old_model", "new_model", "independent_model"):
-        uri = getattr(cfg, role)
-        if uri:
-            try:
-                cards[role] = load_artifact(uri, cfg.storage, kind=EMBEDDING_MODEL).card
-            except ValueError as err:
-                raise EvaluationError(f"{role}: {err}") from None
+    """Every check that can fail before embedding: artefacts load and fit each other, every given
+    gallery exists, is committed, non-empty, labelled, of the right dimension and made by the model
+    it is paired with (``check_gallery_models``), and the output location can be written.
+    Returns the artefacts (``cards``) and the opened galleries."""
+    arts = {
+        role: _load_card(cfg, role, EMBEDDING_MODEL)
+        for role in ("old_model", "new_model", "independent_model")
+        if getattr(cfg, role)
+    }
+    cards = {role: a.card for role, a in arts.items()}
     old_dim, new_dim = int(cards["old_model"]["dim"]), int(cards["new_model"]["dim"])
+    psi = None
     if cfg.upgrade_module:
-        try:
-            psi = load_artifact(cfg.upgrade_module, cfg.storage, kind=UPGRADE_MODULE).card
-        except ValueError as err:
-            raise EvaluationError(f"upgrade_module: {err}") from None
-        if int(psi["in_dim"]) != old_dim or int(psi["out_dim"]) != new_dim:
+        psi = _load_card(cfg, "upgrade_module", UPGRADE_MODULE)
+        if int(psi.card["in_dim"]) != old_dim or int(psi.card["out_dim"]) != new_dim:
             raise EvaluationError(
-                f"upgrade_module {cfg.upgrade_module} maps {psi['in_dim']}-d to {psi['out_dim']}-d, but the old model "
+                f"upgrade_module {cfg.upgrade_module} maps {psi.card['in_dim']}-d to {psi.card['out_dim']}-d, but the old model "
                 f"is {old_dim}-d and the new model {new_dim}-d"
             )
     if "mixed" in cfg.galleries and "new" not in cfg.galleries and not cfg.new_model:
         raise EvaluationError("galleries.mixed needs the new model for its queries")
-    return cards
+    galleries: dict[str, Gallery] = {}
+    for role, uri in cfg.galleries.items():
+        try:
+            g = Gallery.open(uri, cfg.storage)
+        except GalleryError as err:
+            raise EvaluationError(f"galleries.{role}: {err}") from None
+        want = old_dim if role == "old" else new_dim
+        if g.num_rows == 0:
+            raise EvaluationError(f"galleries.{role}: {g.loc.uri} is empty")
+        if g.model.dim != want:
+            raise EvaluationError(
+                f"galleries.{role}: {g.loc.uri} holds {g.model.dim}-d vectors, but the "
+                f"{'old' if role == 'old' else 'new'} model's space is {want}-d"
+            )
+        if LABEL not in g.schema().names:
+            raise EvaluationError(
+                f"galleries.{role}: {g.loc.uri} has no 'label' column; evaluation needs labelled galleries"
+            )
+        if cfg.check_gallery_models:
+            if role in ("old", "new"):
+                _check_made_by(g, role, arts[f"{role}_model"])
+            else:
+                _check_upgraded(g, role, psi, arts["new_model"])
+        galleries[role] = g
+    _check_output(cfg)
+    return {"cards": cards, "galleries": galleries}
 
 
-def _gallery_vectors(uri: str, cfg: EvaluateConfig, what: str) -> Embedded:
-    g = Gallery.open(uri, cfg.storage)
-    if g.num_rows == 0:
-        raise EvaluationError(f"galleries.{what}: {uri} is empty")
-    if LABEL not in g.schema().names:
-        raise EvaluationError(
-            f"galleries.{what}: {uri} has no 'label' column; evaluation needs labelled galleries"
-        )
+def _check_output(cfg: EvaluateConfig) -> None:
+    """The output folder can be written (checked, nothing created): not a file, its bucket exists,
+    and on local disk its nearest existing ancestor is a folder this process may write into."""
+    try:
+        out = resolve(cfg.output, cfg.storage)
+    except ValueError as err:
+        raise EvaluationError(f"output: {err}") from None
+    if out.missing_bucket():
+        raise EvaluationError(f"output: {out.describe_missing()}")
+    if out.is_file():
+        raise EvaluationError(f"output: {out.uri} is a file; give a folder for the report")
+    if not out.is_s3:
+        path = out.path
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+            raise EvaluationError(f"output: cannot create {out.uri} ({path} is not a writable folder)")
+
+
+def _gallery_vectors(g: Gallery) -> Embedded:
     t = g.read(columns=[LABEL, EMB])
     return t.column(LABEL).to_numpy(), embedding_matrix(t.column(EMB)).astype(np.float32)
 
@@ -63,10 +159,11 @@ def _gallery_vectors(uri: str, cfg: EvaluateConfig, what: str) -> Embedded:
 def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
     """Compute the compatibility matrix and write ``eval.json``/``eval.md``/``pairings.png``."""
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    check_inputs(cfg)
-    from dmu_ray.ray_session import ensure_ray
+    opened = check_inputs(cfg)["galleries"]
+    from dmu_ray.ray_session import ensure_ray, require_pool
 
     ensure_ray(cfg.ray_address)
+    require_pool(cfg.pool, "an embedding actor")
     data = resolve(cfg.data, cfg.storage)
     query, gallery = data.join("query").uri, data.join("gallery").uri
 
@@ -78,20 +175,16 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     q = {"old": embed(query, cfg.old_model, "queries"), "new": embed(query, cfg.new_model, "queries")}
     g: dict[str, Embedded] = {}
     for role, model in (("old", cfg.old_model), ("new", cfg.new_model)):
-        g[role] = (
-            _gallery_vectors(cfg.galleries[role], cfg, role)
-            if role in cfg.galleries
-            else embed(gallery, model, "gallery")
-        )
-    if "upgraded" in cfg.galleries:
-        g["upgraded"] = _gallery_vectors(cfg.galleries["upgraded"], cfg, "upgraded")
+        g[role] = _gallery_vectors(opened[role]) if role in opened else embed(gallery, model, "gallery")
+    if "upgraded" in opened:
+        g["upgraded"] = _gallery_vectors(opened["upgraded"])
     elif cfg.upgrade_module:
         psi = build_upgrade_module(load_artifact(cfg.upgrade_module, cfg.storage, kind=UPGRADE_MODULE))
         with torch.inference_mode():
             up = torch.nn.functional.normalize(psi(torch.from_numpy(g["old"][1])), dim=1).numpy()
         g["upgraded"] = (g["old"][0], up)
-    if "mixed" in cfg.galleries:
-        g["mixed"] = _gallery_vectors(cfg.galleries["mixed"], cfg, "mixed")
+    if "mixed" in opened:
+        g["mixed"] = _gallery_vectors(opened["mixed"])
     if cfg.independent_model:
         q["independent"] = embed(query, cfg.independent_model, "queries")
         g["independent"] = embed(gallery, cfg.independent_model, "gallery")

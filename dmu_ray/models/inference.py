@@ -70,7 +70,7 @@ def embed_images(
     many channels."""
     import ray.data
 
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import ensure_ray, require_pool
 
     storage = storage or StorageConfig()
     pool = pool or ActorPoolConfig(batch_size=256)
@@ -82,6 +82,7 @@ def embed_images(
             f"{model_uri} takes {card['in_channels']}-channel images but {images_uri} has {info.channels}"
         )
     ensure_ray()
+    require_pool(pool, "an embedding actor")
     ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, file_extensions=["parquet"]).select_columns(
         ["id", "image", "label"]
     )

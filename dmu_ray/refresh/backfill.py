@@ -199,6 +199,11 @@ def run_backfill(cfg: BackfillConfig, *, progress: bool = True) -> RefreshResult
     resumes its write stage; a committed one returns at once."""
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     plan = plan_backfill(cfg)
+    from dmu_ray.ray_session import ensure_ray, require_pool
+
+    ensure_ray(cfg.ray_address)  # the cluster can run both pools, before any work
+    require_pool(cfg.pool, "a scoring/refresh actor")
+    require_pool(cfg.embed_pool, "an embedding actor (embed_pool)")
     request = {
         "policy": cfg.policy,
         "fraction": cfg.fraction,

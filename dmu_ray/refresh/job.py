@@ -285,7 +285,7 @@ def run_refresh(
     (``backfill``) and the re-embedded rows (``overrides``)."""
     import ray
 
-    from dmu_ray.ray_session import ensure_ray, require_resources
+    from dmu_ray.ray_session import ensure_ray, require_pool
 
     plan = plan_refresh(cfg, backfill=backfill)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -295,12 +295,7 @@ def run_refresh(
     pool = cfg.pool
     if plan.pending:  # the cluster can run the pool, before anything is written
         ensure_ray(cfg.ray_address)
-        require_resources(
-            {"CPU": pool.num_cpus, "GPU": pool.num_gpus},
-            "a refresh actor (pool.num_cpus, pool.num_gpus)",
-            wait_s=pool.resource_wait_s,
-            count=pool.min_actors,
-        )
+        require_pool(pool, "a refresh actor")
     claim_output(plan)
     for rel, why in plan.redo.items():
         say(f"redoing {rel}: its commit record does not count ({why})")

@@ -197,7 +197,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import ensure_ray, require_resources
 
     plan = plan_training(cfg)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -209,8 +209,17 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
         f"{_worker_desc(cfg.scaling)}, {cfg.optim.epochs} epochs -> {plan.run_uri}"
     )
+    ensure_ray(cfg.ray_address)  # reachable, and room for one worker, before the run is claimed
+    require_resources(
+        {
+            "CPU": cfg.scaling.cpus_per_worker,
+            "GPU": cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0,
+        },
+        "a training worker (scaling.cpus_per_worker, scaling.gpus_per_worker)",
+        wait_s=cfg.scaling.resource_wait_s,
+        count=cfg.scaling.min_workers or cfg.scaling.num_workers,
+    )
     _claim_run(plan)
-    ensure_ray(cfg.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     storage_loc = resolve(cfg.storage_path, cfg.storage)
     if not storage_loc.is_s3:
