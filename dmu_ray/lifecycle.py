@@ -28,18 +28,20 @@ from dmu_ray.config import (
     StrictModel,
     TrainConfig,
 )
+from dmu_ray.methods.registry import METHODS
 from dmu_ray.storage import resolve
 
-# New-model variants by name: the methods and DMU's ablations (each is just a method config).
+# New-model variants by name: every registered method that trains a new model from scratch against
+# the old one (fastfill, which needs a trained new model, is its own stage), and the ablations
+# (each is just a method config).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "independent": {"name": "independent"},
-    "bct": {"name": "bct"},
-    "dmu": {"name": "dmu"},
+    name: {"name": name} for name, cls in METHODS.items() if not cls.needs_new_model
+} | {
     "dmu-no-selection": {"name": "dmu", "selective": False},
     "dmu-no-adaptation": {"name": "dmu", "adapt": False},
-    "unibct": {"name": "unibct"},
     "unibct-plain": {"name": "unibct", "prototype_refine": False},
 }
+Variant = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
 
 
 class LifecycleConfig(StrictModel):
@@ -50,11 +52,9 @@ class LifecycleConfig(StrictModel):
     image_size: int = 32
     split: Literal["extended-class", "extended-data", "open-class", "open-data"] = "extended-class"
     old_fraction: float = Field(default=0.3, gt=0, lt=1)
-    methods: list[
-        Literal[
-            "independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation", "unibct", "unibct-plain"
-        ]
-    ] = Field(default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)")
+    methods: list[Variant] = Field(
+        default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)"
+    )
     backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
     dim: int = 128
     epochs_old: int = 6

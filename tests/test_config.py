@@ -79,10 +79,10 @@ def test_storage_secrets_never_printed():
 
 
 def test_every_lifecycle_variant_can_be_asked_for():
-    from dmu_ray.config import MethodConfig
     from dmu_ray.lifecycle import VARIANTS, LifecycleConfig
+    from dmu_ray.methods.registry import make_method
 
     assert LifecycleConfig(methods=list(VARIANTS)).methods == list(VARIANTS)
     for name, method in VARIANTS.items():
         extra = {} if method["name"] == "independent" else {"old_model": "old.pt"}
-        assert MethodConfig.model_validate(method | extra), name
+        assert make_method(**(method | extra)), name

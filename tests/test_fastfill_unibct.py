@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmu_ray.config import MethodConfig
 from dmu_ray.methods.fastfill import (
     BackfillScorer,
     curve_area,
@@ -14,6 +13,7 @@ from dmu_ray.methods.fastfill import (
     uncertainty_loss,
 )
 from dmu_ray.methods.prototypes import knn_graph, refine_prototypes
+from dmu_ray.methods.registry import make_method
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule
@@ -148,7 +148,7 @@ def test_trainee_fastfill_trains_only_the_transformation():
     t = Trainee(
         new_model,
         new_head,
-        MethodConfig(name="fastfill", old_model="o", new_model="n"),
+        make_method(name="fastfill", old_model="o", new_model="n"),
         psi=psi,
         frozen_model=True,
     )
@@ -171,7 +171,7 @@ def test_trainee_unibct_pulls_new_features_to_the_prototypes_of_present_classes(
     t = Trainee(
         EmbeddingModel("small", 8, 1),
         MarginHead(8, 3),
-        MethodConfig(name="unibct", old_model="o"),
+        make_method(name="unibct", old_model="o"),
         old_head=protos,
         old_classes=present,
     )

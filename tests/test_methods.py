@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmu_ray.config import MethodConfig, OptimConfig
+from dmu_ray.config import OptimConfig
 from dmu_ray.data.splits import old_classes, split_mask
 from dmu_ray.methods.losses import compatibility_loss, discriminativeness, dmu_weights, mean_one, upgrade_loss
+from dmu_ray.methods.registry import make_method
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule
@@ -105,7 +106,7 @@ def test_trainee_losses_per_method():
         ("bct", {"ce", "compat", "new_old_cos"}),
         ("dmu", {"ce", "compat", "old_d", "upgrade", "psi_cos", "new_old_cos"}),
     ]:
-        m = MethodConfig(name=name, old_model=None if name == "independent" else "x")
+        m = make_method(name=name, old_model=None if name == "independent" else "x")
         t = Trainee(
             EmbeddingModel("small", 8, 1),
             MarginHead(8, 3),
@@ -126,7 +127,7 @@ def test_losses_under_autocast():
     t = Trainee(
         EmbeddingModel("small", 8, 1),
         MarginHead(8, 3),
-        MethodConfig(name="dmu", old_model="x"),
+        make_method(name="dmu", old_model="x"),
         psi=UpgradeModule(8, 8, 16, 1),
         old_head=old_head,
         old_classes=torch.tensor([True, True, False]),

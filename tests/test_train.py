@@ -75,7 +75,7 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
     p.write_text(yaml.safe_dump({**good, "method": {"name": "magic"}}))
     with pytest.raises(
         ConfigError,
-        match=r"method\.name: Input should be 'independent', 'bct', 'dmu', 'fastfill' or 'unibct'",
+        match=r"method: Input tag 'magic' found using 'name' does not match any of the expected tags: 'bct'",
     ):
         load_config(TrainConfig, p)
     p.write_text(yaml.safe_dump({**good, "method": {"name": "bct"}}))

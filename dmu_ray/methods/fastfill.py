@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmu_ray.config import BACKFILL_POLICIES
 from dmu_ray.data.splits import unit_hash
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule
 
-POLICIES = ("uncertainty", "random", "old-discriminativeness")
+POLICIES = BACKFILL_POLICIES  # one list: the config's
 LOG_VAR_CLAMP = 15.0  # exp(+-15) keeps fp32 finite whatever an untrained branch outputs
 TIE_SEED = 0x5EED  # ties in a policy's score are broken by a hash of the id, not by file order
 

@@ -1,4 +1,5 @@
-"""Upgrade methods as losses: independent, BCT, DMU (see docs/methods.md for the derivations).
+"""The loss terms the registered methods (``dmu_ray/methods/catalog/``) combine: BCT's influence
+loss, DMU's discriminativeness and weights, the upgrade module's loss (docs/methods.md).
 
 All functions take unit-norm features. ``old_mask`` marks samples whose class the old classifier
 knows (BCT's influence loss is only defined for them).
@@ -13,8 +14,6 @@ import torch.nn.functional as F
 
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule
-
-METHODS = ("independent", "bct", "dmu")
 
 
 def discriminativeness(

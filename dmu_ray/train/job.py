@@ -18,6 +18,8 @@ import pyarrow.parquet as pq
 from dmu_ray.config import ConfigError, ScalingSection, TrainConfig
 from dmu_ray.data.images import DatasetInfo, read_dataset_info
 from dmu_ray.data.splits import split_mask
+from dmu_ray.methods.base import UpgradeModuleFields
+from dmu_ray.methods.registry import method_from_saved
 from dmu_ray.models.artifact import (
     EMBEDDING_MODEL,
     UPGRADE_MODULE,
@@ -63,20 +65,22 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     seen = np.zeros(data.num_classes, dtype=bool)
     seen[np.unique(labels[mask])] = True
     old = None
-    if cfg.method.name != "independent":
+    method = cfg.method
+    if method.needs_old_model:
         try:
-            old = load_artifact(cfg.method.old_model, cfg.storage, kind=EMBEDDING_MODEL)
+            old = load_artifact(method.old_model, cfg.storage, kind=EMBEDDING_MODEL)
         except ValueError as err:
             raise ConfigError(f"method.old_model: {err}") from None
         c = old.card
-        if cfg.method.name != "fastfill" and int(c["dim"]) != cfg.model.dim:
+        if method.same_dim_as_old and int(c["dim"]) != cfg.model.dim:
             raise ConfigError(
                 f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c['dim']} dims; "
-                f"{cfg.method.name} compares new and old vectors directly, so they must match"
+                f"{method.name} compares new and old vectors directly, so they must match"
             )
-        if cfg.method.upgrade_in_dim is not None and cfg.method.upgrade_in_dim != int(c["dim"]):
+        in_dim = method.upgrade_in_dim if isinstance(method, UpgradeModuleFields) else None
+        if in_dim is not None and in_dim != int(c["dim"]):
             raise ConfigError(
-                f"method.upgrade_in_dim is {cfg.method.upgrade_in_dim} but the old model {old.uri} "
+                f"method.upgrade_in_dim is {in_dim} but the old model {old.uri} "
                 f"produces {c['dim']}-d features for the upgrade module"
             )
         if int(c["num_classes"]) != data.num_classes:
@@ -87,7 +91,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
             raise ConfigError(
                 f"method.old_model: {old.uri} takes {c['in_channels']}-channel images, the data has {data.channels}"
             )
-    new = _check_new_model(cfg, data) if cfg.method.name == "fastfill" else None
+    new = _check_new_model(cfg, data) if method.needs_new_model else None
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
     return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new)
 
@@ -104,7 +108,7 @@ def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
         if c[field] != want:
             raise ConfigError(
                 f"model.{field} is {want!r} but method.new_model {new.uri} has {c[field]!r}; "
-                "for fastfill the model section describes the frozen new model"
+                f"for {cfg.method.name} the model section describes the frozen new model"
             )
     if int(c["num_classes"]) != data.num_classes or int(c["in_channels"]) != data.channels:
         raise ConfigError(
@@ -112,34 +116,6 @@ def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
             f"input, the data {data.num_classes} and {data.channels}"
         )
     return new
-
-
-def unibct_prototypes(plan: TrainPlan, progress: bool = True) -> dict[str, Any]:
-    """UniBCT's compatibility target: the old model embeds this run's training images (a Ray Data
-    pass), and their features are refined into class prototypes (see methods/prototypes.py)."""
-    from dmu_ray.methods.prototypes import refine_prototypes
-    from dmu_ray.models.inference import embed_images
-
-    cfg = plan.cfg
-    d = cfg.data
-    ids, labels, feats = embed_images(plan.train_loc.uri, cfg.method.old_model, storage=cfg.storage)
-    mask = split_mask(d.split, d.role, ids, labels, d.old_fraction, d.split_seed)
-    protos, present = refine_prototypes(
-        feats[mask],
-        labels[mask],
-        plan.data.num_classes,
-        k=cfg.method.prototype_k,
-        alpha=cfg.method.prototype_alpha,
-        iters=cfg.method.prototype_iters,
-        refine=cfg.method.prototype_refine,
-    )
-    if progress:
-        print(
-            f"  unibct: {int(present.sum())} class prototypes from {int(mask.sum()):,} old features",
-            file=sys.stderr,
-            flush=True,
-        )
-    return {"prototypes": protos.tolist(), "prototype_present": present.tolist()}
 
 
 def decode_split_batch(
@@ -225,8 +201,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if not storage_loc.is_s3:
         storage_loc.fs.create_dir(storage_loc.path, recursive=True)
     info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
-    if cfg.method.name == "unibct":
-        info.update(unibct_prototypes(plan, progress))
+    info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
         train_loop_config={
@@ -322,7 +297,7 @@ def _claim_run(plan: TrainPlan) -> None:
     loc = resolve(plan.run_uri, plan.cfg.storage).join(RUN_CONFIG)
     if loc.exists():
         try:
-            theirs = _resumable_view(TrainConfig.model_validate(json.loads(read_bytes(loc))))
+            theirs = _resumable_view(_saved_config(json.loads(read_bytes(loc))))
         except ValueError:
             theirs = None
         mine = _resumable_view(plan.cfg)
@@ -335,6 +310,14 @@ def _claim_run(plan: TrainPlan) -> None:
     write_bytes_atomic(loc, plan.cfg.model_dump_json(exclude={"storage"}).encode())
 
 
+def _saved_config(saved: dict[str, Any]) -> TrainConfig:
+    """A config saved by a run or an export, read back (a method section written before methods
+    had their own configs is reduced to its method's fields)."""
+    if isinstance(saved, dict) and isinstance(saved.get("method"), dict):
+        saved = {**saved, "method": method_from_saved(saved["method"])}
+    return TrainConfig.model_validate(saved)
+
+
 def _same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
     """Whether an export's saved config means ``cfg`` (storage aside). Compared without defaults,
     so an export written before a new option existed still matches a config leaving it at its default."""
@@ -343,7 +326,7 @@ def _same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
     if not isinstance(saved, dict):
         return False
     try:
-        then = TrainConfig.model_validate(saved)
+        then = _saved_config(saved)
     except ValidationError:
         return False
     return then.model_dump(mode="json", exclude={"storage"}, exclude_defaults=True) == cfg.model_dump(

@@ -3,7 +3,8 @@
 One code path for CPU and GPU: DDP through ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL
 on GPU, chosen by Ray Train), autocast + GradScaler and channels-last only when the device is
 CUDA. Everything trained (embedding model, classifier, upgrade module) sits in one
-:class:`Trainee` whose ``forward`` returns the loss, so DDP synchronises all of it.
+:class:`~dmu_ray.train.trainee.Trainee` whose ``forward`` is the method's loss, so DDP
+synchronises all of it; the method (``cfg.method``, from the registry) builds it.
 """
 
 from __future__ import annotations
@@ -15,124 +16,22 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dmu_ray.config import MethodConfig, OptimConfig, TrainConfig
-from dmu_ray.methods.fastfill import fastfill_loss
-from dmu_ray.methods.losses import compatibility_loss, discriminativeness, dmu_weights, mean_one, upgrade_loss
-from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
-from dmu_ray.models.embedding import EmbeddingModel
-from dmu_ray.models.heads import MarginHead
-from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.config import OptimConfig, TrainConfig
+from dmu_ray.train.trainee import Trainee
+
+__all__ = ["Trainee", "build_trainee", "lr_lambda", "run_scheduler", "train_step", "train_loop_per_worker"]
 
 STATE_FILE = "state.pt"
 DRILL_WAIT_S = 6.0  # > 2 of Ray Train's default 2 s health-check polls
 
 
-class Trainee(nn.Module):
-    """New model + new classifier (+ upgrade module), the frozen old classifier, and the loss.
-
-    For ``fastfill`` the new model and its classifier are the frozen, already trained new model
-    (``frozen_model``) and only psi learns; for ``unibct`` ``old_head`` holds the refined old-feature
-    prototypes instead of the old classifier."""
-
-    def __init__(
-        self,
-        model: EmbeddingModel,
-        head: MarginHead,
-        method: MethodConfig,
-        *,
-        psi: UpgradeModule | None = None,
-        old_head: MarginHead | None = None,
-        old_classes: torch.Tensor | None = None,
-        frozen_model: bool = False,
-    ) -> None:
-        super().__init__()
-        self.model, self.head, self.psi, self.method = model, head, psi, method
-        self.old_head = old_head
-        self.frozen_model = frozen_model
-        if frozen_model:
-            model.requires_grad_(False)
-            head.requires_grad_(False)
-        if old_head is not None:
-            old_head.requires_grad_(False)
-            self.register_buffer("old_classes", old_classes.bool())
-
-    def train(self, mode: bool = True) -> Trainee:
-        super().train(mode)
-        if self.frozen_model:  # its BatchNorm statistics must not move either
-            self.model.eval()
-        return self
-
-    def forward(
-        self, x: torch.Tensor, labels: torch.Tensor, f_o: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = self.method
-        if m.name == "fastfill":
-            with torch.no_grad():
-                f_n = self.model(x)
-            return fastfill_loss(self.psi, f_o, f_n, labels, self.head, m.transform_ce_weight)
-        f_n = self.model(x)
-        ce = F.cross_entropy(self.head(f_n, labels), labels)
-        loss, stats = ce, {"ce": ce.detach()}
-        if m.name == "independent" or (f_o is None and m.name != "unibct"):
-            return loss, stats
-        known = self.old_classes[labels]
-        if m.name in ("bct", "unibct"):
-            w_compat = mean_one(torch.ones_like(f_n[:, 0]), known)
-        else:
-            d = discriminativeness(self.old_head, f_o, labels, m.discriminativeness)
-            w = dmu_weights(d, known, selective=m.selective, adapt_weighting=m.adapt_weighting)
-            w_compat = w.compat
-            stats["old_d"] = d.mean()
-        compat = compatibility_loss(f_n, labels, self.old_head, w_compat)
-        loss = loss + m.compat_weight * compat
-        stats["compat"] = compat.detach()
-        if m.name == "dmu" and self.psi is not None:
-            up, cos = upgrade_loss(self.psi, f_o, f_n, labels, self.head, w.upgrade, m.align_weight)
-            loss = loss + m.upgrade_weight * up
-            stats["upgrade"], stats["psi_cos"] = up.detach(), cos
-        if f_o is not None:
-            with torch.no_grad():
-                stats["new_old_cos"] = (f_n * F.normalize(f_o.float(), dim=1)).sum(1).mean()
-        return loss, stats
-
-
 def build_trainee(cfg: TrainConfig, info: dict[str, Any]) -> tuple[Trainee, nn.Module | None]:
-    """The Trainee and the frozen old embedding model (None where the loss needs no old features:
-    independent, unibct). ``info["prototypes"]`` (unibct) may be absent when a checkpoint will
-    supply them."""
+    """The Trainee and the frozen old embedding model (None where the loss needs no old features),
+    as the method builds them, after seeding torch with the run's seed."""
     torch.manual_seed(cfg.seed)
-    m = cfg.method
-    if m.name == "independent":
-        model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
-        head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
-        return Trainee(model, head, m), None
-    art = load_artifact(m.old_model, cfg.storage, kind=EMBEDDING_MODEL)
-    old_model, old_head = build_embedding_model(art)
-    old_model.requires_grad_(False)
-    if m.name == "fastfill":
-        new_model, new_head = build_embedding_model(
-            load_artifact(m.new_model, cfg.storage, kind=EMBEDDING_MODEL)
-        )
-        psi = UpgradeModule(old_model.dim, new_model.dim, m.upgrade_width, m.upgrade_depth, uncertainty=True)
-        return Trainee(new_model, new_head, m, psi=psi, frozen_model=True), old_model
-    model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
-    head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
-    if m.name == "unibct":
-        proto_head = MarginHead(old_model.dim, info["num_classes"], old_head.kind, old_head.s, old_head.m)
-        present = torch.zeros(info["num_classes"], dtype=torch.bool)
-        if info.get("prototypes") is not None:
-            with torch.no_grad():
-                proto_head.weight.copy_(torch.tensor(info["prototypes"], dtype=torch.float32))
-            present = torch.tensor(info["prototype_present"], dtype=torch.bool)
-        return Trainee(model, head, m, old_head=proto_head, old_classes=present), None
-    psi = None
-    if m.name == "dmu" and m.adapt:
-        psi = UpgradeModule(old_model.dim, cfg.model.dim, m.upgrade_width, m.upgrade_depth)
-    old_classes = torch.tensor(art.card.get("trained_classes") or [True] * info["num_classes"])
-    return Trainee(model, head, m, psi=psi, old_head=old_head, old_classes=old_classes), old_model
+    return cfg.method.build(cfg, info)
 
 
 def lr_lambda(warmup_steps: float, total_steps: int):

@@ -1,0 +1,161 @@
+"""What every upgrade method is: a typed config section that also knows how to train.
+
+A method is one class in ``dmu_ray/methods/catalog/<name>.py``, decorated with
+:func:`register_method`. The class is the method's config (pydantic, unknown keys refused, its
+``name`` the discriminator of ``TrainConfig.method``) and carries its behaviour:
+
+- traits (class variables) that the driver checks before any worker starts: does it need the old
+  model, the trained new model, must the new and old dims match, does the old model run on every
+  batch;
+- :meth:`Method.prepare`: optional driver-side work before training (UniBCT's prototypes);
+- :meth:`Method.build`: the :class:`~dmu_ray.train.trainee.Trainee` (what is trained, what is
+  frozen) and the frozen old model;
+- :meth:`Method.loss`: ``(trainee, images, labels, old features) -> (loss, stats)``.
+
+The training loop calls these; nothing outside the registry tests a method's name. This module
+and the catalog import torch lazily, so loading a config stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from dmu_ray.schema import StrictModel
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from dmu_ray.train.trainee import Trainee
+
+__all__ = ["Method", "CompatibilityMethod", "UpgradeModuleFields", "METHODS", "register_method"]
+
+#: Registered methods by name, in registration order.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to :data:`METHODS` under its ``name`` literal."""
+    name = cls.model_fields["name"].default
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}: a method needs name: Literal['...'] = '...'")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__name__}, {cls.__name__})")
+    METHODS[name] = cls
+    return cls
+
+
+class Method(StrictModel):
+    """Base of every method. Subclasses set ``name: Literal["..."] = "..."`` and override what
+    differs; the defaults describe a method that trains a new model against the frozen old one."""
+
+    name: str
+    old_model: str | None = Field(default=None, description="URI of the old model artefact")
+
+    #: the old model artefact must be given (and is checked against the data)
+    needs_old_model: ClassVar[bool] = True
+    #: the frozen old model embeds every training batch (f_o reaches the loss)
+    old_features: ClassVar[bool] = True
+    #: new and old vectors are compared directly, so model.dim must equal the old model's
+    same_dim_as_old: ClassVar[bool] = True
+    #: method.new_model (a trained new model) must be given
+    needs_new_model: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _needs(self) -> Method:
+        if self.needs_old_model and not self.old_model:
+            raise ValueError(f"method {self.name!r} needs method.old_model (the old model artefact URI)")
+        return self
+
+    # ------------------------------------------------------------------------------ driver side
+
+    def prepare(self, plan: Any, progress: bool = True) -> dict[str, Any]:
+        """Driver-side work before the workers start (runs on the Ray cluster if it needs to);
+        what it returns reaches :meth:`build` as part of ``info``. Default: nothing."""
+        return {}
+
+    # ------------------------------------------------------------------------------ worker side
+
+    def build(self, cfg: Any, info: dict[str, Any]) -> tuple[Trainee, nn.Module | None]:
+        """The trainee and the frozen old model (None when :attr:`old_features` is False)."""
+        raise NotImplementedError
+
+    def loss(
+        self, t: Trainee, x: torch.Tensor, labels: torch.Tensor, f_o: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch and the statistics to log (detached scalars)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    def fresh_model(cfg: Any, info: dict[str, Any]):
+        """A fresh new embedding model and margin classifier as ``cfg.model`` describes."""
+        from dmu_ray.models.embedding import EmbeddingModel
+        from dmu_ray.models.heads import MarginHead
+
+        model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
+        head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
+        return model, head
+
+    def frozen_old(self, cfg: Any):
+        """``(artefact, old model, old classifier)``, the model frozen."""
+        from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
+
+        art = load_artifact(self.old_model, cfg.storage, kind=EMBEDDING_MODEL)
+        old_model, old_head = build_embedding_model(art)
+        old_model.requires_grad_(False)
+        return art, old_model, old_head
+
+    @staticmethod
+    def classify_new(t: Trainee, x: torch.Tensor, labels: torch.Tensor):
+        """``(f_n, loss, stats)``: the new features and the new classifier's margin loss."""
+        import torch.nn.functional as F
+
+        f_n = t.model(x)
+        ce = F.cross_entropy(t.head(f_n, labels), labels)
+        return f_n, ce, {"ce": ce.detach()}
+
+    @staticmethod
+    def cosine_stat(stats: dict, f_n: torch.Tensor, f_o: torch.Tensor | None) -> None:
+        """Log the mean cosine between new and old features of the same images."""
+        import torch
+        import torch.nn.functional as F
+
+        if f_o is not None:
+            with torch.no_grad():
+                stats["new_old_cos"] = (f_n * F.normalize(f_o.float(), dim=1)).sum(1).mean()
+
+
+class UpgradeModuleFields(StrictModel):
+    """Fields of a method that trains an upgrade module psi (old -> new space)."""
+
+    upgrade_width: int = Field(default=512, ge=1, description="hidden width of psi")
+    upgrade_depth: int = Field(default=2, ge=1, description="hidden layers of psi")
+    upgrade_in_dim: int | None = Field(
+        default=None, ge=1, description="psi's input dim; must equal the old model's (checked)"
+    )
+
+
+class CompatibilityMethod(Method):
+    """A new model trained with a compatibility term against the frozen old model and its
+    classifier (BCT's recipe); subclasses define the term in :meth:`loss` and may add psi."""
+
+    compat_weight: float = Field(default=1.0, ge=0, description="lambda of the compatibility term")
+
+    def make_psi(self, old_dim: int, new_dim: int):
+        """The upgrade module trained jointly, or None (default)."""
+        return None
+
+    def build(self, cfg: Any, info: dict[str, Any]):
+        import torch
+
+        from dmu_ray.train.trainee import Trainee
+
+        art, old_model, old_head = self.frozen_old(cfg)
+        model, head = self.fresh_model(cfg, info)
+        old_classes = torch.tensor(art.card.get("trained_classes") or [True] * info["num_classes"])
+        psi = self.make_psi(old_model.dim, cfg.model.dim)
+        return Trainee(model, head, self, psi=psi, old_head=old_head, old_classes=old_classes), old_model

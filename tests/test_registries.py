@@ -1,0 +1,141 @@
+"""Registries and name lists (issue 19): every method is a registered class in its own file, every
+name list has one source, and the l2 method (added as one file) trains on Ray Train."""
+
+import pkgutil
+import typing
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import config, digits  # noqa: F401  (the fixture)
+from torch import nn
+
+import dmu_ray.methods.catalog as catalog
+from dmu_ray.cli import build_parser
+from dmu_ray.config import (
+    BACKFILL_POLICIES,
+    SPLITS,
+    BackfillCurveSection,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    parse_config,
+)
+from dmu_ray.data.importers import IMPORTERS
+from dmu_ray.lifecycle import VARIANTS, LifecycleConfig
+from dmu_ray.methods import fastfill
+from dmu_ray.methods.registry import METHODS, MethodConfig, make_method, method_from_saved
+from dmu_ray.models.artifact import load_artifact
+from dmu_ray.models.backbones import BACKBONES
+from dmu_ray.models.heads import HEADS, MarginHead
+from dmu_ray.submit import JOBS
+from dmu_ray.train.job import _saved_config, run_training
+from dmu_ray.train.trainee import Trainee
+
+
+def literal(model, field: str) -> tuple:
+    ann = model.model_fields[field].annotation
+    return typing.get_args(typing.get_args(ann)[0] if typing.get_origin(ann) is list else ann)
+
+
+def choices(*path: str) -> list:
+    parser = build_parser()
+    for name in path[:-1]:
+        sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._actions[-1])))
+        parser = sub.choices[name]
+    return next(a.choices for a in parser._actions if a.dest == path[-1])
+
+
+def test_every_catalog_file_registers_one_method_of_its_name():
+    files = sorted(m.name for m in pkgutil.iter_modules(catalog.__path__) if not m.name.startswith("_"))
+    assert sorted(METHODS) == files
+    union = typing.get_args(typing.get_args(MethodConfig)[0])  # Annotated[Union[...], ...]
+    tags = {cls.model_fields["name"].default for cls in union}
+    assert tags == set(METHODS)
+
+
+def test_name_lists_have_one_source():
+    assert set(literal(ModelConfig, "backbone")) == set(BACKBONES)
+    assert set(literal(ModelConfig, "head")) == set(HEADS)
+    assert literal(DataConfig, "split") == SPLITS
+    assert set(literal(LifecycleConfig, "split")) == set(SPLITS) - {"all"}
+    assert literal(BackfillCurveSection, "policies") == BACKFILL_POLICIES == fastfill.POLICIES
+    assert set(choices("data", "import", "dataset")) == set(IMPORTERS)
+    assert set(literal(LifecycleConfig, "dataset")) <= set(IMPORTERS)
+    assert choices("demo", "dataset") == list(literal(LifecycleConfig, "dataset"))
+    assert choices("demo", "split") == list(literal(LifecycleConfig, "split"))
+    assert choices("submit", "job") == list(JOBS)
+    assert set(literal(LifecycleConfig, "methods")) == set(VARIANTS)
+    trainable = {n for n, c in METHODS.items() if not c.needs_new_model}
+    assert trainable <= set(VARIANTS) and {v["name"] for v in VARIANTS.values()} <= set(METHODS)
+
+
+def test_method_configs_are_typed_per_method():
+    base = {"name": "x", "storage_path": "s", "data": {"uri": "d"}}
+    with pytest.raises(ConfigError, match=r"method\.selective: unknown key"):  # a DMU switch on BCT
+        parse_config(TrainConfig, {**base, "method": {"name": "bct", "old_model": "o", "selective": False}})
+    with pytest.raises(ConfigError, match="does not match any of the expected tags: 'bct'"):
+        parse_config(TrainConfig, {**base, "method": {"name": "magic"}})
+    with pytest.raises(ConfigError, match="needs method.new_model"):
+        parse_config(TrainConfig, {**base, "method": {"name": "fastfill", "old_model": "o"}})
+    assert parse_config(TrainConfig, base).method.name == "independent"
+
+
+def test_configs_saved_before_the_registry_still_read():
+    legacy_bag = {  # what every run and export card saved as its method section until now
+        "name": "bct", "old_model": "o.pt", "new_model": None, "compat_weight": 1.0,
+        "discriminativeness": "prob", "selective": True, "adapt": True, "adapt_weighting": True,
+        "upgrade_width": 512, "upgrade_depth": 2, "upgrade_in_dim": None, "upgrade_weight": 1.0,
+        "align_weight": 1.0, "transform_ce_weight": 1.0, "prototype_k": 10, "prototype_alpha": 0.5,
+        "prototype_iters": 2, "prototype_refine": True,
+    }  # fmt: skip
+    saved = {"name": "r", "storage_path": "s", "data": {"uri": "d"}, "method": legacy_bag}
+    assert _saved_config(saved).method == make_method(name="bct", old_model="o.pt")
+    assert method_from_saved({"name": "nope", "x": 1}) == {"name": "nope", "x": 1}
+
+
+class _Given(nn.Module):
+    """A 'model' whose output is its input, normalised: hand-made features through a Trainee."""
+
+    def forward(self, x):
+        return F.normalize(x, dim=1)
+
+
+def test_l2_loss_on_hand_made_features():
+    torch.manual_seed(0)
+    f_o = F.normalize(torch.randn(6, 4), dim=1)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    head = MarginHead(4, 3)
+    t = Trainee(_Given(), head, make_method(name="l2", old_model="o", compat_weight=0.5),
+                old_head=MarginHead(4, 3), old_classes=torch.ones(3))  # fmt: skip
+    x = torch.randn(6, 4, requires_grad=True)
+    loss, stats = t(x, labels, f_o)
+    f_n = F.normalize(x, dim=1)
+    ce = F.cross_entropy(head(f_n, labels), labels)
+    l2 = ((f_n - f_o) ** 2).sum(1).mean()
+    assert loss.item() == pytest.approx((ce + 0.5 * l2).item(), rel=1e-6)
+    assert stats["compat"].item() == pytest.approx(l2.item()) and set(stats) == {
+        "ce",
+        "compat",
+        "new_old_cos",
+    }
+    _, same = t(f_o.clone(), labels, f_o)  # new features equal to the old ones: nothing to pull
+    assert same["compat"].item() == pytest.approx(0.0, abs=1e-10) and same[
+        "new_old_cos"
+    ].item() == pytest.approx(1.0)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_l2_trains_on_ray_train(ray_local, tmp_path, digits):  # noqa: F811
+    old = run_training(config("old", str(tmp_path), digits, optim={"epochs": 1}), progress=False)
+    l2 = run_training(
+        config(
+            "l2", str(tmp_path), digits, optim={"epochs": 1}, method={"name": "l2", "old_model": old["model"]}
+        ),
+        progress=False,
+    )
+    card = load_artifact(l2["model"]).card
+    assert card["method"] == "l2" and card["old_model"]["uri"] == old["model"]
+    assert l2["metrics"]["compat"] > 0 and "upgrade_module" not in l2
