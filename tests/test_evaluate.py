@@ -113,9 +113,7 @@ def test_bad_inputs_are_named(tmp_path):
         upgrade_module=str(tmp_path / "psi.pt"),
         output="o",
     )
-    with pytest.raises(
-        EvaluationError, match="maps 16-d to 16-d, but the old model is 16-d and the new model 32-d"
-    ):
+    with pytest.raises(EvaluationError, match="psi.pt outputs 16-d vectors but new_model embeds in 32 dims"):
         check_inputs(bad)
     with pytest.raises(EvaluationError, match="new_model: .* no such artefact"):
         check_inputs(

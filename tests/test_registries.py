@@ -137,5 +137,74 @@ def test_l2_trains_on_ray_train(ray_local, tmp_path, digits):  # noqa: F811
         progress=False,
     )
     card = load_artifact(l2["model"]).card
-    assert card["method"] == "l2" and card["old_model"]["uri"] == old["model"]
+    assert card.method == "l2" and card.old_model["uri"] == old["model"]
     assert l2["metrics"]["compat"] > 0 and "upgrade_module" not in l2
+
+
+def test_cards_are_typed_and_checked_at_load(tmp_path):
+    import io
+
+    from dmu_ray.models.artifact import ArtifactError, save_embedding_model
+    from dmu_ray.models.card import CardError, EmbeddingCard, UpgradeCard, check_compatible
+    from dmu_ray.models.embedding import EmbeddingModel
+
+    uri = str(tmp_path / "m.pt")
+    save_embedding_model(uri, EmbeddingModel("small", 8, 1), MarginHead(8, 3), {"id": "m", "epochs": 2})
+    card = load_artifact(uri).card
+    assert isinstance(card, EmbeddingCard) and (card.dim, card.num_classes, card.version) == (8, 3, "2")
+    assert card.preprocessing.mean == [0.5] and card.preprocessing.std == [0.5]  # today's (x - .5) / .5
+
+    # an artefact written before cards were typed (a plain dict, no preprocessing) still loads
+    legacy = {"format": "dmu-ray.artifact/1", "kind": "embedding_model", "state_dict": {},
+              "card": {"id": "old", "backbone": "small", "dim": 8, "in_channels": 1, "num_classes": 3,
+                       "head": "arcface", "s": 30.0, "m": 0.3, "history": [{"epoch": 0}]}}  # fmt: skip
+    buf = io.BytesIO()
+    torch.save(legacy, buf)
+    (tmp_path / "legacy.pt").write_bytes(buf.getvalue())
+    assert load_artifact(str(tmp_path / "legacy.pt")).card.id == "old"
+    # a card that lies about itself fails at load, naming the file and the field
+    legacy["card"] = {**legacy["card"], "dim": 0, "trained_classes": [True]}
+    buf = io.BytesIO()
+    torch.save(legacy, buf)
+    (tmp_path / "bad.pt").write_bytes(buf.getvalue())
+    with pytest.raises(
+        ArtifactError, match=r"bad\.pt: its card does not validate \(dim: .*greater than or equal to 1"
+    ):
+        load_artifact(str(tmp_path / "bad.pt"))
+
+    old = EmbeddingCard(
+        id="o", backbone="small", dim=8, in_channels=1, num_classes=3, head="arcface", s=30, m=0.3
+    )
+    new = old.model_copy(update={"id": "n", "dim": 16})
+    psi = UpgradeCard(in_dim=8, out_dim=16, width=4, depth=1, new_model_id="n")
+    check_compatible(old=old, new=new, psi=psi, gallery_dim=8, channels=1, num_classes=3)
+    with pytest.raises(CardError, match="takes 8-d input but the old model embeds in 16 dims"):
+        check_compatible(old=new, psi=psi)
+    with pytest.raises(CardError, match="trained towards model 'n', but the new model is 'x'"):
+        check_compatible(new=new.model_copy(update={"id": "x"}), psi=psi)
+    with pytest.raises(CardError, match="gallery holds 16-d vectors but the upgrade module takes 8-d"):
+        check_compatible(psi=psi, gallery_dim=16)
+    with pytest.raises(CardError, match="takes 1-channel images, the images have 3"):
+        check_compatible(old=old, channels=3)
+
+
+def test_preprocessing_from_the_card_reaches_the_model():
+    import numpy as np
+    import pyarrow as pa
+
+    from dmu_ray.data.images import DecodeBatch, encode_png
+    from dmu_ray.models.embedding import EmbeddingModel, Renormalized
+
+    img = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    batch = pa.table({"image": [encode_png(img)], "label": [0], "id": [1]})
+    x01 = DecodeBatch(8, 1, mean=(0.0,), std=(1.0,))(batch)["image"]
+    custom = DecodeBatch(8, 1, mean=(0.2,), std=(0.3,))(batch)["image"]
+    np.testing.assert_allclose(custom, (x01 - 0.2) / 0.3, rtol=1e-5)
+    default = DecodeBatch(8, 1)(batch)["image"]  # dmu-ray's own models: (x - 0.5) / 0.5, as before
+    np.testing.assert_allclose(default, (x01 - 0.5) / 0.5, rtol=1e-6)
+    torch.manual_seed(0)
+    model = EmbeddingModel("small", 8, 1).eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(custom))
+        got = Renormalized(model, [0.2], [0.3])(torch.from_numpy(default))  # what training feeds it
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -65,7 +65,7 @@ def test_train_recover_resume_and_dmu_on_s3(ray_local, s3, digits):
     psi = build_upgrade_module(load_artifact(dmu["upgrade_module"], s3.storage))
     assert (psi.in_dim, psi.out_dim) == (32, 32)
     card = load_artifact(dmu["model"], s3.storage).card
-    assert card["method"] == "dmu" and card["old_model"]["uri"] == again["model"]
+    assert card.method == "dmu" and card.old_model["uri"] == again["model"]
     assert {"compat", "upgrade", "old_d"} <= set(dmu["metrics"])
 
 
@@ -146,7 +146,7 @@ def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, dig
         ),
         progress=False,
     )
-    assert uni["metrics"]["compat"] > 0 and load_artifact(uni["model"]).card["method"] == "unibct"
+    assert uni["metrics"]["compat"] > 0 and load_artifact(uni["model"]).card.method == "unibct"
     # FastFill: only the transformation learns, towards the frozen UniBCT model
     ff = run_training(
         config(
@@ -167,7 +167,7 @@ def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, dig
     assert {"align", "transform_ce", "log_var"} <= set(ff["metrics"])
     art = load_artifact(ff["upgrade_module"])
     psi = build_upgrade_module(art)
-    assert psi.uncertainty and art.card["new_model_id"] == "unibct"
+    assert psi.uncertainty and art.card.new_model_id == "unibct"
     frozen = load_artifact(ff["model"]).state_dict
     target = load_artifact(uni["model"]).state_dict
     assert all(torch.equal(frozen[k], target[k]) for k in target)  # the new model did not move

@@ -26,11 +26,11 @@ def embed_to_gallery(
     ids, labels, emb = embed_images(images_uri, model_uri, storage=storage, pool=pool)
     art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
     model = ModelInfo(
-        model_id=str(art.card.get("id", "model")),
+        model_id=art.card.id,
         dim=emb.shape[1],
         dtype=dtype,
         normalized=True,
-        version=str(art.card.get("epochs", "1")),
+        version=art.card.version,
         extra={"artifact": art.ident},
     )
     table = pa.table({"id": ids, "embedding": embedding_array(emb.astype(dtype)), "label": labels})

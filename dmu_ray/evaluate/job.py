@@ -23,6 +23,7 @@ from dmu_ray.models.artifact import (
     build_upgrade_module,
     load_artifact,
 )
+from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
 
@@ -41,7 +42,7 @@ def _check_made_by(g: Gallery, role: str, art: Artifact) -> None:
     module in its ``dmu.model``, and the model's artefact (sha256-exact when the gallery records
     it, else by model id) is the one it is paired with."""
     m, what = g.model, f"galleries.{role} ({g.loc.uri})"
-    model_id = str(art.card.get("id"))
+    model_id = art.card.id
     if m.upgrade_module is not None:
         raise EvaluationError(
             f"{what} holds vectors upgraded by {m.upgrade_module} (model {m.model_id!r}), not vectors "
@@ -69,11 +70,6 @@ def _check_upgraded(g: Gallery, role: str, psi: Artifact | None, new: Artifact) 
         )
     if psi is not None and m.upgrade_module != psi.ident:
         raise EvaluationError(f"{what} was upgraded by {m.upgrade_module}, but upgrade_module is {psi.ident}")
-    target = psi.card.get("new_model_id") if psi is not None else None
-    if target is not None and str(target) != str(new.card.get("id")):
-        raise EvaluationError(
-            f"upgrade_module {psi.uri} maps into model {target!r}'s space, but new_model is {new.card.get('id')!r}"
-        )
     if role == "mixed":
         bf = g.manifest.extra.get("backfill", {}) if g.manifest is not None else {}
         if not bf:
@@ -93,15 +89,19 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
         if getattr(cfg, role)
     }
     cards = {role: a.card for role, a in arts.items()}
-    old_dim, new_dim = int(cards["old_model"]["dim"]), int(cards["new_model"]["dim"])
+    old_dim, new_dim = cards["old_model"].dim, cards["new_model"].dim
     psi = None
     if cfg.upgrade_module:
         psi = _load_card(cfg, "upgrade_module", UPGRADE_MODULE)
-        if int(psi.card["in_dim"]) != old_dim or int(psi.card["out_dim"]) != new_dim:
-            raise EvaluationError(
-                f"upgrade_module {cfg.upgrade_module} maps {psi.card['in_dim']}-d to {psi.card['out_dim']}-d, but the old model "
-                f"is {old_dim}-d and the new model {new_dim}-d"
+        try:
+            check_compatible(
+                old=cards["old_model"],
+                new=cards["new_model"],
+                psi=psi.card,
+                names={"old": "old_model", "new": "new_model", "psi": f"upgrade_module {cfg.upgrade_module}"},
             )
+        except CardError as err:
+            raise EvaluationError(str(err)) from None
     if "mixed" in cfg.galleries and "new" not in cfg.galleries and not cfg.new_model:
         raise EvaluationError("galleries.mixed needs the new model for its queries")
     galleries: dict[str, Gallery] = {}

@@ -101,12 +101,18 @@ class Method(StrictModel):
         return model, head
 
     def frozen_old(self, cfg: Any):
-        """``(artefact, old model, old classifier)``, the model frozen."""
+        """``(artefact, old model, old classifier)``, the model frozen. Training batches are
+        normalised for the new model (0.5/0.5); an old model whose card asks for other
+        preprocessing gets its input re-normalised on the way in."""
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
+        from dmu_ray.models.embedding import Renormalized
 
         art = load_artifact(self.old_model, cfg.storage, kind=EMBEDDING_MODEL)
         old_model, old_head = build_embedding_model(art)
         old_model.requires_grad_(False)
+        pre = art.card.preprocessing
+        if (pre.mean, pre.std) != ([0.5], [0.5]):
+            old_model = Renormalized(old_model, pre.mean, pre.std)
         return art, old_model, old_head
 
     @staticmethod
@@ -156,6 +162,6 @@ class CompatibilityMethod(Method):
 
         art, old_model, old_head = self.frozen_old(cfg)
         model, head = self.fresh_model(cfg, info)
-        old_classes = torch.tensor(art.card.get("trained_classes") or [True] * info["num_classes"])
+        old_classes = torch.tensor(art.card.trained_classes or [True] * info["num_classes"])
         psi = self.make_psi(old_model.dim, cfg.model.dim)
         return Trainee(model, head, self, psi=psi, old_head=old_head, old_classes=old_classes), old_model

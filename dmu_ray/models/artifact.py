@@ -1,7 +1,8 @@
 """Exported model artefacts: one file (``torch.save`` of state dict + JSON-able card) at a URI.
 
 Training exports them; refresh and evaluate load them by URI (local or ``s3://``). Loading uses
-``weights_only=True``: an artefact holds tensors and plain data, never pickled code.
+``weights_only=True``: an artefact holds tensors and plain data, never pickled code. The card is
+validated on save and on load (:mod:`dmu_ray.models.card`) and reaches callers typed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from dmu_ray.config import StorageConfig
+from dmu_ray.models.card import CardError, EmbeddingCard, UpgradeCard, parse_card
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import read_bytes, resolve, write_bytes_atomic
 
@@ -30,7 +32,7 @@ class Artifact:
     """A loaded artefact: its kind, card, weights, and the sha256 of the file."""
 
     kind: str
-    card: dict[str, Any]
+    card: EmbeddingCard | UpgradeCard
     state_dict: dict[str, torch.Tensor]
     sha256: str
     uri: str
@@ -38,7 +40,7 @@ class Artifact:
     @property
     def ident(self) -> str:
         """A stable id: the card's ``id`` when set, plus a short content hash."""
-        return f"{self.card.get('id', self.kind)}@{self.sha256[:12]}"
+        return f"{self.card.id}@{self.sha256[:12]}"
 
 
 def save_artifact(
@@ -48,7 +50,8 @@ def save_artifact(
     card: dict[str, Any],
     storage: StorageConfig | None = None,
 ) -> str:
-    """Write an artefact atomically; returns its sha256."""
+    """Write an artefact atomically (its card validated first); returns its sha256."""
+    card = parse_card(kind, card, uri).to_dict()
     buf = io.BytesIO()
     cpu_state = {k: v.detach().cpu() for k, v in state_dict.items()}
     torch.save({"format": FORMAT, "kind": kind, "card": card, "state_dict": cpu_state}, buf)
@@ -72,9 +75,11 @@ def load_artifact(uri: str, storage: StorageConfig | None = None, *, kind: str |
         )
     if kind is not None and obj["kind"] != kind:
         raise ArtifactError(f"{loc.uri}: is a {obj['kind']!r} artefact, expected {kind!r}")
-    return Artifact(
-        obj["kind"], dict(obj["card"]), obj["state_dict"], hashlib.sha256(data).hexdigest(), loc.uri
-    )
+    try:
+        card = parse_card(obj["kind"], dict(obj["card"]), loc.uri)
+    except CardError as err:
+        raise ArtifactError(str(err)) from None
+    return Artifact(obj["kind"], card, obj["state_dict"], hashlib.sha256(data).hexdigest(), loc.uri)
 
 
 def save_upgrade_module(
@@ -90,15 +95,9 @@ def build_upgrade_module(art: Artifact) -> UpgradeModule:
     """The :class:`UpgradeModule` of an artefact, weights loaded, in eval mode."""
     c = art.card
     try:
-        m = UpgradeModule(
-            int(c["in_dim"]),
-            int(c["out_dim"]),
-            int(c["width"]),
-            int(c["depth"]),
-            uncertainty=bool(c.get("uncertainty", False)),
-        )
+        m = UpgradeModule(c.in_dim, c.out_dim, c.width, c.depth, uncertainty=c.uncertainty)
         m.load_state_dict(art.state_dict)
-    except (KeyError, RuntimeError) as err:
+    except (AttributeError, RuntimeError) as err:
         raise ArtifactError(f"{art.uri}: upgrade module does not load ({err})") from None
     return m.eval()
 
@@ -134,10 +133,10 @@ def build_embedding_model(art: Artifact):
 
     c = art.card
     try:
-        model = EmbeddingModel(c["backbone"], int(c["dim"]), int(c["in_channels"]))
-        head = MarginHead(int(c["dim"]), int(c["num_classes"]), c["head"], float(c["s"]), float(c["m"]))
+        model = EmbeddingModel(c.backbone, c.dim, c.in_channels)
+        head = MarginHead(c.dim, c.num_classes, c.head, c.s, c.m)
         model.load_state_dict({k[6:]: v for k, v in art.state_dict.items() if k.startswith("model.")})
         head.load_state_dict({k[11:]: v for k, v in art.state_dict.items() if k.startswith("classifier.")})
-    except (KeyError, RuntimeError, ValueError) as err:
+    except (AttributeError, RuntimeError, ValueError) as err:
         raise ArtifactError(f"{art.uri}: embedding model does not load ({err})") from None
     return model.eval(), head.eval()

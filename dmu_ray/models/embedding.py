@@ -24,3 +24,17 @@ class EmbeddingModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"backbone": self.backbone_name, "dim": self.dim, "in_channels": self.in_channels}
+
+
+class Renormalized(nn.Module):
+    """A frozen model fed batches normalised as ``(x - 0.5) / 0.5`` that expects its own
+    ``(x - mean) / std``: the input is mapped back to [0, 1] and normalised its way."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model, self.dim = model, model.dim
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x * 0.5 + 0.5 - self.mean) / self.std)

@@ -32,10 +32,10 @@ class _EmbedActor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        self.model = build_embedding_model(load_artifact(model_uri, storage, kind=EMBEDDING_MODEL))[0].to(
-            self.device
-        )
-        self.decode = DecodeBatch(size, channels, augment=False)
+        art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
+        self.model = build_embedding_model(art)[0].to(self.device)
+        pre = art.card.preprocessing  # the model embeds as it does in production
+        self.decode = DecodeBatch(size, channels, augment=False, mean=pre.mean, std=pre.std)
         self.only_ids = pa.array(only_ids) if only_ids is not None else None
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
@@ -77,9 +77,9 @@ def embed_images(
     loc = resolve(images_uri, storage)
     info = read_dataset_info(loc.uri.rsplit("/", 1)[0], storage)
     card = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL).card
-    if int(card["in_channels"]) != info.channels:
+    if card.in_channels != info.channels:
         raise ValueError(
-            f"{model_uri} takes {card['in_channels']}-channel images but {images_uri} has {info.channels}"
+            f"{model_uri} takes {card.in_channels}-channel images but {images_uri} has {info.channels}"
         )
     ensure_ray()
     require_pool(pool, "an embedding actor")
@@ -105,7 +105,7 @@ def embed_images(
     )
     parts = [p for p in ds.iter_batches(batch_size=None, batch_format="numpy") if len(p["id"])]
     if not parts and only_ids is not None:  # no id has an image: the caller says what that means
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, int(card["dim"])), np.float32)
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, card.dim), np.float32)
     if not parts:
         raise ValueError(f"{images_uri}: no images")
     ids = np.concatenate([p["id"] for p in parts])

@@ -39,6 +39,7 @@ from dmu_ray.models.artifact import (
     build_upgrade_module,
     load_artifact,
 )
+from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.refresh.job import RefreshResult, run_refresh
 from dmu_ray.refresh.upgrade_files import Overrides
 from dmu_ray.storage import resolve
@@ -77,20 +78,17 @@ def plan_backfill(cfg: BackfillConfig, policies: list[str] | None = None) -> Bac
     module = _load(cfg.module, cfg, UPGRADE_MODULE, "module")
     psi = build_upgrade_module(module)
     new = _load(cfg.new_model, cfg, EMBEDDING_MODEL, "new_model")
-    if psi.in_dim != src.model.dim:
-        raise BackfillError(
-            f"module {module.uri} takes {psi.in_dim}-d input but gallery {src.loc.uri} holds {src.model.dim}-d vectors"
+    info = read_dataset_info(resolve(cfg.images, cfg.storage).uri.rsplit("/", 1)[0], cfg.storage)
+    try:
+        check_compatible(
+            new=new.card,
+            psi=module.card,
+            gallery_dim=src.model.dim,
+            channels=info.channels,
+            names={"new": f"new_model {new.uri}", "psi": f"module {module.uri}"},
         )
-    if psi.out_dim != int(new.card["dim"]):
-        raise BackfillError(
-            f"module {module.uri} outputs {psi.out_dim}-d vectors but new_model {new.uri} embeds in {new.card['dim']}"
-        )
-    target = module.card.get("new_model_id")
-    if target is not None and str(target) != str(new.card.get("id")):
-        raise BackfillError(
-            f"module {module.uri} was trained towards model {target!r}, but new_model {new.uri} is "
-            f"{new.card.get('id')!r}: transformed and re-embedded rows would live in different spaces"
-        )
+    except CardError as err:
+        raise BackfillError(f"{err} (gallery {src.loc.uri})") from None
     wanted = policies or [cfg.policy]
     if "uncertainty" in wanted and not psi.uncertainty:
         raise BackfillError(
@@ -100,15 +98,10 @@ def plan_backfill(cfg: BackfillConfig, policies: list[str] | None = None) -> Bac
     old = None
     if "old-discriminativeness" in wanted:
         old = _load(cfg.old_model, cfg, EMBEDDING_MODEL, "old_model")
-        if int(old.card["dim"]) != src.model.dim:
-            raise BackfillError(
-                f"old_model {old.uri} embeds in {old.card['dim']} dims but the gallery holds {src.model.dim}-d vectors"
-            )
-    info = read_dataset_info(resolve(cfg.images, cfg.storage).uri.rsplit("/", 1)[0], cfg.storage)
-    if info.channels != int(new.card["in_channels"]):
-        raise BackfillError(
-            f"images {cfg.images} have {info.channels} channel(s), new_model {new.uri} takes {new.card['in_channels']}"
-        )
+        try:
+            check_compatible(old=old.card, gallery_dim=src.model.dim, names={"old": f"old_model {old.uri}"})
+        except CardError as err:
+            raise BackfillError(f"{err} (gallery {src.loc.uri})") from None
     return BackfillPlan(cfg, src, module, new, old)
 
 
@@ -226,7 +219,7 @@ def run_backfill(cfg: BackfillConfig, *, progress: bool = True) -> RefreshResult
     ids, scores, _ = score_gallery(plan, [cfg.policy])
     chosen = ids[select_top(ids, scores[cfg.policy], cfg.fraction)]
     say(f"backfill: re-embedding {len(chosen):,} rows ({cfg.fraction:.0%}) with {plan.new.ident}")
-    vectors = reembed(plan, chosen) if len(chosen) else np.empty((0, int(plan.new.card["dim"])), np.float32)
+    vectors = reembed(plan, chosen) if len(chosen) else np.empty((0, plan.new.card.dim), np.float32)
     if not np.isfinite(vectors).all():
         raise BackfillError(f"new_model {plan.new.uri} produced NaN/Inf vectors for some selected images")
     backfill = {

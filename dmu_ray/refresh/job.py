@@ -144,13 +144,13 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
         raise RefreshError(
             f"{src.loc.uri} already has a {PROVENANCE!r} column; a backfill writes its own there"
         )
-    new_model = art.card.get("new_model_id") or f"{src.model.model_id}+{art.card.get('id', 'upgrade')}"
+    new_model = art.card.new_model_id or f"{src.model.model_id}+{art.card.id}"
     model = ModelInfo(
         model_id=str(new_model),
         dim=module.out_dim,
         dtype=cfg.dtype,
         normalized=cfg.normalize,
-        version=str(art.card.get("new_model_version", "1")),
+        version=art.card.new_model_version or "1",
         upgrade_module=art.ident,
         source_gallery=src.loc.uri,
     )

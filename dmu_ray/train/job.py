@@ -28,6 +28,7 @@ from dmu_ray.models.artifact import (
     save_artifact,
     save_embedding_model,
 )
+from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.storage import Location, resolve
 
 EXPORT_DIR = "export"
@@ -72,25 +73,26 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         except ValueError as err:
             raise ConfigError(f"method.old_model: {err}") from None
         c = old.card
-        if method.same_dim_as_old and int(c["dim"]) != cfg.model.dim:
+        if method.same_dim_as_old and c.dim != cfg.model.dim:
             raise ConfigError(
-                f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c['dim']} dims; "
+                f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c.dim} dims; "
                 f"{method.name} compares new and old vectors directly, so they must match"
             )
         in_dim = method.upgrade_in_dim if isinstance(method, UpgradeModuleFields) else None
-        if in_dim is not None and in_dim != int(c["dim"]):
+        if in_dim is not None and in_dim != c.dim:
             raise ConfigError(
                 f"method.upgrade_in_dim is {in_dim} but the old model {old.uri} "
-                f"produces {c['dim']}-d features for the upgrade module"
+                f"produces {c.dim}-d features for the upgrade module"
             )
-        if int(c["num_classes"]) != data.num_classes:
-            raise ConfigError(
-                f"method.old_model: {old.uri} has {c['num_classes']} classes, the data {data.num_classes}"
+        try:
+            check_compatible(
+                old=c,
+                channels=data.channels,
+                num_classes=data.num_classes,
+                names={"old": f"method.old_model {old.uri}"},
             )
-        if int(c["in_channels"]) != data.channels:
-            raise ConfigError(
-                f"method.old_model: {old.uri} takes {c['in_channels']}-channel images, the data has {data.channels}"
-            )
+        except CardError as err:
+            raise ConfigError(str(err)) from None
     new = _check_new_model(cfg, data) if method.needs_new_model else None
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
     return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new)
@@ -105,16 +107,20 @@ def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
         raise ConfigError(f"method.new_model: {err}") from None
     c = new.card
     for field, want in (("dim", cfg.model.dim), ("backbone", cfg.model.backbone)):
-        if c[field] != want:
+        if getattr(c, field) != want:
             raise ConfigError(
-                f"model.{field} is {want!r} but method.new_model {new.uri} has {c[field]!r}; "
+                f"model.{field} is {want!r} but method.new_model {new.uri} has {getattr(c, field)!r}; "
                 f"for {cfg.method.name} the model section describes the frozen new model"
             )
-    if int(c["num_classes"]) != data.num_classes or int(c["in_channels"]) != data.channels:
-        raise ConfigError(
-            f"method.new_model: {new.uri} has {c['num_classes']} classes and {c['in_channels']}-channel "
-            f"input, the data {data.num_classes} and {data.channels}"
+    try:
+        check_compatible(
+            new=c,
+            channels=data.channels,
+            num_classes=data.num_classes,
+            names={"new": f"method.new_model {new.uri}"},
         )
+    except CardError as err:
+        raise ConfigError(str(err)) from None
     return new
 
 
@@ -257,14 +263,9 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
         card = load_artifact(model_uri, plan.cfg.storage, kind=EMBEDDING_MODEL).card
     except ArtifactError:
         return None
-    if not _same_config(card.get("config"), plan.cfg) or card.get("epochs") != plan.cfg.optim.epochs:
+    if not _same_config(card.config, plan.cfg) or card.epochs != plan.cfg.optim.epochs:
         return None
-    out = {
-        "model": model_uri,
-        "metrics": card.get("metrics", {}),
-        "epochs": card["epochs"],
-        "history": card.get("history", []),
-    }
+    out = {"model": model_uri, "metrics": card.metrics, "epochs": card.epochs, "history": card.history}
     up_uri = f"{plan.export_uri}/upgrade.pt"
     if resolve(up_uri, plan.cfg.storage).exists():
         out["upgrade_module"] = up_uri
@@ -396,12 +397,17 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any]) -> dict[str
     }
     if trainee.psi is not None:
         up_uri = f"{plan.export_uri}/upgrade.pt"
-        target = plan.new.card if plan.new is not None else card  # fastfill targets a trained model
+        # fastfill targets an already trained model; the others the model trained here
+        target_id, target_version = (
+            (plan.new.card.id, plan.new.card.version)
+            if plan.new is not None
+            else (card["id"], str(card["epochs"]))
+        )
         psi_card = {
             "id": f"{cfg.name}-psi",
             "method": cfg.method.name,
-            "new_model_id": str(target["id"]),
-            "new_model_version": str(target["epochs"]),
+            "new_model_id": str(target_id),
+            "new_model_version": str(target_version),
             "old_model": card["old_model"],
             **trainee.psi.config(),
         }

@@ -1,0 +1,170 @@
+"""Typed model cards: what an artefact says about itself, validated when the artefact loads, and
+the one compatibility check that every stage (train, embed, evaluate, refresh, backfill) uses.
+
+Cards are pydantic models. Unknown keys are kept (``extra="allow"``: training writes metrics,
+history and its config there), but every key a stage relies on is typed and checked, so a broken
+card fails at load naming the artefact and the field, not deep inside a job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Preprocessing",
+    "EmbeddingCard",
+    "UpgradeCard",
+    "CardError",
+    "parse_card",
+    "check_compatible",
+]
+
+
+class CardError(ValueError):
+    """A card that does not validate, or artefacts that do not fit together."""
+
+
+class _Card(BaseModel):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+
+class Preprocessing(BaseModel):
+    """How decoded images (floats in [0, 1], channels first) become the model's input:
+    ``(x - mean) / std`` per channel (one value applies to every channel). dmu-ray's own models
+    use 0.5 / 0.5."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
+    std: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> Preprocessing:
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
+
+    def fits(self, channels: int) -> bool:
+        return all(len(v) in (1, channels) for v in (self.mean, self.std))
+
+
+class EmbeddingCard(_Card):
+    """An embedding model (and its classifier when it has one)."""
+
+    id: str = "model"
+    source: Literal["dmu"] = "dmu"
+    backbone: str
+    dim: int = Field(ge=1)
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=1)
+    head: str
+    s: float = Field(gt=0)
+    m: float = Field(ge=0)
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    trained_classes: list[bool] | None = None
+    method: str | None = None
+    epochs: int | None = None
+    old_model: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EmbeddingCard:
+        if self.trained_classes is not None and len(self.trained_classes) != self.num_classes:
+            raise ValueError(
+                f"trained_classes has {len(self.trained_classes)} entries for {self.num_classes} classes"
+            )
+        if not self.preprocessing.fits(self.in_channels):
+            raise ValueError(f"preprocessing mean/std must have 1 or {self.in_channels} values")
+        return self
+
+    @property
+    def version(self) -> str:
+        return str(self.epochs if self.epochs is not None else 1)
+
+
+class UpgradeCard(_Card):
+    """An upgrade module psi (old space -> new space), optionally with an uncertainty branch."""
+
+    id: str = "upgrade"
+    in_dim: int = Field(ge=1)
+    out_dim: int = Field(ge=1)
+    width: int = Field(ge=1)
+    depth: int = Field(ge=1)
+    uncertainty: bool = False
+    new_model_id: str | None = None
+    new_model_version: str | None = None
+    method: str | None = None
+    old_model: dict[str, Any] | None = None
+
+
+CARDS: dict[str, type[_Card]] = {"embedding_model": EmbeddingCard, "upgrade_module": UpgradeCard}
+
+
+def parse_card(kind: str, card: dict[str, Any], where: str) -> EmbeddingCard | UpgradeCard:
+    """The typed card of an artefact of ``kind``; errors name ``where`` and the field."""
+    cls = CARDS.get(kind)
+    if cls is None:
+        raise CardError(f"{where}: unknown artefact kind {kind!r} (expected one of {sorted(CARDS)})")
+    try:
+        return cls.model_validate(card)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in err.errors())
+        raise CardError(f"{where}: its card does not validate ({problems})") from None
+
+
+def check_compatible(
+    *,
+    old: EmbeddingCard | None = None,
+    new: EmbeddingCard | None = None,
+    psi: UpgradeCard | None = None,
+    gallery_dim: int | None = None,
+    gallery_role: str = "old",
+    channels: int | None = None,
+    num_classes: int | None = None,
+    names: dict[str, str] | None = None,
+) -> None:
+    """Raise :class:`CardError` unless the given pieces fit together: psi maps the old model's dim
+    to the new model's (and was trained towards that new model, when its card says so); a gallery
+    of ``gallery_role`` (``old``: in the old/psi-input space; ``new``: in the new/psi-output
+    space) has the right dim; the models take ``channels``-channel images and know
+    ``num_classes`` classes. ``names`` maps a role to how to call it in messages (a config field
+    or a URI)."""
+    n = {"old": "the old model", "new": "the new model", "psi": "the upgrade module", **(names or {})}
+    if old is not None and psi is not None and psi.in_dim != old.dim:
+        raise CardError(f"{n['psi']} takes {psi.in_dim}-d input but {n['old']} embeds in {old.dim} dims")
+    if new is not None and psi is not None:
+        if psi.out_dim != new.dim:
+            raise CardError(
+                f"{n['psi']} outputs {psi.out_dim}-d vectors but {n['new']} embeds in {new.dim} dims"
+            )
+        if psi.new_model_id is not None and psi.new_model_id != new.id:
+            raise CardError(
+                f"{n['psi']} was trained towards model {psi.new_model_id!r}, but {n['new']} is {new.id!r}: "
+                "upgraded and new vectors would live in different spaces"
+            )
+    if gallery_dim is not None:
+        want = None
+        if gallery_role == "old":
+            want = psi.in_dim if psi is not None else (old.dim if old is not None else None)
+        else:
+            want = psi.out_dim if psi is not None else (new.dim if new is not None else None)
+        if want is not None and gallery_dim != want:
+            holder = n["psi"] if psi is not None else n[gallery_role]
+            raise CardError(
+                f"the gallery holds {gallery_dim}-d vectors but {holder} "
+                f"{'takes' if gallery_role == 'old' and psi is not None else 'works in'} {want}-d"
+            )
+    for role, card in (("old", old), ("new", new)):
+        if card is None:
+            continue
+        if channels is not None and card.in_channels != channels:
+            raise CardError(f"{n[role]} takes {card.in_channels}-channel images, the images have {channels}")
+        if num_classes is not None and card.num_classes != num_classes:
+            raise CardError(f"{n[role]} has {card.num_classes} classes, the data {num_classes}")
