@@ -88,6 +88,10 @@ class Method(StrictModel):
         """The training loss of one batch and the statistics to log (detached scalars)."""
         raise NotImplementedError
 
+    def on_epoch_start(self, t: Trainee, epoch: int) -> None:
+        """Called by each worker before every epoch (e.g. to refresh a cache kept as buffers of
+        the trainee, or rebuild prototypes at configured epochs). Default: nothing."""
+
     # -------------------------------------------------------------------------------- helpers
 
     @staticmethod

@@ -21,7 +21,15 @@ from torch import nn
 from dmu_ray.config import OptimConfig, TrainConfig
 from dmu_ray.train.trainee import Trainee
 
-__all__ = ["Trainee", "build_trainee", "lr_lambda", "run_scheduler", "train_step", "train_loop_per_worker"]
+__all__ = [
+    "Trainee",
+    "WorkerLoop",
+    "build_trainee",
+    "lr_lambda",
+    "run_scheduler",
+    "train_step",
+    "train_loop_per_worker",
+]
 
 STATE_FILE = "state.pt"
 DRILL_WAIT_S = 6.0  # > 2 of Ray Train's default 2 s health-check polls
@@ -84,69 +92,95 @@ def train_step(
     return loss.detach(), stats
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: resume if a checkpoint exists, train the remaining epochs, report
-    metrics and a checkpoint after every epoch."""
-    import ray.train
-    import ray.train.torch
+class WorkerLoop:
+    """One Ray Train worker's run, as small steps: :meth:`setup` (build, restore a checkpoint,
+    wrap for DDP, optimiser and schedule), :meth:`step` (one batch), :meth:`epoch` (one pass
+    over this worker's shard), :meth:`save` (report metrics and a checkpoint) and :meth:`run`.
 
-    cfg = TrainConfig.model_validate(config["cfg"])
-    info = config["info"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    if not cuda:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    A method that keeps state across steps (a logits cache, a queue of negatives) registers it as
+    buffers or sub-modules of the trainee in its ``build`` (so it is checkpointed, restored and,
+    for parameters, synchronised by DDP with everything else) and updates it from its ``loss``
+    or the ``on_epoch_start`` hook; the loop itself needs no edit."""
 
-    trainee, old_model = build_trainee(cfg, info)
-    start_epoch, state, history = 0, None, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        trainee.load_state_dict(state["trainee"])
-        start_epoch = int(state["epoch"]) + 1
-        history = list(state.get("history", []))
-    if old_model is not None:
-        old_model.to(device).eval()
-    trainee = ray.train.torch.prepare_model(trainee)
-    inner: Trainee = trainee.module if hasattr(trainee, "module") else trainee
-    params = [p for p in inner.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-    )
-    sched = run_scheduler(opt, cfg.optim, max(1, info["rows"] // (cfg.optim.batch_size * world)), start_epoch)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])  # momentum buffers; its saved LR is set below
-        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
-            group["lr"] = lr
-    amp = cfg.optim.amp and cuda
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    shard = ray.train.get_dataset_shard("train")
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
 
-    last_report = time.perf_counter()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        trainee.train()
-        if old_model is not None:
-            old_model.eval()
+        self.config = config
+        self.cfg = TrainConfig.model_validate(config["cfg"])
+        self.info = config["info"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.cuda = self.device.type == "cuda"
+        self.start_epoch, self.history = 0, []
+        self.last_report = time.perf_counter()
+
+    def setup(self) -> None:
+        """Build the trainee, restore the last checkpoint if any, and prepare DDP and the optimiser."""
+        import ray.train
+        import ray.train.torch
+
+        cfg = self.cfg
+        if not self.cuda:
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        trainee, self.old_model = build_trainee(cfg, self.info)
+        state = None
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            trainee.load_state_dict(state["trainee"])
+            self.start_epoch = int(state["epoch"]) + 1
+            self.history = list(state.get("history", []))
+        if self.old_model is not None:
+            self.old_model.to(self.device).eval()
+        self.trainee = ray.train.torch.prepare_model(trainee)
+        self.inner: Trainee = self.trainee.module if hasattr(self.trainee, "module") else self.trainee
+        params = [p for p in self.inner.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        steps_per_epoch = max(1, self.info["rows"] // (o.batch_size * self.world))
+        self.sched = run_scheduler(self.opt, o, steps_per_epoch, self.start_epoch)
+        if state is not None:
+            self.opt.load_state_dict(state["optimizer"])  # momentum buffers; its saved LR is set below
+            for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr(), strict=True):
+                group["lr"] = lr
+        self.amp = o.amp and self.cuda
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.shard = ray.train.get_dataset_shard("train")
+
+    def step(self, batch: dict[str, torch.Tensor], epoch: int, steps: int) -> tuple[torch.Tensor, dict]:
+        """One optimisation step and the LR schedule's; a non-finite loss stops the run."""
+        loss, stats = train_step(
+            self.trainee, self.old_model, batch["image"], batch["label"], self.opt, self.scaler, self.amp
+        )
+        self.sched.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {steps}; lower optim.lr")
+        return loss, stats
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one pass over this worker's shard; returns the epoch's metrics."""
+        cfg = self.cfg
+        self.trainee.train()
+        if self.old_model is not None:
+            self.old_model.eval()
+        self.inner.method.on_epoch_start(self.inner, epoch)
         sums: dict[str, float] = {}
         steps, samples, t0 = 0, 0, time.perf_counter()
-        for batch in shard.iter_torch_batches(
+        for batch in self.shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
             dtypes={"image": torch.float32, "label": torch.int64, "id": torch.int64},
-            device=device,
+            device=self.device,
             drop_last=True,
             local_shuffle_buffer_size=cfg.optim.batch_size * 4,
         ):
             if steps == 0:
-                _maybe_failure_drill(cfg, config, epoch, rank, world, time.perf_counter() - last_report)
-            loss, stats = train_step(trainee, old_model, batch["image"], batch["label"], opt, scaler, amp)
-            sched.step()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch} step {steps}; lower optim.lr"
+                _maybe_failure_drill(
+                    cfg, self.config, epoch, self.rank, self.world, time.perf_counter() - self.last_report
                 )
+            loss, stats = self.step(batch, epoch, steps)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -157,30 +191,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(
             epoch=epoch,
             steps=steps,
-            lr=sched.get_last_lr()[0],
+            lr=self.sched.get_last_lr()[0],
             seconds=seconds,
-            samples_per_s=samples * world / seconds if seconds else 0.0,
-            resumed_from=start_epoch,
-            workers=world,
+            samples_per_s=samples * self.world / seconds if seconds else 0.0,
+            resumed_from=self.start_epoch,
+            workers=self.world,
         )
-        history.append(
+        return metrics
+
+    def save(self, epoch: int, metrics: dict[str, Any]) -> None:
+        """Report the epoch's metrics with a checkpoint (written by rank 0)."""
+        import ray.train
+
+        self.history.append(
             {k: metrics[k] for k in ("epoch", "loss", "ce", "resumed_from", "workers") if k in metrics}
         )
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if rank == 0:
+            if self.rank == 0:
                 torch.save(
                     {
-                        "trainee": inner.state_dict(),
-                        "optimizer": opt.state_dict(),
+                        "trainee": self.inner.state_dict(),
+                        "optimizer": self.opt.state_dict(),
                         "epoch": epoch,
-                        "history": history,
+                        "history": self.history,
                     },
                     os.path.join(d, STATE_FILE),
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
-        last_report = time.perf_counter()
+        self.last_report = time.perf_counter()
+
+    def run(self) -> None:
+        self.setup()
+        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            self.save(epoch, self.epoch(epoch))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: resume if a checkpoint exists, train the remaining epochs, report
+    metrics and a checkpoint after every epoch (:class:`WorkerLoop`)."""
+    WorkerLoop(config).run()
 
 
 def _maybe_failure_drill(
