@@ -146,7 +146,9 @@ class DecodeBatch:
         seed: int | None = None,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
+        out_size: int | None = None,
     ) -> None:
+        self.out_size = out_size if out_size != size else None
         self.size, self.channels, self.augment, self.flip = size, channels, augment, flip
         self.crop_scale = crop_scale
         self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
@@ -160,6 +162,17 @@ class DecodeBatch:
             if self.flip:
                 m = self.rng.random(len(x)) < 0.5
                 x[m] = x[m][..., ::-1]
+        if self.out_size is not None:  # the model's input size (its card), e.g. 224 for ImageNet models
+            import torch
+
+            xt = torch.nn.functional.interpolate(
+                torch.from_numpy(np.ascontiguousarray(x)),
+                size=(self.out_size, self.out_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=self.out_size < x.shape[-1],
+            )
+            x = xt.numpy()
         x = (x - self.mean) / self.std
         return {
             "image": x,

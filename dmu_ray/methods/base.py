@@ -62,6 +62,8 @@ class Method(StrictModel):
     same_dim_as_old: ClassVar[bool] = True
     #: method.new_model (a trained new model) must be given
     needs_new_model: ClassVar[bool] = False
+    #: the old model's classifier takes part in the loss (an imported model may have none)
+    needs_old_classifier: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _needs(self) -> Method:
@@ -105,9 +107,9 @@ class Method(StrictModel):
         return model, head
 
     def frozen_old(self, cfg: Any):
-        """``(artefact, old model, old classifier)``, the model frozen. Training batches are
-        normalised for the new model (0.5/0.5); an old model whose card asks for other
-        preprocessing gets its input re-normalised on the way in."""
+        """``(artefact, old model, old classifier or None)``, the model frozen. Training batches
+        are normalised for the new model (0.5/0.5) at the data set's size; an old model whose card
+        asks for other preprocessing gets its input re-normalised (and resized) on the way in."""
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.embedding import Renormalized
 
@@ -115,8 +117,8 @@ class Method(StrictModel):
         old_model, old_head = build_embedding_model(art)
         old_model.requires_grad_(False)
         pre = art.card.preprocessing
-        if (pre.mean, pre.std) != ([0.5], [0.5]):
-            old_model = Renormalized(old_model, pre.mean, pre.std)
+        if (pre.mean, pre.std, pre.size) != ([0.5], [0.5], None):
+            old_model = Renormalized(old_model, pre.mean, pre.std, pre.size)
         return art, old_model, old_head
 
     @staticmethod

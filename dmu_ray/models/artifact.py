@@ -127,11 +127,23 @@ def save_embedding_model(
 
 
 def build_embedding_model(art: Artifact):
-    """``(EmbeddingModel, MarginHead)`` of an artefact, weights loaded, in eval mode."""
+    """``(model, classifier)`` of an artefact, weights loaded, in eval mode: dmu-ray's own
+    ``EmbeddingModel`` and ``MarginHead``, or an imported network (any model source) as an
+    :class:`~dmu_ray.models.sources.ImportedEmbedding` and None when it has no classifier."""
     from dmu_ray.models.embedding import EmbeddingModel
     from dmu_ray.models.heads import MarginHead
 
     c = art.card
+    if c.source != "dmu":
+        from dmu_ray.models.sources import SOURCES, ImportedEmbedding, SourceError
+
+        if c.source not in SOURCES:
+            raise ArtifactError(f"{art.uri}: unknown model source {c.source!r} (known: {', '.join(SOURCES)})")
+        try:
+            net = SOURCES[c.source](c.architecture or "").from_artifact(art.state_dict)
+        except (SourceError, RuntimeError, KeyError) as err:
+            raise ArtifactError(f"{art.uri}: imported model does not load ({err})") from None
+        return ImportedEmbedding(net, c.dim, c.in_channels).eval(), None
     try:
         model = EmbeddingModel(c.backbone, c.dim, c.in_channels)
         head = MarginHead(c.dim, c.num_classes, c.head, c.s, c.m)

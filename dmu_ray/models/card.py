@@ -8,7 +8,7 @@ card fails at load naming the artefact and the field, not deep inside a job.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -42,6 +42,9 @@ class Preprocessing(BaseModel):
 
     mean: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
     std: list[float] = Field(default_factory=lambda: [0.5], min_length=1)
+    size: int | None = Field(
+        default=None, ge=8, description="input side in pixels; None: the data set's image size"
+    )
 
     @model_validator(mode="after")
     def _positive_std(self) -> Preprocessing:
@@ -54,17 +57,22 @@ class Preprocessing(BaseModel):
 
 
 class EmbeddingCard(_Card):
-    """An embedding model (and its classifier when it has one)."""
+    """An embedding model (and its classifier when it has one). ``source`` says where the network
+    comes from (:mod:`dmu_ray.models.sources`): ``dmu`` (trained here: ``backbone``), or an
+    imported ``torchvision``/``timm`` ``architecture`` or ``torchscript`` file."""
 
     id: str = "model"
-    source: Literal["dmu"] = "dmu"
-    backbone: str
+    source: str = "dmu"
+    backbone: str | None = None
+    architecture: str | None = None
     dim: int = Field(ge=1)
     in_channels: int = Field(ge=1)
-    num_classes: int = Field(ge=1)
-    head: str
-    s: float = Field(gt=0)
-    m: float = Field(ge=0)
+    num_classes: int | None = Field(default=None, ge=1)
+    head: str | None = None
+    s: float = Field(default=30.0, gt=0)
+    m: float = Field(default=0.3, ge=0)
+    model_version: str | None = None
+    imported_from: str | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     trained_classes: list[bool] | None = None
     method: str | None = None
@@ -76,6 +84,8 @@ class EmbeddingCard(_Card):
 
     @model_validator(mode="after")
     def _consistent(self) -> EmbeddingCard:
+        if self.source == "dmu" and (self.backbone is None or self.num_classes is None or self.head is None):
+            raise ValueError("a dmu-ray model needs backbone, num_classes and head")
         if self.trained_classes is not None and len(self.trained_classes) != self.num_classes:
             raise ValueError(
                 f"trained_classes has {len(self.trained_classes)} entries for {self.num_classes} classes"
@@ -86,7 +96,11 @@ class EmbeddingCard(_Card):
 
     @property
     def version(self) -> str:
-        return str(self.epochs if self.epochs is not None else 1)
+        return self.model_version or str(self.epochs if self.epochs is not None else 1)
+
+    @property
+    def has_classifier(self) -> bool:
+        return self.num_classes is not None and self.head is not None
 
 
 class UpgradeCard(_Card):
@@ -166,5 +180,5 @@ def check_compatible(
             continue
         if channels is not None and card.in_channels != channels:
             raise CardError(f"{n[role]} takes {card.in_channels}-channel images, the images have {channels}")
-        if num_classes is not None and card.num_classes != num_classes:
+        if num_classes is not None and card.num_classes is not None and card.num_classes != num_classes:
             raise CardError(f"{n[role]} has {card.num_classes} classes, the data {num_classes}")

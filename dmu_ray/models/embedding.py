@@ -28,13 +28,21 @@ class EmbeddingModel(nn.Module):
 
 class Renormalized(nn.Module):
     """A frozen model fed batches normalised as ``(x - 0.5) / 0.5`` that expects its own
-    ``(x - mean) / std``: the input is mapped back to [0, 1] and normalised its way."""
+    ``(x - mean) / std`` (and input side ``size``): the input is mapped back to [0, 1], resized
+    and normalised its way."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+    def __init__(
+        self, model: nn.Module, mean: list[float], std: list[float], size: int | None = None
+    ) -> None:
         super().__init__()
-        self.model, self.dim = model, model.dim
+        self.model, self.dim, self.size = model, model.dim, size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x * 0.5 + 0.5 - self.mean) / self.std)
+        x = x * 0.5 + 0.5
+        if self.size is not None and x.shape[-1] != self.size:
+            x = nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
+        return self.model((x - self.mean) / self.std)

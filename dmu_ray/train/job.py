@@ -78,6 +78,12 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                 f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c.dim} dims; "
                 f"{method.name} compares new and old vectors directly, so they must match"
             )
+        if method.needs_old_classifier and not c.has_classifier:
+            raise ConfigError(
+                f"method.old_model: {old.uri} has no classifier ({c.source} model imported without one), and "
+                f"{method.name} trains against the old classifier; use a method that needs none (l2, unibct) "
+                "until class prototypes can stand in for it"
+            )
         in_dim = method.upgrade_in_dim if isinstance(method, UpgradeModuleFields) else None
         if in_dim is not None and in_dim != c.dim:
             raise ConfigError(

@@ -13,6 +13,7 @@ class BCT(CompatibilityMethod):
     """Backward-compatible training: every sample of a known class constrained alike."""
 
     name: Literal["bct"] = "bct"
+    needs_old_classifier = True
 
     def loss(self, t, x, labels, f_o):
         import torch

@@ -17,6 +17,7 @@ class DMU(CompatibilityMethod, UpgradeModuleFields):
     """Selective backward compatibility + forward adaptation."""
 
     name: Literal["dmu"] = "dmu"
+    needs_old_classifier = True
     discriminativeness: Literal["prob", "entropy"] = Field(
         default="prob", description="how d is measured with the old classifier"
     )

@@ -65,7 +65,8 @@ class UniBCT(CompatibilityMethod):
             load_artifact(self.old_model, cfg.storage, kind=EMBEDDING_MODEL)
         )
         model, head = self.fresh_model(cfg, info)
-        proto_head = MarginHead(old_model.dim, info["num_classes"], old_head.kind, old_head.s, old_head.m)
+        like = old_head if old_head is not None else head  # an imported old model may have no classifier
+        proto_head = MarginHead(old_model.dim, info["num_classes"], like.kind, like.s, like.m)
         present = torch.zeros(info["num_classes"], dtype=torch.bool)
         if info.get("prototypes") is not None:
             with torch.no_grad():

@@ -1,0 +1,330 @@
+"""Model sources: where an embedding model's network comes from, chosen by a prefix.
+
+``dmu`` is dmu-ray's own (backbone + embedding head + classifier, trained by ``dmu-ray train``);
+``torchvision:<arch>`` and ``timm:<arch>`` build an architecture by name (without its
+classification layer) and load a state dict; ``torchscript`` loads a scripted model as deployed.
+Each source turns a spec into the network, its output dim (probed with a dummy batch) and its
+preprocessing, resolved as timm does it: explicit overrides, then the model's own values, then
+defaults. The network and the bytes needed to rebuild it go into an ordinary artefact
+(:func:`import_model`), which every command then loads by URI like a trained one.
+
+Adding a source is one class here with ``@register_source`` and a test.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dmu_ray.models.card import EmbeddingCard, Preprocessing
+
+__all__ = ["SOURCES", "ModelSource", "ImportedEmbedding", "parse_source", "import_model", "SourceError"]
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+#: Registered sources by prefix.
+SOURCES: dict[str, type[ModelSource]] = {}
+
+
+class SourceError(ValueError):
+    """A model that cannot be imported; the message says which file or name, and why."""
+
+
+def register_source(cls: type[ModelSource]) -> type[ModelSource]:
+    SOURCES[cls.prefix] = cls
+    return cls
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    """``"torchvision:resnet18"`` -> ``("torchvision", "resnet18")``; ``"torchscript"`` -> ``("torchscript", "")``."""
+    prefix, _, name = spec.partition(":")
+    if prefix not in SOURCES:
+        raise SourceError(
+            f"unknown model source {spec!r}: use one of {', '.join(f'{p}:...' for p in SOURCES)}"
+        )
+    if SOURCES[prefix].needs_name and not name:
+        raise SourceError(f"model source {prefix!r} needs an architecture name, e.g. {prefix}:resnet18")
+    return prefix, name
+
+
+class ImportedEmbedding(nn.Module):
+    """A network imported as it is deployed, made to look like dmu-ray's models: images in,
+    unit-norm (n, dim) embeddings out (retrieval compares cosines)."""
+
+    def __init__(self, net: nn.Module, dim: int, in_channels: int) -> None:
+        super().__init__()
+        self.net, self.dim, self.in_channels = net, dim, in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.net(x).float().flatten(1), dim=1)
+
+
+@dataclass
+class ModelSource:
+    """A way to build an imported network (subclasses register with :func:`register_source`)."""
+
+    name: str
+    prefix: ClassVar[str] = ""
+    needs_name: ClassVar[bool] = True
+
+    def create(self) -> nn.Module:
+        """The network, without its classification layer, random weights."""
+        raise NotImplementedError
+
+    def defaults(self, net: nn.Module) -> dict[str, Any]:
+        """The model's own preprocessing (``mean``, ``std``, ``size``), where it knows it."""
+        return {"mean": IMAGENET[0], "std": IMAGENET[1], "size": 224}
+
+    def load(self, net: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+        """Load a state dict; keys of a classification layer the network no longer has are
+        dropped, anything else that does not fit is an error naming keys."""
+        own = net.state_dict()
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+        extra = [k for k in state if k not in own]
+        missing = [k for k in own if k not in state]
+        head_like = [
+            k for k in extra if k.split(".")[0] in ("fc", "classifier", "head", "heads", "last_linear")
+        ]
+        extra = [k for k in extra if k not in head_like]
+        shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if extra or missing or shape:
+            parts = []
+            for what, keys in (("unexpected", extra), ("missing", missing), ("wrong shape", shape)):
+                if keys:
+                    parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
+            raise SourceError(
+                f"{where}: the state dict does not fit {self.prefix}:{self.name}: " + "; ".join(parts)
+            )
+        net.load_state_dict({k: v for k, v in state.items() if k in own})
+        return net
+
+    def to_artifact(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
+
+    def from_artifact(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        net = self.create()
+        net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+        return net
+
+
+@register_source
+class TorchvisionSource(ModelSource):
+    """An architecture from ``torchvision.models`` by name; its classifier replaced by identity."""
+
+    prefix: ClassVar[str] = "torchvision"
+
+    def create(self) -> nn.Module:
+        import torchvision
+
+        try:
+            net = torchvision.models.get_model(self.name, weights=None)
+        except ValueError:
+            raise SourceError(f"torchvision has no model {self.name!r}") from None
+        for attr in ("fc", "classifier", "heads", "head"):
+            if isinstance(getattr(net, attr, None), nn.Module):
+                setattr(net, attr, nn.Identity())
+                break
+        return net
+
+    def pretrained(self, weights: str) -> dict[str, torch.Tensor]:
+        """The state dict of torchvision's named weights (downloaded by torchvision, on a
+        cluster with internet; cached by torch hub)."""
+        import torchvision
+
+        w = torchvision.models.get_weight(weights)
+        return w.get_state_dict(progress=False)
+
+
+@register_source
+class TimmSource(ModelSource):
+    """An architecture from timm by name, built with ``num_classes=0`` (timm's own way to drop
+    the classifier); preprocessing from ``timm.data.resolve_model_data_config``."""
+
+    prefix: ClassVar[str] = "timm"
+
+    def create(self) -> nn.Module:
+        import timm
+
+        try:
+            return timm.create_model(self.name, pretrained=False, num_classes=0)
+        except RuntimeError as err:
+            raise SourceError(f"timm cannot build {self.name!r} ({err})") from None
+
+    def defaults(self, net: nn.Module) -> dict[str, Any]:
+        import timm.data
+
+        c = timm.data.resolve_model_data_config(net)
+        return {"mean": list(c["mean"]), "std": list(c["std"]), "size": int(c["input_size"][-1])}
+
+
+@register_source
+class TorchScriptSource(ModelSource):
+    """A TorchScript file, kept byte for byte in the artefact (``torchscript`` tensor)."""
+
+    prefix: ClassVar[str] = "torchscript"
+    needs_name: ClassVar[bool] = False
+    data: bytes = b""
+
+    def create(self) -> nn.Module:
+        try:
+            return torch.jit.load(io.BytesIO(self.data), map_location="cpu")
+        except Exception as err:  # torch raises several types for a file that is not TorchScript
+            raise SourceError(f"not a TorchScript model ({type(err).__name__}: {str(err)[:200]})") from None
+
+    def defaults(self, net: nn.Module) -> dict[str, Any]:
+        return {"mean": IMAGENET[0], "std": IMAGENET[1], "size": None}
+
+    def to_artifact(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {"torchscript": torch.frombuffer(bytearray(self.data), dtype=torch.uint8)}
+
+    def from_artifact(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        self.data = bytes(state["torchscript"].numpy().tobytes())
+        return self.create()
+
+
+def source_of(card: EmbeddingCard) -> ModelSource:
+    return SOURCES[card.source](card.architecture or "")
+
+
+def probe_dim(net: nn.Module, channels: int, size: int, where: str) -> int:
+    """The output dim of ``net`` on a dummy batch; anything but an (n, d) output is an error."""
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, channels, size, size))
+    except Exception as err:  # a model that cannot run on such input
+        raise SourceError(
+            f"{where}: the model does not run on a (2, {channels}, {size}, {size}) batch "
+            f"({type(err).__name__}: {str(err)[:200]}); check --channels/--size"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SourceError(f"{where}: the model outputs {shape}, not an (n, d) matrix of embeddings")
+    return int(out.shape[1])
+
+
+def import_model(
+    spec: str,
+    *,
+    model_id: str,
+    weights: bytes | None = None,
+    pretrained: str | None = None,
+    where: str = "<model>",
+    channels: int = 3,
+    size: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    version: str = "1",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Build, load and probe a model of ``spec`` (``torchvision:NAME``, ``timm:NAME`` or
+    ``torchscript`` with ``weights`` the file's bytes); returns the artefact's state dict and card.
+    ``weights`` for torchvision/timm is a ``torch.save``d state dict (``weights_only`` loading);
+    ``pretrained`` names torchvision's weights instead (fetched by torchvision)."""
+    prefix, name = parse_source(spec)
+    src = SOURCES[prefix](name)
+    if prefix == "torchscript":
+        if weights is None:
+            raise SourceError("a torchscript import needs the model file")
+        src.data = weights
+        try:
+            net = src.create()
+        except SourceError as err:
+            raise SourceError(f"{where}: {err}") from None
+    else:
+        net = src.create()
+        if weights is not None:
+            try:
+                state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+            except Exception as err:  # torch raises several types for a file that is not a state dict
+                raise SourceError(
+                    f"{where}: not a state dict ({type(err).__name__}: {str(err)[:200]})"
+                ) from None
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]  # a training checkpoint around the state dict
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise SourceError(f"{where}: not a state dict of tensors")
+            net = src.load(net, state, where)
+        elif pretrained is not None:
+            if prefix != "torchvision":
+                raise SourceError("--pretrained names torchvision weights; for timm pass a weights file")
+            net = src.load(net, src.pretrained(pretrained), pretrained)
+        else:
+            raise SourceError(f"{spec}: give the model's weights (a state dict file) or --pretrained")
+    own = src.defaults(net)
+    pre = Preprocessing(
+        mean=mean if mean is not None else own["mean"],
+        std=std if std is not None else own["std"],
+        size=size if size is not None else own["size"],
+    )
+    dim = probe_dim(net, channels, pre.size or 224, where)
+    card = EmbeddingCard(
+        id=model_id,
+        source=prefix,
+        architecture=name or None,
+        dim=dim,
+        in_channels=channels,
+        preprocessing=pre,
+        model_version=version,
+        imported_from=where,
+    )
+    return src.to_artifact(net), card.to_dict()
+
+
+def import_model_artifact(
+    source: str,
+    dest: str,
+    *,
+    model_id: str,
+    weights: str | None = None,
+    pretrained: str | None = None,
+    channels: int = 3,
+    size: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    version: str = "1",
+    storage: Any = None,
+) -> EmbeddingCard:
+    """``dmu-ray model import``: ``source`` is ``torchvision:NAME`` or ``timm:NAME`` (with
+    ``weights``, a state dict file, or ``pretrained``), or the URI of a TorchScript file (an
+    optional ``torchscript:`` prefix); local paths and ``s3://`` work for every file. Writes the
+    artefact to ``dest`` and returns its card."""
+    from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact, save_artifact
+    from dmu_ray.storage import read_bytes, resolve
+
+    def fetch(uri: str) -> bytes:
+        loc = resolve(uri, storage)
+        try:
+            return read_bytes(loc)
+        except FileNotFoundError:
+            raise SourceError(f"{loc.uri}: no such file") from None
+
+    prefix = source.partition(":")[0]
+    if prefix in ("torchvision", "timm"):
+        spec, data, where = source, fetch(weights) if weights else None, weights or pretrained or source
+    else:
+        uri = source.removeprefix("torchscript:")
+        spec, data, where = "torchscript", fetch(uri), resolve(uri, storage).uri
+        if weights:
+            raise SourceError("--weights is for torchvision:/timm: sources; a TorchScript file holds its own")
+    state, card = import_model(
+        spec,
+        model_id=model_id,
+        weights=data,
+        pretrained=pretrained,
+        where=where,
+        channels=channels,
+        size=size,
+        mean=mean,
+        std=std,
+        version=version,
+    )
+    save_artifact(dest, EMBEDDING_MODEL, state, card, storage)
+    art = load_artifact(dest, storage, kind=EMBEDDING_MODEL)
+    from dmu_ray.models.artifact import build_embedding_model
+
+    build_embedding_model(art)  # what was written loads back
+    return art.card
