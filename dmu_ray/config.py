@@ -295,6 +295,11 @@ class EvaluateConfig(StrictModel):
         description="refuse a gallery whose dmu.model says another model (or no upgrade module) made it "
         "than the one it is paired with; false checks dimensions only",
     )
+    protocols: list[str] = Field(
+        default_factory=lambda: ["retrieval", "verification"],
+        min_length=1,
+        description="evaluation protocols run for every pairing (registered in dmu_ray/evaluate/protocols.py)",
+    )
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     map_at: int = Field(default=100, ge=1)
     tar_fars: list[float] = Field(default_factory=lambda: [1e-3, 1e-2])

@@ -208,3 +208,27 @@ def test_preprocessing_from_the_card_reaches_the_model():
         want = model(torch.from_numpy(custom))
         got = Renormalized(model, [0.2], [0.3])(torch.from_numpy(default))  # what training feeds it
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_protocols_are_registered_and_chosen_by_config():
+    import numpy as np
+
+    from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing
+    from dmu_ray.evaluate.protocols import PROTOCOLS
+
+    assert {"retrieval", "verification"} <= set(PROTOCOLS)
+    rng = np.random.default_rng(0)
+    g_labels = np.repeat(np.arange(5), 4)
+    centers = rng.standard_normal((5, 8))
+    g = (centers[g_labels] + 0.1 * rng.standard_normal((20, 8))).astype(np.float32)
+    q_labels = np.arange(5)
+    q = (centers + 0.1 * rng.standard_normal((5, 8))).astype(np.float32)
+    both = evaluate_pairing("p", q, q_labels, g, g_labels)
+    ret = evaluate_pairing("p", q, q_labels, g, g_labels, MetricsConfig(protocols=["retrieval"]))
+    ver = evaluate_pairing("p", q, q_labels, g, g_labels, MetricsConfig(protocols=["verification"]))
+    assert ret["mAP@100"] == pytest.approx(1.0) and ret["R@1"] == 1.0  # well separated classes
+    assert not any(k.startswith("TAR") for k in ret) and "mAP@100" not in ver and "index" not in ver
+    assert ver["TAR@FAR=0.01"] == pytest.approx(1.0)
+    assert both == {**ret, **ver}
+    with pytest.raises(EvaluationError, match="unknown protocol"):
+        evaluate_pairing("p", q, q_labels, g, g_labels, MetricsConfig(protocols=["oxford"]))

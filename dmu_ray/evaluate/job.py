@@ -83,6 +83,11 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
     gallery exists, is committed, non-empty, labelled, of the right dimension and made by the model
     it is paired with (``check_gallery_models``), and the output location can be written.
     Returns the artefacts (``cards``) and the opened galleries."""
+    from dmu_ray.evaluate.protocols import PROTOCOLS
+
+    unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise EvaluationError(f"protocols: unknown {unknown}; registered: {', '.join(PROTOCOLS)}")
     arts = {
         role: _load_card(cfg, role, EMBEDDING_MODEL)
         for role in ("old_model", "new_model", "independent_model")
@@ -189,7 +194,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
         q["independent"] = embed(query, cfg.independent_model, "queries")
         g["independent"] = embed(gallery, cfg.independent_model, "gallery")
 
-    mcfg = MetricsConfig(ks=cfg.ks, map_at=cfg.map_at, tar_fars=cfg.tar_fars)
+    mcfg = MetricsConfig(ks=cfg.ks, map_at=cfg.map_at, tar_fars=cfg.tar_fars, protocols=list(cfg.protocols))
     scfg = SearchConfig(exact_max=cfg.exact_max, nprobe=cfg.nprobe, pq_m=cfg.pq_m)
     plan = [
         ("old/old", "old", "old"),

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance, tar_at_far
+from dmu_ray.evaluate.protocols import PROTOCOLS, Pairing
 from dmu_ray.evaluate.search import SearchConfig, search
 
 
@@ -22,6 +22,7 @@ class MetricsConfig:
     full_map_max: int = 20_000  # full-ranking mAP for galleries up to this size
     tar_fars: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
     tar_max_pairs: int = 25_000_000  # TAR@FAR from all query x gallery pairs up to this many
+    protocols: list[str] = field(default_factory=lambda: ["retrieval", "verification"])
 
 
 def evaluate_pairing(
@@ -33,7 +34,8 @@ def evaluate_pairing(
     mcfg: MetricsConfig | None = None,
     scfg: SearchConfig | None = None,
 ) -> dict[str, Any]:
-    """mAP@K, full mAP (small galleries), Recall@K and TAR@FAR of queries ``q`` against gallery ``g``."""
+    """The metrics of every protocol in ``mcfg.protocols`` (default: retrieval and verification)
+    for queries ``q`` against gallery ``g``; one faiss search serves every protocol that ranks."""
     mcfg = mcfg or MetricsConfig()
     if len(g) == 0:
         raise EvaluationError(f"{name}: the gallery is empty")
@@ -44,34 +46,23 @@ def evaluate_pairing(
             f"{name}: queries are {q.shape[1]}-d but the gallery is {g.shape[1]}-d; "
             "these models cannot be compared directly"
         )
-    full = len(g) <= mcfg.full_map_max
-    k = len(g) if full else min(len(g), max(mcfg.map_at, *mcfg.ks))
-    res = search(q, g, k, scfg)
-    ranked = np.where(res.ids >= 0, g_labels[np.clip(res.ids, 0, None)], -1)
-    rel = relevance(ranked, q_labels)
-    classes, counts = np.unique(g_labels, return_counts=True)
-    pos = np.searchsorted(classes, q_labels).clip(max=len(classes) - 1)
-    n_rel = np.where(classes[pos] == q_labels, counts[pos], 0)
-    out: dict[str, Any] = {
-        f"mAP@{mcfg.map_at}": float(average_precision(rel, n_rel, mcfg.map_at).mean()),
-        **{f"R@{kk}": v for kk, v in recall_at(rel, mcfg.ks).items()},
-        "queries": int(len(q)),
-        "gallery": int(len(g)),
-        "index": res.index,
-    }
-    if full:
-        out["mAP"] = float(average_precision(rel, n_rel).mean())
-    if res.recall_vs_exact is not None:
-        out["search_recall_vs_exact"] = res.recall_vs_exact
-    if mcfg.tar_fars and len(q) * len(g) <= mcfg.tar_max_pairs:
-        scores = q.astype(np.float32) @ g.astype(np.float32).T
-        same = q_labels[:, None] == g_labels[None, :]
-        out.update(
-            {
-                f"TAR@FAR={far:g}": v
-                for far, v in tar_at_far(scores.ravel(), same.ravel(), mcfg.tar_fars).items()
-            }
-        )
+    unknown = [p for p in mcfg.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise EvaluationError(f"unknown protocol(s) {unknown}: choose from {', '.join(PROTOCOLS)}")
+    protocols = [PROTOCOLS[p](mcfg) for p in mcfg.protocols]
+    pairing = Pairing(name, q, q_labels, g, g_labels)
+    out: dict[str, Any] = {}
+    depth = max((p.depth(len(g)) for p in protocols), default=0)
+    if depth:
+        res = search(q, g, depth, scfg)
+        pairing.ranked_ids, pairing.full_ranking = res.ids, depth == len(g) and len(g) <= mcfg.full_map_max
+    for p in protocols:
+        out.update(p.metrics(pairing))
+    out.update(queries=int(len(q)), gallery=int(len(g)))
+    if depth:
+        out["index"] = res.index
+        if res.recall_vs_exact is not None:
+            out["search_recall_vs_exact"] = res.recall_vs_exact
     return out
 
 
