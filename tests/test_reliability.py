@@ -465,3 +465,14 @@ def test_ids_are_conformed_to_int64_or_refused(tmp_path):
         str(tmp_path / "v.npy"), str(tmp_path / "gn"), model_id="m", ids=str(tmp_path / "ids.npy")
     )
     assert m.id_type == "int64"
+
+
+def test_embed_refuses_an_output_that_holds_its_images_before_any_work(tmp_path):
+    from dmu_ray.evaluate.embed import embed_to_gallery
+
+    images = tmp_path / "data" / "gallery"
+    images.mkdir(parents=True)
+    (images / "part-00000.parquet").write_bytes(b"images")
+    with pytest.raises(GalleryError, match="overlap"):
+        embed_to_gallery(str(images), str(tmp_path / "m.pt"), str(tmp_path / "data"), overwrite=True)
+    assert (images / "part-00000.parquet").read_bytes() == b"images"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from dmu_ray.config import ActorPoolConfig, StorageConfig
-from dmu_ray.gallery import GalleryWriter, Manifest, ModelInfo, embedding_array
+from dmu_ray.gallery import GalleryError, GalleryWriter, Manifest, ModelInfo, embedding_array
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
@@ -23,6 +23,14 @@ def embed_to_gallery(
     overwrite: bool = False,
 ) -> Manifest:
     """Embed images into a committed gallery prefix (id, embedding, label) with the model's id."""
+    out = resolve(output_uri, storage)
+    inputs = [resolve(images_uri, storage), resolve(model_uri, storage)]  # never overwritten
+    for loc in inputs:
+        if out.overlaps(loc):
+            raise GalleryError(
+                f"input {loc.uri} and output {out.uri} overlap: a gallery is never written where its own "
+                "input lives (nothing was deleted); choose another output"
+            )
     ids, labels, emb = embed_images(images_uri, model_uri, storage=storage, pool=pool)
     art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
     model = ModelInfo(
@@ -35,11 +43,12 @@ def embed_to_gallery(
     )
     table = pa.table({"id": ids, "embedding": embedding_array(emb.astype(dtype)), "label": labels})
     writer = GalleryWriter(
-        resolve(output_uri, storage),
+        out,
         model,
         rows_per_file=rows_per_file,
         overwrite=overwrite,
         extra={"embedded_from": images_uri},
+        inputs=inputs,
     )
     writer.write(table, source=images_uri)
     return writer.close()
