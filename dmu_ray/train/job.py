@@ -90,15 +90,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                 f"method.upgrade_in_dim is {in_dim} but the old model {old.uri} "
                 f"produces {c.dim}-d features for the upgrade module"
             )
-        try:
-            check_compatible(
-                old=c,
-                channels=data.channels,
-                num_classes=data.num_classes,
-                names={"old": f"method.old_model {old.uri}"},
-            )
-        except CardError as err:
-            raise ConfigError(str(err)) from None
+        _fits_data("old", old, data)
     new = _check_new_model(cfg, data) if method.needs_new_model else None
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
     return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new)
@@ -118,16 +110,21 @@ def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
                 f"model.{field} is {want!r} but method.new_model {new.uri} has {getattr(c, field)!r}; "
                 f"for {cfg.method.name} the model section describes the frozen new model"
             )
+    _fits_data("new", new, data)
+    return new
+
+
+def _fits_data(role: str, art: Artifact, data: DatasetInfo) -> None:
+    """The ``method.<role>_model`` artefact takes the data's channels and knows its classes."""
     try:
         check_compatible(
-            new=c,
+            **{role: art.card},
             channels=data.channels,
             num_classes=data.num_classes,
-            names={"new": f"method.new_model {new.uri}"},
+            names={role: f"method.{role}_model {art.uri}"},
         )
     except CardError as err:
         raise ConfigError(str(err)) from None
-    return new
 
 
 def decode_split_batch(
