@@ -92,6 +92,18 @@ def _train_cfg(lc: LifecycleConfig, name: str, role: str, method: dict[str, Any]
     )
 
 
+def variant_method(lc: LifecycleConfig, variant: str, old_model: str) -> dict[str, Any]:
+    """The method section of a new-model variant: the old model where the method needs one, and
+    the demo's upgrade-module width where the method trains one."""
+    m: dict[str, Any] = dict(VARIANTS[variant])
+    cls = METHODS[m["name"]]
+    if cls.needs_old_model:
+        m["old_model"] = old_model
+    if "upgrade_width" in cls.model_fields:
+        m["upgrade_width"] = lc.upgrade_width
+    return m
+
+
 def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every stage; returns the evaluation results per method."""
     from dmu_ray.data.importers import IMPORTERS
@@ -132,9 +144,7 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
     new: dict[str, dict[str, Any]] = {}
     for method in lc.methods:
         stage(f"new model: {method}, {lc.epochs_new} epochs")
-        m: dict[str, Any] = dict(VARIANTS[method])
-        if m["name"] != "independent":
-            m.update(old_model=old["model"], upgrade_width=lc.upgrade_width)
+        m = variant_method(lc, method, old["model"])
         new[method] = run_training(
             _train_cfg(lc, f"{method}-s{lc.seed}", "new", m, lc.epochs_new), progress=progress
         )
