@@ -59,6 +59,7 @@ __all__ = [
     "open_parquet",
     "conform_ids",
     "unstorable_rows",
+    "refuse_overlap",
 ]
 
 FORMAT = "dmu-ray.gallery/1"
@@ -520,6 +521,17 @@ def describe_columns(schema: pa.Schema) -> list[dict[str, str]]:
     return [{"name": f.name, "type": str(f.type)} for f in schema]
 
 
+def refuse_overlap(dest: Location, inputs: Iterable[Location]) -> None:
+    """Raise :class:`GalleryError` when ``dest`` holds one of ``inputs`` or lies inside one: a
+    gallery is never written (or ``--overwrite``-deleted) where its own input lives."""
+    for src in inputs:
+        if dest.overlaps(src):
+            raise GalleryError(
+                f"input {src.uri} and destination {dest.uri} overlap: a gallery is never written where its "
+                "own input lives (nothing was deleted); choose another destination"
+            )
+
+
 class GalleryWriter:
     """Write a new gallery prefix: validate, quarantine, shard into files, commit with a manifest.
 
@@ -565,12 +577,7 @@ class GalleryWriter:
         self._closed = False
 
     def _prepare_prefix(self, overwrite: bool, inputs: list[Location]) -> None:
-        for src in inputs:
-            if self.loc.overlaps(src):
-                raise GalleryError(
-                    f"input {src.uri} and destination {self.loc.uri} overlap: a gallery is never "
-                    "written where its own input lives (nothing was deleted); choose another destination"
-                )
+        refuse_overlap(self.loc, inputs)
         if self.loc.missing_bucket():
             raise GalleryError(self.loc.describe_missing())
         existing = self.loc.list_files(recursive=True)

@@ -33,6 +33,7 @@ from dmu_ray.gallery import (
     iter_npy_batches,
     norm_tolerance,
     open_parquet,
+    refuse_overlap,
     row_problems,
 )
 from dmu_ray.storage import TMP_DIR, Location, read_bytes, resolve
@@ -109,12 +110,7 @@ def import_vectors(
         raise GalleryError(missing)
     dest_loc = resolve(dest, storage)
     inputs = [src_loc] + [resolve(u, storage) for u in (ids, labels) if u]
-    for loc in inputs:
-        if dest_loc.overlaps(loc):
-            raise GalleryError(
-                f"input {loc.uri} and destination {dest_loc.uri} overlap: an import never writes where "
-                "its own input lives (nothing was deleted); choose another destination"
-            )
+    refuse_overlap(dest_loc, inputs)  # before anything is read or deleted
     if dim is not None and dim < 1:
         raise GalleryError(f"dim must be positive, got {dim}")
     say = progress or (lambda _msg: None)

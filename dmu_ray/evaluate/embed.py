@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from dmu_ray.config import ActorPoolConfig, StorageConfig
-from dmu_ray.gallery import GalleryError, GalleryWriter, Manifest, ModelInfo, embedding_array
+from dmu_ray.gallery import GalleryWriter, Manifest, ModelInfo, embedding_array, refuse_overlap
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
@@ -24,13 +24,8 @@ def embed_to_gallery(
 ) -> Manifest:
     """Embed images into a committed gallery prefix (id, embedding, label) with the model's id."""
     out = resolve(output_uri, storage)
-    inputs = [resolve(images_uri, storage), resolve(model_uri, storage)]  # never overwritten
-    for loc in inputs:
-        if out.overlaps(loc):
-            raise GalleryError(
-                f"input {loc.uri} and output {out.uri} overlap: a gallery is never written where its own "
-                "input lives (nothing was deleted); choose another output"
-            )
+    inputs = [resolve(images_uri, storage), resolve(model_uri, storage)]
+    refuse_overlap(out, inputs)  # before any embedding work
     ids, labels, emb = embed_images(images_uri, model_uri, storage=storage, pool=pool)
     art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
     model = ModelInfo(
