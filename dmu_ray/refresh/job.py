@@ -176,9 +176,8 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
         )
     marker = out.join(JOB_MARKER)
     if marker.is_file():
-        theirs = json.loads(read_bytes(marker))
-        if theirs != job:
-            diff = sorted(k for k in job if theirs.get(k) != job[k])
+        diff = _job_diff(marker, job)
+        if diff is not None:
             raise RefreshError(
                 f"output {out.uri} holds a partial refresh of a different job (differs in {diff}); "
                 "choose another output prefix or delete it"
@@ -213,19 +212,26 @@ def _verify_commits(out: Location, src: Gallery) -> dict[str, str | None]:
     return {rel: (why if had else None) for rel, why, had in results if why is not None}
 
 
-def claim_output(plan: RefreshPlan) -> None:
-    """Claim the output prefix for this job atomically (create ``_refresh.json`` if absent; a
-    conditional put on S3). If another job got there first, fail unless it is this same job."""
-    marker = plan.out.join(JOB_MARKER)
-    mine = json.dumps(plan.job, sort_keys=True).encode()
-    if create_exclusive(marker, mine):
-        return
+def _job_diff(marker: Location, job: dict[str, Any]) -> list[str] | None:
+    """None when the job marker at ``marker`` is ``job``; else the keys that differ (all of them
+    when the marker cannot be read)."""
     try:
         theirs = json.loads(read_bytes(marker))
     except (ValueError, FileNotFoundError):
         theirs = None
-    if theirs != plan.job:
-        diff = sorted(k for k in plan.job if not isinstance(theirs, dict) or theirs.get(k) != plan.job[k])
+    if theirs == job:
+        return None
+    return sorted(k for k in job if not isinstance(theirs, dict) or theirs.get(k) != job[k])
+
+
+def claim_output(plan: RefreshPlan) -> None:
+    """Claim the output prefix for this job atomically (create ``_refresh.json`` if absent; a
+    conditional put on S3). If another job got there first, fail unless it is this same job."""
+    marker = plan.out.join(JOB_MARKER)
+    if create_exclusive(marker, json.dumps(plan.job, sort_keys=True).encode()):
+        return
+    diff = _job_diff(marker, plan.job)
+    if diff is not None:
         raise RefreshError(
             f"output {plan.out.uri} was claimed by another refresh job (differs in {diff}); nothing was "
             "written by this one. Choose another output prefix"
