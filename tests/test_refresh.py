@@ -172,7 +172,9 @@ def test_bad_setups_fail_before_any_work(tmp_path):
     make_module(str(tmp_path / "psi32.pt"), None, in_dim=32)
     ok = dict(source=str(tmp_path / "old"), output=str(tmp_path / "new"), module=str(tmp_path / "psi.pt"))
 
-    with pytest.raises(RefreshError, match="takes 32-d input but gallery .* holds 16-d"):
+    with pytest.raises(
+        RefreshError, match="gallery holds 16-d vectors but upgrade module .*psi32.pt takes 32-d"
+    ):
         plan_refresh(RefreshConfig(**{**ok, "module": str(tmp_path / "psi32.pt")}))
     with pytest.raises(RefreshError, match="must not be the source"):
         plan_refresh(RefreshConfig(**{**ok, "output": str(tmp_path / "old")}))

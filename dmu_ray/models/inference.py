@@ -12,6 +12,7 @@ import pyarrow as pa
 from dmu_ray.config import ActorPoolConfig, StorageConfig
 from dmu_ray.data.images import DecodeBatch, read_dataset_info
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
+from dmu_ray.models.card import check_compatible
 from dmu_ray.storage import resolve
 
 
@@ -79,10 +80,7 @@ def embed_images(
     loc = resolve(images_uri, storage)
     info = read_dataset_info(loc.uri.rsplit("/", 1)[0], storage)
     card = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL).card
-    if card.in_channels != info.channels:
-        raise ValueError(
-            f"{model_uri} takes {card.in_channels}-channel images but {images_uri} has {info.channels}"
-        )
+    check_compatible(new=card, channels=info.channels, names={"new": f"{model_uri} ({images_uri})"})
     ensure_ray()
     require_pool(pool, "an embedding actor")
     ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, file_extensions=["parquet"]).select_columns(

@@ -38,6 +38,7 @@ from dmu_ray.gallery import (
     write_manifest,
 )
 from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
+from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.refresh.upgrade_files import (
     PROVENANCE,
     FileUpgrader,
@@ -132,11 +133,10 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
         )
     art = load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE)
     module = build_upgrade_module(art)
-    if module.in_dim != src.model.dim:
-        raise RefreshError(
-            f"upgrade module {art.uri} takes {module.in_dim}-d input but gallery {src.loc.uri} holds "
-            f"{src.model.dim}-d vectors (model {src.model.model_id!r})"
-        )
+    try:
+        check_compatible(psi=art.card, gallery_dim=src.model.dim, names={"psi": f"upgrade module {art.uri}"})
+    except CardError as err:
+        raise RefreshError(f"{err} (gallery {src.loc.uri}, model {src.model.model_id!r})") from None
     if not src.files:
         raise RefreshError(f"{src.loc.uri}: the gallery has no files")
     _check_source_files(src)
