@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from dmu_ray import __version__
 from dmu_ray.config import StorageConfig
-from dmu_ray.storage import Location, StorageError, _check_relative, read_bytes, resolve, write_bytes_atomic
+from dmu_ray.storage import Location, StorageError, check_relative, read_bytes, resolve, write_bytes_atomic
 
 __all__ = [
     "FORMAT",
@@ -185,7 +185,7 @@ class Manifest:
         seen: set[str] = set()
         for e in [*self.files, *self.quarantine]:
             try:
-                _check_relative(e.path)
+                check_relative(e.path)
             except StorageError as err:
                 raise GalleryError(f"{where}: file entry {err}") from None
             norm = posixpath.normpath(e.path)
@@ -493,12 +493,13 @@ def write_parquet_atomic(
     )
 
 
-def open_parquet(loc: Location) -> pq.ParquetFile:
-    """Open one Parquet file; any failure (missing, not Parquet, truncated) names the file."""
+def open_parquet(loc: Location, missing: str = "") -> pq.ParquetFile:
+    """Open one Parquet file; any failure (missing, not Parquet, truncated) names the file
+    (``missing`` words the case of an absent file; default "no such file")."""
     try:
         return pq.ParquetFile(loc.fs.open_input_file(loc.path))
     except FileNotFoundError:
-        raise GalleryError(f"{loc.uri}: no such file") from None
+        raise GalleryError(f"{loc.uri}: {missing or 'no such file'}") from None
     except (pa.ArrowException, OSError) as err:
         raise GalleryError(f"{loc.uri}: not a readable Parquet file ({err})") from None
 
@@ -751,10 +752,9 @@ class Gallery:
         return self.loc.join(rel).uri
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
-        loc = self.loc.join(rel)
-        if self.manifest is not None and not loc.is_file():
-            raise GalleryError(f"{loc.uri}: listed in the manifest but missing")
-        return open_parquet(loc)
+        return open_parquet(
+            self.loc.join(rel), missing="listed in the manifest but missing" if self.manifest else ""
+        )
 
     def schema(self) -> pa.Schema:
         return self.parquet_file(self.files[0]).schema_arrow

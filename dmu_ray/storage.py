@@ -39,6 +39,7 @@ __all__ = [
     "resolve",
     "write_bytes_atomic",
     "create_exclusive",
+    "check_relative",
     "read_bytes",
     "redact",
     "TMP_DIR",
@@ -52,7 +53,7 @@ class StorageError(ValueError):
     """A URI or storage location that cannot be used; the message names it (credentials redacted)."""
 
 
-def _check_relative(part: str) -> None:
+def check_relative(part: str) -> None:
     """Refuse a path part that would leave the folder it is joined to."""
     if not isinstance(part, str) or not part:
         raise StorageError(f"path {part!r} is empty or not a string")
@@ -81,7 +82,7 @@ class Location:
         part, a ``..`` component or a URI raises :class:`StorageError` (paths read from manifests
         and commit records go through here)."""
         for part in parts:
-            _check_relative(part)
+            check_relative(part)
         path = posixpath.join(self.path, *parts)
         uri = self.uri.rstrip("/") + "/" + "/".join(parts)
         return Location(self.fs, path, uri, self.storage)
@@ -149,28 +150,47 @@ class Location:
         return sorted(out)
 
 
-def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+@dataclass(frozen=True)
+class _S3Settings:
+    """Endpoint, region and explicit credentials of a StorageConfig, with the environment's
+    defaults applied; shared by the pyarrow filesystem and the boto3 client."""
+
+    endpoint: str | None
+    region: str | None
+    anonymous: bool
+    keys: tuple[str, str, str | None] | None  # access key, secret key, session token
+
+
+def _s3_settings(cfg: StorageConfig) -> _S3Settings:
     endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint)
-        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-        kwargs["scheme"] = parsed.scheme or "https"
     region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    elif endpoint:
+    if not region and endpoint:
         # S3-compatible servers rarely care; without it pyarrow asks AWS for the bucket's region.
-        kwargs["region"] = "us-east-1"
-    if cfg.anonymous:
-        kwargs["anonymous"] = True
-    elif cfg.access_key_id is not None or cfg.secret_access_key is not None:
+        region = "us-east-1"
+    keys = None
+    if not cfg.anonymous and (cfg.access_key_id is not None or cfg.secret_access_key is not None):
         if cfg.access_key_id is None or cfg.secret_access_key is None:
             raise ValueError("storage: access_key_id and secret_access_key must be given together")
-        kwargs["access_key"] = cfg.access_key_id.get_secret_value()
-        kwargs["secret_key"] = cfg.secret_access_key.get_secret_value()
-        if cfg.session_token is not None:
-            kwargs["session_token"] = cfg.session_token.get_secret_value()
+        token = cfg.session_token.get_secret_value() if cfg.session_token is not None else None
+        keys = (cfg.access_key_id.get_secret_value(), cfg.secret_access_key.get_secret_value(), token)
+    return _S3Settings(endpoint, region, cfg.anonymous, keys)
+
+
+def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    s = _s3_settings(cfg)
+    kwargs: dict = {}
+    if s.endpoint:
+        parsed = urlparse(s.endpoint)
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kwargs["scheme"] = parsed.scheme or "https"
+    if s.region:
+        kwargs["region"] = s.region
+    if s.anonymous:
+        kwargs["anonymous"] = True
+    elif s.keys is not None:
+        kwargs["access_key"], kwargs["secret_key"] = s.keys[:2]
+        if s.keys[2] is not None:
+            kwargs["session_token"] = s.keys[2]
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -257,21 +277,15 @@ def _s3_client(cfg: StorageConfig | None):
     """A boto3 S3 client with the same endpoint, region and credentials as the pyarrow filesystem."""
     import boto3
 
-    cfg = cfg or StorageConfig()
-    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict = {"endpoint_url": endpoint}
-    region = cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs["region_name"] = region or ("us-east-1" if endpoint else None)
-    if cfg.anonymous:
+    s = _s3_settings(cfg or StorageConfig())
+    kwargs: dict = {"endpoint_url": s.endpoint, "region_name": s.region}
+    if s.anonymous:
         from botocore import UNSIGNED
         from botocore.config import Config
 
         kwargs["config"] = Config(signature_version=UNSIGNED)
-    elif cfg.access_key_id is not None and cfg.secret_access_key is not None:
-        kwargs["aws_access_key_id"] = cfg.access_key_id.get_secret_value()
-        kwargs["aws_secret_access_key"] = cfg.secret_access_key.get_secret_value()
-        if cfg.session_token is not None:
-            kwargs["aws_session_token"] = cfg.session_token.get_secret_value()
+    elif s.keys is not None:
+        kwargs["aws_access_key_id"], kwargs["aws_secret_access_key"], kwargs["aws_session_token"] = s.keys
     return boto3.client("s3", **kwargs)
 
 

@@ -119,14 +119,20 @@ def test_refresh_on_s3_matches_plain_torch(ray_local, s3):
     assert again.files_done_now == 0 and again.skipped_files == 4
 
 
-def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
+def interrupted_refresh(tmp_path, fail_after: int):
+    """A 6-file refresh (one actor) that dies after ``fail_after`` committed files: ``(cfg, out)``."""
     src = make_source(str(tmp_path / "old"), None, files=6, rows=100)
     make_module(str(tmp_path / "psi.pt"), None)
     out = tmp_path / "new"
     cfg = cfg_for(src, str(out), str(tmp_path / "psi.pt"), None)
     cfg.pool.max_actors = 1
     with pytest.raises(Exception, match="injected failure"):
-        run_refresh(cfg, progress=False, fail_after_files=2)
+        run_refresh(cfg, progress=False, fail_after_files=fail_after)
+    return cfg, out
+
+
+def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
+    cfg, out = interrupted_refresh(tmp_path, 2)
     committed = sorted(p.name for p in (out / "_parts").glob("*.json"))
     assert len(committed) == 2
     assert not (out / "_manifest.json").exists()

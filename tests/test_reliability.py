@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from test_cli_gallery import run as cli
-from test_refresh import DIM, cfg_for, make_module, make_source, source_table
+from test_refresh import DIM, cfg_for, interrupted_refresh, make_module, make_source, source_table
 
 from dmu_ray.config import ConfigError, EvaluateConfig, RefreshConfig, parse_config
 from dmu_ray.evaluate.job import check_inputs, run_evaluation
@@ -146,13 +146,7 @@ def test_manifests_that_do_not_add_up_are_refused(tmp_path):
 
 
 def test_resume_redoes_commits_whose_files_are_gone_or_changed(ray_local, tmp_path):
-    src = make_source(str(tmp_path / "old"), None, files=6, rows=100)
-    make_module(str(tmp_path / "psi.pt"), None)
-    out = tmp_path / "new"
-    cfg = cfg_for(src, str(out), str(tmp_path / "psi.pt"), None)
-    cfg.pool.max_actors = 1
-    with pytest.raises(Exception, match="injected failure"):
-        run_refresh(cfg, progress=False, fail_after_files=3)
+    cfg, out = interrupted_refresh(tmp_path, 3)
     committed = sorted(p.name[: -len(".json")] for p in (out / "_parts").glob("*.json"))
     assert len(committed) == 3
     (out / committed[0]).unlink()  # a committed output deleted

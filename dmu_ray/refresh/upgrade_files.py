@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -95,14 +96,13 @@ def read_record(out: Location, rel: str) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) else None
 
 
-def sha256_of(loc: Location, chunk: int = 8 << 20) -> tuple[int, str]:
-    """``(bytes, sha256 hex)`` of a file, streamed."""
-    h, n = hashlib.sha256(), 0
+def sha256_of(loc: Location, chunk: int = 8 << 20) -> str:
+    """The sha256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
     with loc.fs.open_input_stream(loc.path) as f:
         while block := f.read(chunk):
             h.update(block)
-            n += len(block)
-    return n, h.hexdigest()
+    return h.hexdigest()
 
 
 def _check_entry(out: Location, d: Any, want_path: str) -> str | None:
@@ -113,11 +113,11 @@ def _check_entry(out: Location, d: Any, want_path: str) -> str | None:
     except StorageError as err:
         return str(err)
     info = loc.fs.get_file_info(loc.path)
-    if info.type.name != "File":
+    if info.type != pafs.FileType.File:
         return f"{loc.uri} is missing"
     if info.size != d.get("bytes"):
         return f"{loc.uri} has {info.size} bytes, the record says {d.get('bytes')}"
-    if sha256_of(loc)[1] != d.get("sha256"):
+    if sha256_of(loc) != d.get("sha256"):
         return f"{loc.uri}: sha256 differs from the record"
     return None
 
