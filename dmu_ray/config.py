@@ -266,6 +266,11 @@ class TrainConfig(StrictModel):
     )
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
+    embed_pool: ActorPoolConfig = Field(
+        default_factory=lambda: ActorPoolConfig(batch_size=256),
+        description="actors embedding training images before training starts (UniBCT's prototypes, "
+        "old-classifier prototypes)",
+    )
     max_failures: int = Field(default=2, ge=-1, description="worker failures to recover from (-1: unlimited)")
     failure_drill_epoch: int | None = Field(
         default=None, ge=1, description="kill one worker once during this epoch, to exercise recovery"

@@ -18,7 +18,7 @@ and the catalog import torch lazily, so loading a config stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from dmu_ray.train.trainee import Trainee
 
-__all__ = ["Method", "CompatibilityMethod", "UpgradeModuleFields", "METHODS", "register_method"]
+__all__ = ["Method", "CompatibilityMethod", "OldClassifierFields", "UpgradeModuleFields", "METHODS", "register_method"]
 
 #: Registered methods by name, in registration order.
 METHODS: dict[str, type[Method]] = {}
@@ -106,14 +106,17 @@ class Method(StrictModel):
         head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
         return model, head
 
-    def frozen_old(self, cfg: Any):
-        """``(artefact, old model, old classifier or None)``, the model frozen. Training batches
-        are normalised for the new model (0.5/0.5) at the data set's size; an old model whose card
-        asks for other preprocessing gets its input re-normalised (and resized) on the way in."""
+    def frozen_old(self, cfg: Any, info: dict[str, Any] | None = None):
+        """``(artefact, old model, old classifier or None)``, the model frozen: the artefact at
+        ``info["old_classifier"]`` when :meth:`prepare` built a classifier for it, else
+        ``old_model``. Training batches are normalised for the new model (0.5/0.5) at the data
+        set's size; an old model whose card asks for other preprocessing gets its input
+        re-normalised (and resized) on the way in."""
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.embedding import Renormalized
 
-        art = load_artifact(self.old_model, cfg.storage, kind=EMBEDDING_MODEL)
+        uri = (info or {}).get("old_classifier") or self.old_model
+        art = load_artifact(uri, cfg.storage, kind=EMBEDDING_MODEL)
         old_model, old_head = build_embedding_model(art)
         old_model.requires_grad_(False)
         pre = art.card.preprocessing
@@ -151,9 +154,26 @@ class UpgradeModuleFields(StrictModel):
     )
 
 
+class OldClassifierFields(StrictModel):
+    """Fields of a method that trains against the old classifier (BCT, DMU)."""
+
+    new_classes: Literal["extend", "exclude"] = Field(
+        default="extend",
+        description="classes of this run the old classifier does not know: 'extend' gives them "
+        "old-space rows from the old model's class-mean features (BCT's extension, as published), "
+        "'exclude' leaves their samples out of the compatibility term",
+    )
+
+
 class CompatibilityMethod(Method):
     """A new model trained with a compatibility term against the frozen old model and its
-    classifier (BCT's recipe); subclasses define the term in :meth:`loss` and may add psi."""
+    classifier (BCT's recipe); subclasses define the term in :meth:`loss` and may add psi.
+
+    With :attr:`needs_old_classifier` (and :class:`OldClassifierFields`), :meth:`prepare` builds
+    the classifier rows the old model lacks from class prototypes
+    (:mod:`dmu_ray.methods.old_classifier`): all of them for an imported model without
+    classifier, and those of classes it never saw when ``new_classes`` is ``extend`` (BCT's
+    extension)."""
 
     compat_weight: float = Field(default=1.0, ge=0, description="lambda of the compatibility term")
 
@@ -161,13 +181,57 @@ class CompatibilityMethod(Method):
         """The upgrade module trained jointly, or None (default)."""
         return None
 
+    def prepare(self, plan: Any, progress: bool = True) -> dict[str, Any]:
+        """Old-classifier rows from prototypes where needed (see the class docstring); the
+        artefact is written to the run folder and reused when the run resumes."""
+        if not self.needs_old_classifier:
+            return {}
+        import numpy as np
+
+        from dmu_ray.data.splits import split_mask
+        from dmu_ray.methods.old_classifier import (
+            build_old_classifier,
+            covered_classes,
+            reusable_old_classifier,
+        )
+
+        cfg, old = plan.cfg, plan.old
+        covered = covered_classes(old, plan.data.num_classes)
+        present = np.asarray(plan.trained_classes, dtype=bool)
+        if not old.card.has_classifier:
+            build = present
+        elif getattr(self, "new_classes", "exclude") == "extend":
+            build = present & ~covered
+        else:
+            return {}
+        if not build.any():
+            return {}
+        dest = f"{plan.run_uri}/old_classifier.pt"
+        if reusable_old_classifier(dest, old, build, cfg.storage) is None:
+            ids, labels = plan.train_ids_labels()
+            d = cfg.data
+            mine = split_mask(d.split, d.role, ids, labels, d.old_fraction, d.split_seed) & build[labels]
+            build_old_classifier(
+                old,
+                plan.train_loc.uri,
+                dest,
+                build=build,
+                only_ids=ids[mine],
+                head=(cfg.model.head, cfg.model.s, cfg.model.m),
+                storage=cfg.storage,
+                pool=cfg.embed_pool,
+                progress=progress,
+            )
+        return {"old_classifier": dest}
+
     def build(self, cfg: Any, info: dict[str, Any]):
         import torch
 
+        from dmu_ray.methods.old_classifier import covered_classes
         from dmu_ray.train.trainee import Trainee
 
-        art, old_model, old_head = self.frozen_old(cfg)
+        art, old_model, old_head = self.frozen_old(cfg, info)
         model, head = self.fresh_model(cfg, info)
-        old_classes = torch.tensor(art.card.trained_classes or [True] * info["num_classes"])
+        old_classes = torch.from_numpy(covered_classes(art, info["num_classes"]))
         psi = self.make_psi(old_model.dim, cfg.model.dim)
         return Trainee(model, head, self, psi=psi, old_head=old_head, old_classes=old_classes), old_model

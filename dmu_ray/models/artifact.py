@@ -128,8 +128,9 @@ def save_embedding_model(
 
 def build_embedding_model(art: Artifact):
     """``(model, classifier)`` of an artefact, weights loaded, in eval mode: dmu-ray's own
-    ``EmbeddingModel`` and ``MarginHead``, or an imported network (any model source) as an
-    :class:`~dmu_ray.models.sources.ImportedEmbedding` and None when it has no classifier."""
+    ``EmbeddingModel`` or an imported network (any model source) as an
+    :class:`~dmu_ray.models.sources.ImportedEmbedding`, and its ``MarginHead`` (None when it has
+    no classifier)."""
     from dmu_ray.models.embedding import EmbeddingModel
     from dmu_ray.models.heads import MarginHead
 
@@ -143,12 +144,18 @@ def build_embedding_model(art: Artifact):
             net = SOURCES[c.source](c.architecture or "").from_artifact(art.state_dict)
         except (SourceError, RuntimeError, KeyError) as err:
             raise ArtifactError(f"{art.uri}: imported model does not load ({err})") from None
-        return ImportedEmbedding(net, c.dim, c.in_channels).eval(), None
+        model = ImportedEmbedding(net, c.dim, c.in_channels).eval()
+    else:
+        try:
+            model = EmbeddingModel(c.backbone, c.dim, c.in_channels)
+            model.load_state_dict({k[6:]: v for k, v in art.state_dict.items() if k.startswith("model.")})
+        except (AttributeError, RuntimeError, ValueError) as err:
+            raise ArtifactError(f"{art.uri}: embedding model does not load ({err})") from None
+    if not c.has_classifier:  # an imported model without one (methods/old_classifier.py builds one)
+        return model, None
     try:
-        model = EmbeddingModel(c.backbone, c.dim, c.in_channels)
         head = MarginHead(c.dim, c.num_classes, c.head, c.s, c.m)
-        model.load_state_dict({k[6:]: v for k, v in art.state_dict.items() if k.startswith("model.")})
         head.load_state_dict({k[11:]: v for k, v in art.state_dict.items() if k.startswith("classifier.")})
     except (AttributeError, RuntimeError, ValueError) as err:
-        raise ArtifactError(f"{art.uri}: embedding model does not load ({err})") from None
+        raise ArtifactError(f"{art.uri}: classifier does not load ({err})") from None
     return model.eval(), head.eval()

@@ -75,6 +75,13 @@ class EmbeddingCard(_Card):
     imported_from: str | None = None
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
     trained_classes: list[bool] | None = None
+    classifier_classes: list[bool] | None = Field(
+        default=None, description="classes whose classifier rows are meaningful (None: all)"
+    )
+    prototype_classes: list[bool] | None = Field(
+        default=None, description="classifier rows that are old-feature class means (built here)"
+    )
+    derived_from: str | None = Field(default=None, description="ident of the artefact this was built from")
     method: str | None = None
     epochs: int | None = None
     old_model: dict[str, Any] | None = None
@@ -86,10 +93,10 @@ class EmbeddingCard(_Card):
     def _consistent(self) -> EmbeddingCard:
         if self.source == "dmu" and (self.backbone is None or self.num_classes is None or self.head is None):
             raise ValueError("a dmu-ray model needs backbone, num_classes and head")
-        if self.trained_classes is not None and len(self.trained_classes) != self.num_classes:
-            raise ValueError(
-                f"trained_classes has {len(self.trained_classes)} entries for {self.num_classes} classes"
-            )
+        for name in ("trained_classes", "classifier_classes", "prototype_classes"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.num_classes:
+                raise ValueError(f"{name} has {len(v)} entries for {self.num_classes} classes")
         if not self.preprocessing.fits(self.in_channels):
             raise ValueError(f"preprocessing mean/std must have 1 or {self.in_channels} values")
         return self

@@ -44,6 +44,12 @@ class TrainPlan:
     old: Artifact | None
     run_uri: str
     new: Artifact | None = None  # fastfill: the frozen new model the transformation targets
+    ids: np.ndarray | None = None  # of every training row, and their labels
+    labels: np.ndarray | None = None
+
+    def train_ids_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and labels of every row of the training part (both sides of the split)."""
+        return self.ids, self.labels
 
     @property
     def export_uri(self) -> str:
@@ -78,12 +84,6 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
                 f"model.dim is {cfg.model.dim} but the old model {old.uri} embeds in {c.dim} dims; "
                 f"{method.name} compares new and old vectors directly, so they must match"
             )
-        if method.needs_old_classifier and not c.has_classifier:
-            raise ConfigError(
-                f"method.old_model: {old.uri} has no classifier ({c.source} model imported without one), and "
-                f"{method.name} trains against the old classifier; use a method that needs none (l2, unibct) "
-                "until class prototypes can stand in for it"
-            )
         in_dim = method.upgrade_in_dim if isinstance(method, UpgradeModuleFields) else None
         if in_dim is not None and in_dim != c.dim:
             raise ConfigError(
@@ -93,7 +93,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         _fits_data("old", old, data)
     new = _check_new_model(cfg, data) if method.needs_new_model else None
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
-    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new)
+    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new, ids, labels)
 
 
 def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
@@ -240,7 +240,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise result.error
-    return export_run(plan, result.checkpoint, result.metrics or {})
+    return export_run(plan, result.checkpoint, result.metrics or {}, info)
 
 
 def _worker_desc(scaling: ScalingSection) -> str:
@@ -278,7 +278,7 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
 RUN_CONFIG = "_config.json"
 
 
-OPERATIONAL = {"storage", "ray_address", "scaling", "max_failures", "failure_drill_epoch"}
+OPERATIONAL = {"storage", "ray_address", "scaling", "embed_pool", "max_failures", "failure_drill_epoch"}
 
 
 def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
@@ -358,9 +358,9 @@ def _secrets(cfg: TrainConfig) -> dict[str, Any]:
     return {"storage": {**cfg.storage.model_dump(mode="json"), **raw}}
 
 
-def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any]) -> dict[str, Any]:
+def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """Write ``export/model.pt`` (embedding model + classifier + card) and, for DMU with
-    adaptation, ``export/upgrade.pt``, from the final checkpoint."""
+    adaptation, ``export/upgrade.pt``, from the final checkpoint (``info``: what the workers got)."""
     import os
 
     import torch
@@ -368,7 +368,6 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any]) -> dict[str
     from dmu_ray.train.loop import STATE_FILE, build_trainee
 
     cfg = plan.cfg
-    info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
     trainee, _ = build_trainee(cfg, info)
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
@@ -385,6 +384,7 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any]) -> dict[str
         },
         "trained_classes": plan.trained_classes,
         "old_model": {"uri": plan.old.uri, "id": plan.old.ident} if plan.old else None,
+        "old_classifier": info.get("old_classifier"),
         "epochs": int(state["epoch"]) + 1,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "history": state.get("history", []),

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from dmu_ray.methods.base import CompatibilityMethod, register_method
+from dmu_ray.methods.base import CompatibilityMethod, OldClassifierFields, register_method
 
 
 @register_method
-class BCT(CompatibilityMethod):
+class BCT(CompatibilityMethod, OldClassifierFields):
     """Backward-compatible training: every sample of a known class constrained alike."""
 
     name: Literal["bct"] = "bct"

@@ -9,11 +9,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from dmu_ray.methods.base import CompatibilityMethod, UpgradeModuleFields, register_method
+from dmu_ray.methods.base import CompatibilityMethod, OldClassifierFields, UpgradeModuleFields, register_method
 
 
 @register_method
-class DMU(CompatibilityMethod, UpgradeModuleFields):
+class DMU(CompatibilityMethod, OldClassifierFields, UpgradeModuleFields):
     """Selective backward compatibility + forward adaptation."""
 
     name: Literal["dmu"] = "dmu"

@@ -34,7 +34,9 @@ class UniBCT(CompatibilityMethod):
 
         cfg = plan.cfg
         d = cfg.data
-        ids, labels, feats = embed_images(plan.train_loc.uri, self.old_model, storage=cfg.storage)
+        ids, labels, feats = embed_images(
+            plan.train_loc.uri, self.old_model, storage=cfg.storage, pool=cfg.embed_pool
+        )
         mask = split_mask(d.split, d.role, ids, labels, d.old_fraction, d.split_seed)
         protos, present = refine_prototypes(
             feats[mask],

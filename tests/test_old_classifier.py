@@ -1,0 +1,103 @@
+"""Old classifiers from class prototypes (issue 12 part 2, issue 13's BCT extension): an imported
+old model without classifier gets one built on Ray (class means of its features), and BCT/DMU
+extend an old classifier to the classes it never saw unless told not to."""
+
+import numpy as np
+import pytest
+import torch
+from test_model_sources import TinyNet
+from test_train import config
+
+from dmu_ray.data.importers import import_digits
+from dmu_ray.models.artifact import build_embedding_model, load_artifact, save_embedding_model
+from dmu_ray.models.embedding import EmbeddingModel
+from dmu_ray.models.heads import MarginHead
+from dmu_ray.models.inference import embed_images
+from dmu_ray.models.sources import import_model_artifact
+from dmu_ray.train.job import plan_training, run_training
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "digits"
+    import_digits(str(path), image_size=16)
+    return str(path)
+
+
+def class_means(feats: np.ndarray, labels: np.ndarray, classes) -> np.ndarray:
+    out = np.stack([feats[labels == c].mean(0) for c in classes])
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path, digits):
+    torch.manual_seed(2)
+    torch.jit.script(TinyNet(dim=32).eval()).save(str(tmp_path / "deployed.pt"))
+    old = str(tmp_path / "old.pt")
+    import_model_artifact(
+        str(tmp_path / "deployed.pt"), old, model_id="prod-v1", channels=1, size=24, mean=[0.4], std=[0.3]
+    )
+    assert not load_artifact(old).card.has_classifier
+    out = run_training(
+        config("dmu", str(tmp_path / "runs"), digits, optim={"epochs": 1}, method={"name": "dmu", "old_model": old}),
+        progress=False,
+    )
+    # the prototype classifier: the old network, one row per class = mean old feature of the class
+    built = load_artifact(str(tmp_path / "runs" / "dmu" / "old_classifier.pt"))
+    c = built.card
+    assert c.prototype_classes == [True] * 10 and c.classifier_classes == [True] * 10
+    assert c.derived_from == load_artifact(old).ident and c.id == "prod-v1"
+    ids, labels, feats = embed_images(f"{digits}/train", old)
+    _, head = build_embedding_model(built)
+    np.testing.assert_allclose(head.weight.detach().numpy(), class_means(feats, labels, range(10)), atol=1e-5)
+    # DMU trained against it: compatibility and discriminativeness were measured
+    m = out["metrics"]
+    assert m["compat"] > 0 and 0 < m["old_d"] <= 1 and "upgrade" in m
+    card = load_artifact(out["model"]).card
+    assert card.old_model["id"].startswith("prod-v1@") and card.old_classifier.endswith("old_classifier.pt")
+    # a resumed run reuses it (same file, not rebuilt)
+    before = (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns
+    plan = plan_training(
+        config("dmu", str(tmp_path / "runs"), digits, optim={"epochs": 1}, method={"name": "dmu", "old_model": old})
+    )
+    assert plan.cfg.method.prepare(plan, progress=False)["old_classifier"].endswith("old_classifier.pt")
+    assert (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns == before
+
+
+def test_bct_extends_the_old_classifier_to_new_classes_unless_told_not_to(ray_local, tmp_path, digits):
+    """An old dmu-ray model that knew classes 0-5 only: BCT (extended-class, all classes) gets
+    rows 6-9 from the old model's class means, keeps rows 0-5 as trained; 'exclude' builds none."""
+    torch.manual_seed(3)
+    model, head = EmbeddingModel("small", 32, 1).eval(), MarginHead(32, 10)
+    known = [c < 6 for c in range(10)]
+    old = str(tmp_path / "old.pt")
+    save_embedding_model(old, model, head, {"id": "old", "trained_classes": known})
+    runs = str(tmp_path / "runs")
+    for method in ("bct", "dmu"):
+        plan = plan_training(config(method, runs, digits, method={"name": method, "old_model": old}))
+        info = plan.cfg.method.prepare(plan, progress=False)
+        built = load_artifact(info["old_classifier"])
+        assert built.card.prototype_classes == [not k for k in known]
+        assert built.card.classifier_classes == [True] * 10
+        w = built.state_dict["classifier.weight"].numpy()
+        np.testing.assert_array_equal(w[:6], head.weight.detach().numpy()[:6])
+        ids, labels, feats = embed_images(f"{digits}/train", old)
+        np.testing.assert_allclose(w[6:], class_means(feats, labels, range(6, 10)), atol=1e-5)
+        trainee, _ = plan.cfg.method.build(plan.cfg, {"num_classes": 10, "channels": 1, **info})
+        assert trainee.old_classes.all()
+    plan = plan_training(
+        config("bct-x", runs, digits, method={"name": "bct", "old_model": old, "new_classes": "exclude"})
+    )
+    assert plan.cfg.method.prepare(plan, progress=False) == {}
+    trainee, _ = plan.cfg.method.build(plan.cfg, {"num_classes": 10, "channels": 1})
+    assert trainee.old_classes.tolist() == known
+
+
+def test_new_classes_is_only_a_field_of_methods_with_an_old_classifier(tmp_path, digits):
+    from dmu_ray.config import ConfigError, parse_config
+    from dmu_ray.config import TrainConfig
+
+    base = config("x", str(tmp_path), digits).model_dump(mode="json")
+    with pytest.raises(ConfigError, match=r"method\.new_classes: unknown key"):
+        parse_config(TrainConfig, {**base, "method": {"name": "l2", "old_model": "o.pt", "new_classes": "extend"}})
+    with pytest.raises(ConfigError, match=r"method\.new_classes"):
+        parse_config(TrainConfig, {**base, "method": {"name": "bct", "old_model": "o.pt", "new_classes": "all"}})
