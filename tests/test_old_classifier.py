@@ -38,7 +38,13 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
     )
     assert not load_artifact(old).card.has_classifier
     out = run_training(
-        config("dmu", str(tmp_path / "runs"), digits, optim={"epochs": 1}, method={"name": "dmu", "old_model": old}),
+        config(
+            "dmu",
+            str(tmp_path / "runs"),
+            digits,
+            optim={"epochs": 1},
+            method={"name": "dmu", "old_model": old},
+        ),
         progress=False,
     )
     # the prototype classifier: the old network, one row per class = mean old feature of the class
@@ -57,7 +63,13 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
     # a resumed run reuses it (same file, not rebuilt)
     before = (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns
     plan = plan_training(
-        config("dmu", str(tmp_path / "runs"), digits, optim={"epochs": 1}, method={"name": "dmu", "old_model": old})
+        config(
+            "dmu",
+            str(tmp_path / "runs"),
+            digits,
+            optim={"epochs": 1},
+            method={"name": "dmu", "old_model": old},
+        )
     )
     assert plan.cfg.method.prepare(plan, progress=False)["old_classifier"].endswith("old_classifier.pt")
     assert (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns == before
@@ -93,11 +105,14 @@ def test_bct_extends_the_old_classifier_to_new_classes_unless_told_not_to(ray_lo
 
 
 def test_new_classes_is_only_a_field_of_methods_with_an_old_classifier(tmp_path, digits):
-    from dmu_ray.config import ConfigError, parse_config
-    from dmu_ray.config import TrainConfig
+    from dmu_ray.config import ConfigError, TrainConfig, parse_config
 
     base = config("x", str(tmp_path), digits).model_dump(mode="json")
     with pytest.raises(ConfigError, match=r"method\.new_classes: unknown key"):
-        parse_config(TrainConfig, {**base, "method": {"name": "l2", "old_model": "o.pt", "new_classes": "extend"}})
+        parse_config(
+            TrainConfig, {**base, "method": {"name": "l2", "old_model": "o.pt", "new_classes": "extend"}}
+        )
     with pytest.raises(ConfigError, match=r"method\.new_classes"):
-        parse_config(TrainConfig, {**base, "method": {"name": "bct", "old_model": "o.pt", "new_classes": "all"}})
+        parse_config(
+            TrainConfig, {**base, "method": {"name": "bct", "old_model": "o.pt", "new_classes": "all"}}
+        )

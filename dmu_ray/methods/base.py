@@ -30,7 +30,14 @@ if TYPE_CHECKING:
 
     from dmu_ray.train.trainee import Trainee
 
-__all__ = ["Method", "CompatibilityMethod", "OldClassifierFields", "UpgradeModuleFields", "METHODS", "register_method"]
+__all__ = [
+    "Method",
+    "CompatibilityMethod",
+    "OldClassifierFields",
+    "UpgradeModuleFields",
+    "METHODS",
+    "register_method",
+]
 
 #: Registered methods by name, in registration order.
 METHODS: dict[str, type[Method]] = {}

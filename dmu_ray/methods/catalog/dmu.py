@@ -9,7 +9,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from dmu_ray.methods.base import CompatibilityMethod, OldClassifierFields, UpgradeModuleFields, register_method
+from dmu_ray.methods.base import (
+    CompatibilityMethod,
+    OldClassifierFields,
+    UpgradeModuleFields,
+    register_method,
+)
 
 
 @register_method
