@@ -198,13 +198,58 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """The new (or old) embedding model and its classifier."""
+    """The new (or old) embedding model and its classifier. The backbone starts from random
+    weights, from a library's pretrained weights (``pretrained``), or from a state-dict file
+    (``weights``); the embedding layer and classifier always start fresh."""
 
-    backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
+    backbone: str = Field(
+        default="small",
+        description="dmu-ray's small, resnet18, resnet34, resnet50 (adapted to any channel count), or a "
+        "library architecture: torchvision:NAME, timm:NAME",
+    )
+    pretrained: str | None = Field(
+        default=None,
+        description="a torchvision:/timm: backbone's library weights, fetched by the library on the cluster: "
+        "'default', or a torchvision weights name such as ResNet50_Weights.IMAGENET1K_V2",
+    )
+    weights: str | None = Field(
+        default=None, description="URI (local or s3://) of a state-dict file for the backbone"
+    )
+    mean: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        description="input normalisation (x - mean) / std; default: the library's for torchvision:/timm: "
+        "backbones (ImageNet's), 0.5 for dmu-ray's",
+    )
+    std: list[float] | None = Field(default=None, min_length=1)
     dim: int = Field(default=128, ge=2)
     head: Literal["arcface", "cosface", "softmax"] = "arcface"
     s: float = Field(default=30.0, gt=0)
     m: float = Field(default=0.3, ge=0, lt=1.5)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from dmu_ray.models.backbone_names import BACKBONES, is_library_backbone
+
+        if v in BACKBONES or is_library_backbone(v):
+            return v
+        raise ValueError(f"must be one of {', '.join(BACKBONES)}, or torchvision:NAME / timm:NAME")
+
+    @model_validator(mode="after")
+    def _one_init(self) -> ModelConfig:
+        if self.pretrained and self.weights:
+            raise ValueError("give pretrained (library weights) or weights (a file), not both")
+        if self.pretrained and ":" not in self.backbone:
+            raise ValueError(
+                f"pretrained names library weights and needs a torchvision:/timm: backbone, not {self.backbone!r} "
+                "(use weights: URI for a state-dict file)"
+            )
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.std is not None and any(x <= 0 for x in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
 
 
 class OptimConfig(StrictModel):

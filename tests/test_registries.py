@@ -56,7 +56,12 @@ def test_every_catalog_file_registers_one_method_of_its_name():
 
 
 def test_name_lists_have_one_source():
-    assert set(literal(ModelConfig, "backbone")) == set(BACKBONES)
+    assert set(literal(LifecycleConfig, "backbone")) == set(BACKBONES)
+    for name in (*BACKBONES, "torchvision:resnet18", "timm:resnet18"):
+        assert ModelConfig(backbone=name).backbone == name
+    for bad in ("resnet", "timm:", "keras:resnet50"):
+        with pytest.raises(ValueError, match="torchvision:NAME / timm:NAME"):
+            ModelConfig(backbone=bad)
     assert set(literal(ModelConfig, "head")) == set(HEADS)
     assert literal(DataConfig, "split") == SPLITS
     assert set(literal(LifecycleConfig, "split")) == set(SPLITS) - {"all"}

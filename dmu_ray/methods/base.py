@@ -105,20 +105,26 @@ class Method(StrictModel):
 
     @staticmethod
     def fresh_model(cfg: Any, info: dict[str, Any]):
-        """A fresh new embedding model and margin classifier as ``cfg.model`` describes."""
+        """A new embedding model and margin classifier as ``cfg.model`` describes, its backbone
+        loaded with ``model.pretrained``/``model.weights`` when given (unless
+        ``info["init_backbone"]`` is False: a checkpoint will overwrite it anyway)."""
+        from dmu_ray.models.backbones import initial_backbone_state, load_backbone_weights
         from dmu_ray.models.embedding import EmbeddingModel
         from dmu_ray.models.heads import MarginHead
 
         model = EmbeddingModel(cfg.model.backbone, cfg.model.dim, info["channels"])
         head = MarginHead(cfg.model.dim, info["num_classes"], cfg.model.head, cfg.model.s, cfg.model.m)
+        init = initial_backbone_state(cfg.model, cfg.storage) if info.get("init_backbone", True) else None
+        if init is not None:
+            load_backbone_weights(model.backbone, cfg.model.backbone, *init)
         return model, head
 
     def frozen_old(self, cfg: Any, info: dict[str, Any] | None = None):
         """``(artefact, old model, old classifier or None)``, the model frozen: the artefact at
         ``info["old_classifier"]`` when :meth:`prepare` built a classifier for it, else
-        ``old_model``. Training batches are normalised for the new model (0.5/0.5) at the data
-        set's size; an old model whose card asks for other preprocessing gets its input
-        re-normalised (and resized) on the way in."""
+        ``old_model``. Training batches are normalised for the new model (``info["mean"]``,
+        ``info["std"]``; 0.5/0.5 by default) at the data set's size; an old model whose card asks
+        for other preprocessing gets its input re-normalised (and resized) on the way in."""
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.embedding import Renormalized
 
@@ -126,9 +132,10 @@ class Method(StrictModel):
         art = load_artifact(uri, cfg.storage, kind=EMBEDDING_MODEL)
         old_model, old_head = build_embedding_model(art)
         old_model.requires_grad_(False)
-        pre = art.card.preprocessing
-        if (pre.mean, pre.std, pre.size) != ([0.5], [0.5], None):
-            old_model = Renormalized(old_model, pre.mean, pre.std, pre.size)
+        pre, info = art.card.preprocessing, info or {}
+        batch_mean, batch_std = info.get("mean", [0.5]), info.get("std", [0.5])
+        if (pre.mean, pre.std, pre.size) != (batch_mean, batch_std, None):
+            old_model = Renormalized(old_model, pre.mean, pre.std, pre.size, batch_mean, batch_std)
         return art, old_model, old_head
 
     @staticmethod

@@ -27,20 +27,26 @@ class EmbeddingModel(nn.Module):
 
 
 class Renormalized(nn.Module):
-    """A frozen model fed batches normalised as ``(x - 0.5) / 0.5`` that expects its own
-    ``(x - mean) / std`` (and input side ``size``): the input is mapped back to [0, 1], resized
-    and normalised its way."""
+    """A frozen model fed batches normalised as ``(x - in_mean) / in_std`` (the new model's
+    preprocessing) that expects its own ``(x - mean) / std`` (and input side ``size``): the input
+    is mapped back to [0, 1], resized and normalised its way."""
 
     def __init__(
-        self, model: nn.Module, mean: list[float], std: list[float], size: int | None = None
+        self,
+        model: nn.Module,
+        mean: list[float],
+        std: list[float],
+        size: int | None = None,
+        in_mean: list[float] = (0.5,),
+        in_std: list[float] = (0.5,),
     ) -> None:
         super().__init__()
         self.model, self.dim, self.size = model, model.dim, size
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+        for name, v in (("mean", mean), ("std", std), ("in_mean", in_mean), ("in_std", in_std)):
+            self.register_buffer(name, torch.tensor(list(v), dtype=torch.float32).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * 0.5 + 0.5
+        x = x * self.in_std + self.in_mean
         if self.size is not None and x.shape[-1] != self.size:
             x = nn.functional.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", align_corners=False

@@ -22,7 +22,16 @@ from torch import nn
 
 from dmu_ray.models.card import EmbeddingCard, Preprocessing
 
-__all__ = ["SOURCES", "ModelSource", "ImportedEmbedding", "parse_source", "import_model", "SourceError"]
+__all__ = [
+    "SOURCES",
+    "ModelSource",
+    "ImportedEmbedding",
+    "parse_source",
+    "import_model",
+    "load_checked",
+    "read_state_dict",
+    "SourceError",
+]
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -80,27 +89,8 @@ class ModelSource:
         return {"mean": IMAGENET[0], "std": IMAGENET[1], "size": 224}
 
     def load(self, net: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-        """Load a state dict; keys of a classification layer the network no longer has are
-        dropped, anything else that does not fit is an error naming keys."""
-        own = net.state_dict()
-        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
-        extra = [k for k in state if k not in own]
-        missing = [k for k in own if k not in state]
-        head_like = [
-            k for k in extra if k.split(".")[0] in ("fc", "classifier", "head", "heads", "last_linear")
-        ]
-        extra = [k for k in extra if k not in head_like]
-        shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if extra or missing or shape:
-            parts = []
-            for what, keys in (("unexpected", extra), ("missing", missing), ("wrong shape", shape)):
-                if keys:
-                    parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
-            raise SourceError(
-                f"{where}: the state dict does not fit {self.prefix}:{self.name}: " + "; ".join(parts)
-            )
-        net.load_state_dict({k: v for k, v in state.items() if k in own})
-        return net
+        """Load a state dict (:func:`load_checked`)."""
+        return load_checked(net, state, where, f"{self.prefix}:{self.name}")
 
     def to_artifact(self, net: nn.Module) -> dict[str, torch.Tensor]:
         return {f"net.{k}": v.detach().cpu() for k, v in net.state_dict().items()}
@@ -109,6 +99,43 @@ class ModelSource:
         net = self.create()
         net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
         return net
+
+
+def read_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d state dict (or a training checkpoint holding one under ``state_dict`` or
+    ``model``), loaded with ``weights_only``; anything else is an error naming ``where``."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a state dict
+        raise SourceError(f"{where}: not a state dict ({type(err).__name__}: {str(err)[:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]  # a training checkpoint around the state dict
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SourceError(f"{where}: not a state dict of tensors")
+    return state
+
+
+def load_checked(net: nn.Module, state: dict[str, torch.Tensor], where: str, what: str) -> nn.Module:
+    """Load a state dict into ``net`` (``what`` names it in errors): keys of a classification
+    layer the network no longer has are dropped, a ``module.`` prefix (saved from DDP) is
+    removed, anything else that does not fit is an error naming keys."""
+    own = net.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    extra = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    head_like = [k for k in extra if k.split(".")[0] in ("fc", "classifier", "head", "heads", "last_linear")]
+    extra = [k for k in extra if k not in head_like]
+    shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if extra or missing or shape:
+        parts = []
+        for kind, keys in (("unexpected", extra), ("missing", missing), ("wrong shape", shape)):
+            if keys:
+                parts.append(f"{len(keys)} {kind} (e.g. {', '.join(keys[:3])})")
+        raise SourceError(f"{where}: the state dict does not fit {what}: " + "; ".join(parts))
+    net.load_state_dict({k: v for k, v in state.items() if k in own})
+    return net
 
 
 @register_source
@@ -237,17 +264,7 @@ def import_model(
     else:
         net = src.create()
         if weights is not None:
-            try:
-                state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-            except Exception as err:  # torch raises several types for a file that is not a state dict
-                raise SourceError(
-                    f"{where}: not a state dict ({type(err).__name__}: {str(err)[:200]})"
-                ) from None
-            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-                state = state["state_dict"]  # a training checkpoint around the state dict
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise SourceError(f"{where}: not a state dict of tensors")
-            net = src.load(net, state, where)
+            net = src.load(net, read_state_dict(weights, where), where)
         elif pretrained is not None:
             if prefix != "torchvision":
                 raise SourceError("--pretrained names torchvision weights; for timm pass a weights file")

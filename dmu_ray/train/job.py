@@ -46,6 +46,19 @@ class TrainPlan:
     new: Artifact | None = None  # fastfill: the frozen new model the transformation targets
     ids: np.ndarray | None = None  # of every training row, and their labels
     labels: np.ndarray | None = None
+    mean: list[float] | None = None  # the new model's input normalisation
+    std: list[float] | None = None
+
+    def info(self) -> dict[str, Any]:
+        """What every worker (and the export) needs to build the trainee, before the method's
+        :meth:`~dmu_ray.methods.base.Method.prepare` adds its part."""
+        return {
+            "num_classes": self.data.num_classes,
+            "channels": self.data.channels,
+            "rows": self.rows,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
     def train_ids_labels(self) -> tuple[np.ndarray, np.ndarray]:
         """Ids and labels of every row of the training part (both sides of the split)."""
@@ -92,8 +105,74 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
             )
         _fits_data("old", old, data)
     new = _check_new_model(cfg, data) if method.needs_new_model else None
+    if new is not None:  # the frozen new model sees images as it was trained to
+        mean, std = new.card.preprocessing.mean, new.card.preprocessing.std
+    else:
+        mean, std = _check_backbone(cfg, data)
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
-    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new, ids, labels)
+    return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new, ids, labels, mean, std)
+
+
+def _check_backbone(cfg: TrainConfig, data: DatasetInfo) -> tuple[list[float], list[float]]:
+    """The backbone builds, runs on the data's images, and takes the ``model.weights`` file (a
+    library's named weights are checked by name only: they are fetched on the workers); returns
+    the input normalisation (``model.mean``/``std``, else the backbone's own)."""
+    import torch
+
+    from dmu_ray.models.backbones import default_preprocessing, initial_backbone_state, load_backbone_weights
+    from dmu_ray.models.embedding import EmbeddingModel
+
+    m = cfg.model
+    try:
+        model = EmbeddingModel(m.backbone, m.dim, data.channels).eval()
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.backbone: {err}") from None
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, data.channels, data.image_size, data.image_size))
+    except Exception as err:  # an architecture that cannot take this input size
+        raise ConfigError(
+            f"model.backbone: {m.backbone} does not run on the data's {data.image_size}x{data.image_size} "
+            f"images ({type(err).__name__}: {str(err)[:200]})"
+        ) from None
+    try:
+        if m.pretrained:
+            _check_library_weights(m.backbone, m.pretrained)
+        elif m.weights:
+            load_backbone_weights(model.backbone, m.backbone, *initial_backbone_state(m, cfg.storage))
+    except ValueError as err:
+        raise ConfigError(str(err) if str(err).startswith("model.") else f"model.pretrained: {err}") from None
+    if m.mean is not None:
+        if any(len(v) not in (1, data.channels) for v in (m.mean, m.std)):
+            raise ConfigError(
+                f"model.mean/std: need 1 or {data.channels} values for {data.channels}-channel images"
+            )
+        return m.mean, m.std
+    return default_preprocessing(m.backbone, model.backbone, data.channels)
+
+
+def _check_library_weights(backbone: str, pretrained: str) -> None:
+    """A library weights name exists for the architecture (without fetching the weights)."""
+    prefix, _, arch = backbone.partition(":")
+    if prefix == "torchvision":
+        import torchvision
+
+        try:
+            enum = torchvision.models.get_model_weights(arch)
+            w = enum.DEFAULT if pretrained == "default" else torchvision.models.get_weight(pretrained)
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"torchvision has no weights {pretrained!r} for {arch} ({err})") from None
+        if w not in list(enum):
+            raise ValueError(
+                f"{pretrained} are not weights of torchvision's {arch} (those are {enum.__name__})"
+            )
+    elif pretrained != "default":
+        raise ValueError(f"for a timm backbone use 'default' (a tag goes in the name: timm:{arch}.TAG)")
+    else:
+        import timm
+
+        if not timm.list_pretrained(arch) and not timm.list_pretrained(f"{arch}.*"):
+            raise ValueError(f"timm has no pretrained weights for {arch!r}")
 
 
 def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
@@ -139,8 +218,10 @@ def decode_split_batch(
     augment: bool,
     flip: bool,
     crop_scale: tuple[float, float],
+    mean: list[float],
+    std: list[float],
 ):
-    """Ray Data UDF: keep this run's side of the split, decode and augment the images."""
+    """Ray Data UDF: keep this run's side of the split, decode, augment and normalise the images."""
     import pyarrow as pa
 
     from dmu_ray.data.images import DecodeBatch
@@ -148,7 +229,9 @@ def decode_split_batch(
     m = split_mask(
         protocol, role, batch.column("id").to_numpy(), batch.column("label").to_numpy(), old_fraction, seed
     )
-    return DecodeBatch(size, channels, augment, flip, crop_scale)(batch.filter(pa.array(m)))
+    return DecodeBatch(size, channels, augment, flip, crop_scale, mean=mean, std=std)(
+        batch.filter(pa.array(m))
+    )
 
 
 def build_train_dataset(plan: TrainPlan):
@@ -169,6 +252,8 @@ def build_train_dataset(plan: TrainPlan):
             augment=c.augment,
             flip=c.flip,
             crop_scale=tuple(c.crop_scale),
+            mean=plan.mean,
+            std=plan.std,
         ),
         batch_format="pyarrow",
         batch_size=256,
@@ -209,7 +294,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     storage_loc = resolve(cfg.storage_path, cfg.storage)
     if not storage_loc.is_s3:
         storage_loc.fs.create_dir(storage_loc.path, recursive=True)
-    info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
+    info = plan.info()
     info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
@@ -368,7 +453,7 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
     from dmu_ray.train.loop import STATE_FILE, build_trainee
 
     cfg = plan.cfg
-    trainee, _ = build_trainee(cfg, info)
+    trainee, _ = build_trainee(cfg, {**info, "init_backbone": False})  # the checkpoint has the weights
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     trainee.load_state_dict(state["trainee"])
@@ -383,6 +468,7 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
             "seed": cfg.data.split_seed,
         },
         "trained_classes": plan.trained_classes,
+        "preprocessing": {"mean": plan.mean, "std": plan.std},
         "old_model": {"uri": plan.old.uri, "id": plan.old.ident} if plan.old else None,
         "old_classifier": info.get("old_classifier"),
         "epochs": int(state["epoch"]) + 1,

@@ -37,7 +37,7 @@ class FastFill(Method, UpgradeModuleFields):
         from dmu_ray.models.upgrade import UpgradeModule
         from dmu_ray.train.trainee import Trainee
 
-        _, old_model, _ = self.frozen_old(cfg)
+        _, old_model, _ = self.frozen_old(cfg, info)
         new_model, new_head = build_embedding_model(
             load_artifact(self.new_model, cfg.storage, kind=EMBEDDING_MODEL)
         )
