@@ -66,7 +66,7 @@ def test_name_lists_have_one_source():
     assert literal(DataConfig, "split") == SPLITS
     assert set(literal(LifecycleConfig, "split")) == set(SPLITS) - {"all"}
     assert literal(BackfillCurveSection, "policies") == BACKFILL_POLICIES == fastfill.POLICIES
-    assert set(choices("data", "import", "dataset")) == set(IMPORTERS)
+    assert set(choices("data", "import", "dataset")) == set(IMPORTERS) | {"folder", "table"}
     assert set(literal(LifecycleConfig, "dataset")) <= set(IMPORTERS)
     assert choices("demo", "dataset") == list(literal(LifecycleConfig, "dataset"))
     assert choices("demo", "split") == list(literal(LifecycleConfig, "split"))

@@ -91,14 +91,26 @@ def read_dataset_info(uri: str, storage: StorageConfig | None = None) -> Dataset
     return DatasetInfo(**d)
 
 
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """``size`` x ``size``: the shorter side resized to ``size`` (bilinear, antialiased when
+    shrinking) and the centre cropped, as torchvision's ``Resize(size)`` + ``CenterCrop(size)``."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    k = size / min(w, h)
+    nw, nh = max(size, round(w * k)), max(size, round(h * k))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
 def decode_images(blobs: list[bytes] | np.ndarray, size: int, channels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> float32 (N, C, size, size) in [0, 1]."""
+    """Encoded images (any format PIL reads) -> float32 (N, C, size, size) in [0, 1]; an image of
+    another size is fitted with :func:`fit_square` (a square one is simply resized)."""
     out = np.empty((len(blobs), channels, size, size), dtype=np.float32)
     mode = "L" if channels == 1 else "RGB"
     for i, b in enumerate(blobs):
-        img = Image.open(io.BytesIO(b)).convert(mode)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+        img = fit_square(Image.open(io.BytesIO(b)).convert(mode), size)
         a = np.asarray(img, dtype=np.float32) / 255.0
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
     return out
