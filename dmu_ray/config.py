@@ -145,7 +145,10 @@ class BackfillConfig(StrictModel):
 
     kind: Literal["backfill"] = "backfill"
     source: str = Field(description="URI of the committed old gallery prefix")
-    images: str = Field(description="image data set part holding the gallery's images (same ids)")
+    images: str = Field(
+        description="the gallery's images (same ids): an image data set part, or a table (.csv/.parquet) of "
+        "id,uri listing them (local paths or s3://; decoded at the new model's input size)"
+    )
     module: str = Field(description="URI of the transformation (an upgrade-module artefact)")
     new_model: str = Field(description="URI of the new model artefact (re-embeds the chosen rows)")
     old_model: str | None = Field(

@@ -4,6 +4,7 @@ digits data set) and real models, with everything on the loopback S3 server."""
 import json
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
@@ -153,3 +154,47 @@ def test_backfill_refuses_what_cannot_be_joined(ray_local, tmp_path):
     # ... which the random order does not
     res = run_backfill(config(u, out, None, module=plain, policy="random", fraction=0.0), progress=False)
     assert res.manifest.extra["backfill"]["rows_new"] == 0
+
+
+def test_backfill_re_embeds_from_a_uri_table(ray_local, tmp_path):
+    """The gallery's images listed by a table of id,uri (files anywhere, not a dmu-ray data set):
+    the backfill re-embeds from them exactly as from the data set part holding the same images."""
+    import pyarrow.parquet as pq
+
+    u = make_setup(str(tmp_path), None)
+    # the new model's card says its input size (as every model dmu-ray exports or imports does)
+    from dmu_ray.models.artifact import load_artifact, save_artifact
+
+    art = load_artifact(u["new"])
+    save_artifact(
+        u["new"], "embedding_model", art.state_dict, art.card.to_dict() | {"preprocessing": {"size": 16}}
+    )
+    imgs = pq.read_table(f"{u['data']}/gallery")
+    (tmp_path / "photos").mkdir()
+    lines = ["id,uri"]
+    for i, b in zip(imgs.column("id").to_pylist(), imgs.column("image").to_pylist(), strict=True):
+        (tmp_path / "photos" / f"{i}.png").write_bytes(b)
+        lines.append(f"{i},photos/{i}.png")
+    (tmp_path / "images.csv").write_text("\n".join(lines))
+    by_part = run_backfill(config(u, str(tmp_path / "g1"), None), progress=False)
+    by_table = run_backfill(
+        config(u, str(tmp_path / "g2"), None, images=str(tmp_path / "images.csv")), progress=False
+    )
+    assert (
+        by_table.manifest.extra["backfill"]["rows_new"] == by_part.manifest.extra["backfill"]["rows_new"] > 0
+    )
+    a, b = (Gallery.open(str(tmp_path / g)).read().sort_by("id") for g in ("g1", "g2"))
+    assert a.column("provenance").to_pylist() == b.column("provenance").to_pylist()
+    np.testing.assert_allclose(embedding_matrix(a.column(EMB)), embedding_matrix(b.column(EMB)), atol=1e-3)
+    # a listed image that cannot be read is an error naming it; nothing is committed
+    chosen = b.filter(pc.equal(b.column("provenance"), "new")).column("id")[0].as_py()
+    (tmp_path / "photos" / f"{chosen}.png").unlink()
+    with pytest.raises(Exception, match=rf"image of id {chosen} at .*{chosen}\.png: unreadable"):
+        run_backfill(
+            config(u, str(tmp_path / "g3"), None, images=str(tmp_path / "images.csv")), progress=False
+        )
+    assert not (tmp_path / "g3" / "_manifest.json").exists()
+    # a table without ids cannot be joined to the gallery
+    (tmp_path / "noid.csv").write_text("uri\nphotos/1.png\n")
+    with pytest.raises(BackfillError, match=r"images: .*noid\.csv: missing column\(s\) \['id'\]"):
+        run_backfill(config(u, str(tmp_path / "g4"), None, images=str(tmp_path / "noid.csv")), progress=False)

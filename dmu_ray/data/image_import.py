@@ -38,7 +38,15 @@ from dmu_ray.data.splits import unit_hash
 from dmu_ray.gallery import GalleryError, refuse_overlap, write_parquet_atomic
 from dmu_ray.storage import Location, read_bytes, resolve
 
-__all__ = ["ImportOptions", "list_folder", "read_table", "import_images", "read_quarantine", "QUARANTINE"]
+__all__ = [
+    "ImportOptions",
+    "is_table",
+    "list_folder",
+    "read_table",
+    "import_images",
+    "read_quarantine",
+    "QUARANTINE",
+]
 
 QUARANTINE = "_quarantine.parquet"
 
@@ -137,9 +145,19 @@ def list_folder(root: str, storage: StorageConfig | None = None) -> _Listing:
     return _Listing(table, names, loc.uri, {"layout": "parts/classes" if by_part else "classes"})
 
 
-def read_table(uri: str, storage: StorageConfig | None = None) -> _Listing:
+def is_table(uri: str) -> bool:
+    """Whether a URI names an image table (a ``.csv``/``.tsv``/``.parquet`` file) rather than a
+    data set folder."""
+    return uri.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet", ".pq"))
+
+
+def read_table(
+    uri: str, storage: StorageConfig | None = None, *, need_label: bool = True, need_id: bool = False
+) -> _Listing:
     """A Parquet or CSV table of ``uri,label[,id,part]`` (see the module docstring); clear errors
-    for a missing column, duplicate ids, a part other than train/query/gallery."""
+    for a missing column, duplicate ids, a part other than train/query/gallery. Without
+    ``need_label`` the label column may be absent (labels null: images to embed, not to train on);
+    with ``need_id`` the id column must be there (rows are joined to a gallery by it)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -157,11 +175,13 @@ def read_table(uri: str, storage: StorageConfig | None = None) -> _Listing:
             t = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as err:
         raise GalleryError(f"{loc.uri}: not a readable Parquet/CSV table ({err})") from None
-    missing = [c for c in ("uri", "label") if c not in t.column_names]
+    need = ["uri"] + (["label"] if need_label else []) + (["id"] if need_id else [])
+    missing = [c for c in need if c not in t.column_names]
     if missing:
-        raise GalleryError(
-            f"{loc.uri}: missing column(s) {missing} (need uri,label[,id,part]; has {t.column_names})"
-        )
+        want = "uri,label[,id,part]" if need_label else "id,uri[,label]"
+        raise GalleryError(f"{loc.uri}: missing column(s) {missing} (need {want}; has {t.column_names})")
+    if "label" not in t.column_names:
+        t = t.append_column("label", pa.nulls(t.num_rows, pa.int64()))
     n = t.num_rows
     if n == 0:
         raise GalleryError(f"{loc.uri}: the table has no rows")
@@ -203,7 +223,7 @@ def read_table(uri: str, storage: StorageConfig | None = None) -> _Listing:
         uris.append(u if "://" in u or u.startswith("/") else f"{folder}/{u}")
         reasons.append(None)
     reasons = [
-        r if r is not None or lb is not None else "no label"
+        r if r is not None or lb is not None or not need_label else "no label"
         for r, lb in zip(reasons, lab.to_pylist(), strict=True)
     ]
     table = pa.table(

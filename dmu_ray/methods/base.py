@@ -134,8 +134,9 @@ class Method(StrictModel):
         old_model.requires_grad_(False)
         pre, info = art.card.preprocessing, info or {}
         batch_mean, batch_std = info.get("mean", [0.5]), info.get("std", [0.5])
-        if (pre.mean, pre.std, pre.size) != (batch_mean, batch_std, None):
-            old_model = Renormalized(old_model, pre.mean, pre.std, pre.size, batch_mean, batch_std)
+        size = None if pre.size == info.get("image_size") else pre.size
+        if (pre.mean, pre.std, size) != (batch_mean, batch_std, None):
+            old_model = Renormalized(old_model, pre.mean, pre.std, size, batch_mean, batch_std)
         return art, old_model, old_head
 
     @staticmethod

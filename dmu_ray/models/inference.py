@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dmu_ray.config import ActorPoolConfig, StorageConfig
 from dmu_ray.data.images import DecodeBatch, read_dataset_info
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
-from dmu_ray.models.card import check_compatible
+from dmu_ray.models.card import EmbeddingCard, check_compatible
 from dmu_ray.storage import resolve
 
 
@@ -59,6 +60,50 @@ class _EmbedActor:
         return {"id": d["id"], "label": d["label"], "embedding": f}
 
 
+def image_source(
+    images_uri: str, card: EmbeddingCard, storage: StorageConfig | None = None
+) -> tuple[int, int, pa.Table | None]:
+    """``(decode size, channels, table or None)`` of the images a model embeds: a data set part
+    (``<data>/gallery``: size and channels from its ``_dataset.json``, checked against the model),
+    or a table of ``id,uri[,label]`` (a ``.csv``/``.parquet`` file: images anywhere, decoded at the
+    model's input size and channels, as in production)."""
+    from dmu_ray.data.image_import import is_table, read_table
+
+    where = {"new": f"{card.id} ({images_uri})"}
+    if not is_table(images_uri):
+        info = read_dataset_info(resolve(images_uri, storage).uri.rsplit("/", 1)[0], storage)
+        check_compatible(new=card, channels=info.channels, names=where)
+        return info.image_size, info.channels, None
+    if card.preprocessing.size is None:
+        raise ValueError(
+            f"model {card.id}: its card does not record an input size, needed to embed the images that "
+            f"{images_uri} lists (re-export it, or import it with --size)"
+        )
+    listing = read_table(images_uri, storage, need_label=False, need_id=True)
+    t = listing.table
+    bad = t.filter(pc.is_valid(t.column("reason")))
+    if bad.num_rows:
+        raise ValueError(f"{images_uri}: row id {bad.column('id')[0]}: {bad.column('reason')[0]}")
+    return card.preprocessing.size, card.in_channels, t.select(["id", "uri", "label"])
+
+
+def fetch_images(batch: pa.Table, storage: StorageConfig | None) -> pa.Table:
+    """Ray Data UDF: the table's ``uri`` column read into an ``image`` column of bytes (an
+    unreadable image is an error naming its uri and id: the caller needs every one)."""
+    from dmu_ray.data.image_import import _Reader
+
+    read, images = _Reader(storage), []
+    for id_, uri in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(), strict=True):
+        try:
+            images.append(read(uri))
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"image of id {id_} at {uri}: unreadable ({type(err).__name__}: {err})"
+            ) from None
+    labels = pc.fill_null(batch.column("label"), -1)
+    return pa.table({"id": batch.column("id"), "image": pa.array(images, pa.binary()), "label": labels})
+
+
 def embed_images(
     images_uri: str,
     model_uri: str,
@@ -67,32 +112,39 @@ def embed_images(
     pool: ActorPoolConfig | None = None,
     only_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, labels, embeddings)`` of every image under ``images_uri`` (a data set part such as
-    ``<data>/query``), or of those whose id is in ``only_ids``, sorted by id. The images' size and
-    channels come from the data set's ``_dataset.json`` one folder up; the model must take that
-    many channels."""
+    """``(ids, labels, embeddings)`` of every image of ``images_uri``, or of those whose id is in
+    ``only_ids``, sorted by id. ``images_uri`` is a data set part such as ``<data>/query`` (size
+    and channels from the data set's ``_dataset.json`` one folder up; the model must take that
+    many channels) or a table of ``id,uri[,label]`` (:func:`image_source`; label -1 when absent)."""
     import ray.data
 
     from dmu_ray.ray_session import ensure_ray, require_pool
 
     storage = storage or StorageConfig()
     pool = pool or ActorPoolConfig(batch_size=256)
-    loc = resolve(images_uri, storage)
-    info = read_dataset_info(loc.uri.rsplit("/", 1)[0], storage)
     card = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL).card
-    check_compatible(new=card, channels=info.channels, names={"new": f"{model_uri} ({images_uri})"})
+    size, channels, table = image_source(images_uri, card, storage)
     ensure_ray()
     require_pool(pool, "an embedding actor")
-    ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, file_extensions=["parquet"]).select_columns(
-        ["id", "image", "label"]
-    )
+    if table is None:
+        loc = resolve(images_uri, storage)
+        ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, file_extensions=["parquet"])
+        ds = ds.select_columns(["id", "image", "label"])
+    else:
+        if only_ids is not None:  # before any image is fetched
+            table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(only_ids)))
+        blocks = max(1, -(-table.num_rows // pool.batch_size))
+        ds = ray.data.from_arrow(table).repartition(blocks)
+        ds = ds.map_batches(
+            fetch_images, fn_kwargs={"storage": storage}, batch_size=None, batch_format="pyarrow"
+        )
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs=dict(
             model_uri=model_uri,
             storage=storage,
-            size=info.image_size,
-            channels=info.channels,
+            size=size,
+            channels=channels,
             threads=max(1, int(pool.num_cpus)),
             gpu=pool.num_gpus > 0,
             only_ids=only_ids,

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 
 from dmu_ray.config import BackfillConfig, RefreshConfig
-from dmu_ray.data.images import read_dataset_info
 from dmu_ray.gallery import EMB, Gallery, GalleryError, embedding_matrix, read_manifest, row_problems
 from dmu_ray.methods.fastfill import BackfillScorer, select_top
 from dmu_ray.models.artifact import (
@@ -40,6 +39,7 @@ from dmu_ray.models.artifact import (
     load_artifact,
 )
 from dmu_ray.models.card import CardError, check_compatible
+from dmu_ray.models.inference import image_source
 from dmu_ray.refresh.job import RefreshResult, run_refresh
 from dmu_ray.refresh.upgrade_files import Overrides
 from dmu_ray.storage import resolve
@@ -78,13 +78,16 @@ def plan_backfill(cfg: BackfillConfig, policies: list[str] | None = None) -> Bac
     module = _load(cfg.module, cfg, UPGRADE_MODULE, "module")
     psi = build_upgrade_module(module)
     new = _load(cfg.new_model, cfg, EMBEDDING_MODEL, "new_model")
-    info = read_dataset_info(resolve(cfg.images, cfg.storage).uri.rsplit("/", 1)[0], cfg.storage)
+    try:
+        _, channels, _ = image_source(cfg.images, new.card, cfg.storage)
+    except (GalleryError, ValueError) as err:
+        raise BackfillError(f"images: {err}") from None
     try:
         check_compatible(
             new=new.card,
             psi=module.card,
             gallery_dim=src.model.dim,
-            channels=info.channels,
+            channels=channels,
             names={"new": f"new_model {new.uri}", "psi": f"module {module.uri}"},
         )
     except CardError as err:

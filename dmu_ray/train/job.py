@@ -58,6 +58,7 @@ class TrainPlan:
             "rows": self.rows,
             "mean": self.mean,
             "std": self.std,
+            "image_size": self.data.image_size,
         }
 
     def train_ids_labels(self) -> tuple[np.ndarray, np.ndarray]:
@@ -468,7 +469,7 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
             "seed": cfg.data.split_seed,
         },
         "trained_classes": plan.trained_classes,
-        "preprocessing": {"mean": plan.mean, "std": plan.std},
+        "preprocessing": {"mean": plan.mean, "std": plan.std, "size": plan.data.image_size},
         "old_model": {"uri": plan.old.uri, "id": plan.old.ident} if plan.old else None,
         "old_classifier": info.get("old_classifier"),
         "epochs": int(state["epoch"]) + 1,
