@@ -11,7 +11,7 @@ from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pai
 from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance, tar_at_far
 from dmu_ray.evaluate.report import write_report
 from dmu_ray.evaluate.search import SearchConfig, search
-from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array
+from dmu_ray.gallery import Gallery, GalleryWriter, ModelInfo, embedding_array
 from dmu_ray.models.artifact import save_embedding_model, save_upgrade_module
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
@@ -102,8 +102,24 @@ def test_bad_inputs_are_named(tmp_path):
         galleries={"old": str(tmp_path / "nolabel")},
         output=str(tmp_path / "out"),
     )
-    with pytest.raises(EvaluationError, match="galleries.old: .* has no 'label' column"):
+    # its labels come from the data set's gallery images by id: every id must have one
+    with pytest.raises(EvaluationError, match="data: cannot read the labels of .*d/gallery"):
         check_inputs(cfg)
+    from dmu_ray.data.images import write_image_part
+
+    data = tmp_path / "data"
+    write_image_part(resolve(str(data / "gallery")), [b"x", b"y"], np.array([4, 5]), np.array([1, 3]))
+    cfg.data = str(data)
+    with pytest.raises(
+        EvaluationError, match=r"galleries\.old: .*nolabel has no 'label' column and 1 of its 2 ids .*\[2\]"
+    ):
+        check_inputs(cfg)
+    write_image_part(resolve(str(data / "gallery")), [b"x", b"y"], np.array([4, 5]), np.array([1, 2]))
+    check_inputs(cfg)
+    from dmu_ray.evaluate.job import _gallery_vectors
+
+    labels, _ = _gallery_vectors(Gallery.open(str(tmp_path / "nolabel")), cfg)
+    assert labels.tolist() == [4, 5]
     # models of mismatched dims: the upgrade module does not map old -> new
     save_upgrade_module(str(tmp_path / "psi.pt"), UpgradeModule(16, 16, 8, 1))
     bad = EvaluateConfig(

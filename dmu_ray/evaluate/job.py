@@ -124,9 +124,7 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 f"{'old' if role == 'old' else 'new'} model's space is {want}-d"
             )
         if LABEL not in g.schema().names:
-            raise EvaluationError(
-                f"galleries.{role}: {g.loc.uri} has no 'label' column; evaluation needs labelled galleries"
-            )
+            _labels_by_id(g, _data_labels(cfg), f"galleries.{role}")  # every id has an image label
         if cfg.check_gallery_models:
             if role in ("old", "new"):
                 _check_made_by(g, role, arts[f"{role}_model"])
@@ -156,9 +154,48 @@ def _check_output(cfg: EvaluateConfig) -> None:
             raise EvaluationError(f"output: cannot create {out.uri} ({path} is not a writable folder)")
 
 
-def _gallery_vectors(g: Gallery) -> Embedded:
-    t = g.read(columns=[LABEL, EMB])
-    return t.column(LABEL).to_numpy(), embedding_matrix(t.column(EMB)).astype(np.float32)
+def _data_labels(cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ids and their labels of the data set's gallery part (no image bytes read)."""
+    import pyarrow.parquet as pq
+
+    loc = resolve(cfg.data, cfg.storage).join("gallery")
+    try:
+        t = pq.read_table(loc.path, filesystem=loc.fs, columns=["id", LABEL])
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"data: cannot read the labels of {loc.uri} ({err})") from None
+    ids, labels = t.column("id").to_numpy(), t.column(LABEL).to_numpy()
+    order = np.argsort(ids, kind="stable")
+    return ids[order], labels[order]
+
+
+def _labels_by_id(g: Gallery, data: tuple[np.ndarray, np.ndarray], what: str) -> np.ndarray:
+    """Labels of a gallery without a label column: those of the data set's gallery images with the
+    same ids (a production gallery keyed by its images' ids); every id must have one."""
+    ids = g.read(columns=["id"]).column("id").to_numpy(zero_copy_only=False)
+    data_ids, data_labels = data
+    if ids.dtype.kind not in "iu":
+        raise EvaluationError(
+            f"{what}: {g.loc.uri} has no 'label' column and {ids.dtype} ids; its labels come from the data set's "
+            "gallery images by id, which are integers"
+        )
+    pos = np.clip(np.searchsorted(data_ids, ids), 0, max(0, len(data_ids) - 1))
+    found = (pos < len(data_ids)) & (data_ids[pos] == ids) if len(data_ids) else np.zeros(len(ids), bool)
+    if not found.all():
+        raise EvaluationError(
+            f"{what}: {g.loc.uri} has no 'label' column and {int((~found).sum())} of its {len(ids)} ids have no "
+            f"image in the data set's gallery part (e.g. {ids[~found][:5].tolist()}), so they cannot be labelled"
+        )
+    return data_labels[pos]
+
+
+def _gallery_vectors(g: Gallery, cfg: EvaluateConfig) -> Embedded:
+    if LABEL in g.schema().names:
+        t = g.read(columns=[LABEL, EMB])
+        labels = t.column(LABEL).to_numpy()
+    else:
+        t = g.read(columns=["id", EMB])
+        labels = _labels_by_id(g, _data_labels(cfg), g.loc.uri)
+    return labels, embedding_matrix(t.column(EMB)).astype(np.float32)
 
 
 def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -180,16 +217,16 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     q = {"old": embed(query, cfg.old_model, "queries"), "new": embed(query, cfg.new_model, "queries")}
     g: dict[str, Embedded] = {}
     for role, model in (("old", cfg.old_model), ("new", cfg.new_model)):
-        g[role] = _gallery_vectors(opened[role]) if role in opened else embed(gallery, model, "gallery")
+        g[role] = _gallery_vectors(opened[role], cfg) if role in opened else embed(gallery, model, "gallery")
     if "upgraded" in opened:
-        g["upgraded"] = _gallery_vectors(opened["upgraded"])
+        g["upgraded"] = _gallery_vectors(opened["upgraded"], cfg)
     elif cfg.upgrade_module:
         psi = build_upgrade_module(load_artifact(cfg.upgrade_module, cfg.storage, kind=UPGRADE_MODULE))
         with torch.inference_mode():
             up = torch.nn.functional.normalize(psi(torch.from_numpy(g["old"][1])), dim=1).numpy()
         g["upgraded"] = (g["old"][0], up)
     if "mixed" in opened:
-        g["mixed"] = _gallery_vectors(opened["mixed"])
+        g["mixed"] = _gallery_vectors(opened["mixed"], cfg)
     if cfg.independent_model:
         q["independent"] = embed(query, cfg.independent_model, "queries")
         g["independent"] = embed(gallery, cfg.independent_model, "gallery")
