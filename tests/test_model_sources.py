@@ -109,6 +109,22 @@ def test_torchscript_from_s3_with_the_cli_and_bad_models(s3, tmp_path):
     assert r.returncode == 2 and "not an (n, d) matrix" in r.stderr, r.stderr
 
 
+def test_a_scripted_torchvision_model_imports_as_deployed(tmp_path):
+    """A torchvision ResNet as production ships it: classifier cut, scripted."""
+    torch.manual_seed(3)
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Identity()
+    net.eval()
+    torch.jit.script(net).save(str(tmp_path / "r18.ts"))
+    card = import_model_artifact(str(tmp_path / "r18.ts"), str(tmp_path / "old.pt"), model_id="r18", size=64)
+    assert card.dim == 512 and card.source == "torchscript" and not card.has_classifier
+    model, head = build_embedding_model(load_artifact(str(tmp_path / "old.pt")))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), nn.functional.normalize(net(x), dim=1))
+    assert head is None
+
+
 def test_an_imported_model_embeds_a_gallery_as_in_production(ray_local, tmp_path):
     """Ray Data embeds with the card's preprocessing and input size: the same vectors as the
     scripted network on images prepared the same way by hand."""
