@@ -56,15 +56,66 @@ def test_unknown_classes_are_left_out_of_compatibility():
     head = old_head_3_classes()
     f_n = F.normalize(torch.randn(3, 3), dim=1)
     labels = torch.tensor([0, 1, 2])
-    only_first = compatibility_loss(f_n, labels, head, torch.tensor([3.0, 0.0, 0.0]))
+    only_first = compatibility_loss(
+        f_n, labels, head, torch.tensor([1.0, 0.0, 0.0]), torch.tensor([True, False, False])
+    )
     ce0 = F.cross_entropy(head(f_n[:1], labels[:1]), labels[:1])
     assert torch.isclose(only_first, ce0)
+
+
+def test_lambda_means_lambda_whatever_the_share_of_known_classes():
+    """BCT averages the influence loss over the samples it applies to: a batch where 1 sample in
+    10 is of a known class gives the same loss as that sample alone (it was 1/10 of it)."""
+    head = old_head_3_classes()
+    torch.manual_seed(1)
+    f_n = F.normalize(torch.randn(10, 3), dim=1)
+    labels = torch.tensor([0] + [2] * 9)
+    applies = torch.tensor([True] + [False] * 9)
+    w = mean_one(torch.ones(10), applies)
+    diluted_before = (w * F.cross_entropy(head(f_n, labels), labels, reduction="none")).sum() / 10
+    got = compatibility_loss(f_n, labels, head, w, applies)
+    alone = F.cross_entropy(head(f_n[:1], labels[:1]), labels[:1])
+    assert torch.isclose(got, alone) and torch.isclose(got, 10 * diluted_before)
+    assert compatibility_loss(f_n, labels, head, torch.zeros(10), torch.zeros(10, dtype=torch.bool)) == 0
+
+
+def test_d_temperature_floor_and_clip():
+    """A saturated old head gives d near 0 or 1; a temperature spreads it; the floor keeps every
+    known sample under the constraint; the clip stops few samples from carrying it."""
+    head = MarginHead(2, 3, "softmax", s=30.0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]))
+    angles = torch.tensor([0.05, 0.3, 0.7, 1.2])
+    f_o = torch.stack([torch.cos(angles), torch.sin(angles)], 1)  # class 0, drifting towards class 1
+    labels = torch.zeros(4, dtype=torch.long)
+    hot = discriminativeness(head, f_o, labels, "prob")
+    warm = discriminativeness(head, f_o, labels, "prob", temperature=4.0)
+    assert hot.max() > 0.99 and hot.min() < 0.01  # saturated: d says little
+    assert warm.min() > hot.min() and warm.max() < hot.max() and (warm.diff() < 0).all()
+    known = torch.ones(4, dtype=torch.bool)
+    plain = dmu_weights(hot, known)
+    assert plain.compat.min() < 0.01  # that sample has left the constraint
+    floored = dmu_weights(hot, known, floor=0.2)
+    assert floored.compat.min() > 0.15 and torch.isclose(floored.compat.mean(), torch.tensor(1.0))
+    few = torch.tensor([1.0, 0.3, 0.01, 0.01])  # one sample would carry most of the constraint
+    assert dmu_weights(few, known).compat.max() > 3
+    clipped = dmu_weights(few, known, clip=1.5)
+    assert torch.isclose(clipped.compat.max(), torch.tensor(1.5)) and torch.isclose(
+        clipped.compat.mean(), torch.tensor(1.0)
+    )
+    assert (clipped.compat[few.argsort()].diff() >= 0).all()  # a higher d never gets less weight
+    from dmu_ray.methods.losses import d_stats
+
+    st = d_stats(hot, known, plain.compat)
+    assert st["d_near1"] > 0 and st["d_near0"] > 0 and st["d_q10"] <= st["d_q50"] <= st["d_q90"]
 
 
 def test_compatibility_loss_pulls_new_features_to_old_class_weights():
     head = old_head_3_classes()
     f = torch.tensor([[0.2, 1.0, 0.3]], requires_grad=True)
-    loss = compatibility_loss(F.normalize(f, dim=1), torch.tensor([0]), head, torch.ones(1))
+    loss = compatibility_loss(
+        F.normalize(f, dim=1), torch.tensor([0]), head, torch.ones(1), torch.ones(1, dtype=torch.bool)
+    )
     loss.backward()
     assert f.grad[0, 0] < 0  # descending the loss increases the class-0 component
 
@@ -103,8 +154,12 @@ def test_trainee_losses_per_method():
     known = torch.tensor([True, True, False])
     for name, keys in [
         ("independent", {"ce"}),
-        ("bct", {"ce", "compat", "new_old_cos"}),
-        ("dmu", {"ce", "compat", "old_d", "upgrade", "psi_cos", "new_old_cos"}),
+        ("bct", {"ce", "compat", "constrained", "new_old_cos"}),
+        (
+            "dmu",
+            {"ce", "compat", "constrained", "upgrade", "psi_cos", "new_old_cos", "w_max"}
+            | {"old_d", "d_q10", "d_q50", "d_q90", "d_near0", "d_near1"},
+        ),
     ]:
         m = make_method(name=name, old_model=None if name == "independent" else "x")
         t = Trainee(

@@ -57,7 +57,9 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
     np.testing.assert_allclose(head.weight.detach().numpy(), class_means(feats, labels, range(10)), atol=1e-5)
     # DMU trained against it: compatibility and discriminativeness were measured
     m = out["metrics"]
-    assert m["compat"] > 0 and 0 < m["old_d"] <= 1 and "upgrade" in m
+    assert m["compat"] > 0 and 0 < m["old_d"] <= 1 and "upgrade" in m and m["constrained"] == 1.0
+    hist = load_artifact(out["model"]).card.history[-1]  # the run card keeps d's distribution per epoch
+    assert {"old_d", "d_q10", "d_q50", "d_q90", "d_near0", "d_near1", "w_max", "constrained"} <= set(hist)
     card = load_artifact(out["model"]).card
     assert card.old_model["id"].startswith("prod-v1@") and card.old_classifier.endswith("old_classifier.pt")
     # a resumed run reuses it (same file, not rebuilt)

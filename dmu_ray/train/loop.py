@@ -32,6 +32,24 @@ __all__ = [
 ]
 
 STATE_FILE = "state.pt"
+#: per-epoch metrics kept in the run's history (checkpoint and exported card): the losses, the
+#: share of samples under the compatibility constraint, DMU's distribution of d, the worker count
+HISTORY_KEYS = (
+    "epoch",
+    "loss",
+    "ce",
+    "compat",
+    "constrained",
+    "old_d",
+    "d_q10",
+    "d_q50",
+    "d_q90",
+    "d_near0",
+    "d_near1",
+    "w_max",
+    "resumed_from",
+    "workers",
+)
 DRILL_WAIT_S = 6.0  # > 2 of Ray Train's default 2 s health-check polls
 
 
@@ -203,9 +221,7 @@ class WorkerLoop:
         """Report the epoch's metrics with a checkpoint (written by rank 0)."""
         import ray.train
 
-        self.history.append(
-            {k: metrics[k] for k in ("epoch", "loss", "ce", "resumed_from", "workers") if k in metrics}
-        )
+        self.history.append({k: metrics[k] for k in HISTORY_KEYS if k in metrics})
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if self.rank == 0:

@@ -29,6 +29,18 @@ class DMU(CompatibilityMethod, OldClassifierFields, UpgradeModuleFields):
     selective: bool = Field(default=True, description="weight compatibility by old discriminativeness")
     adapt: bool = Field(default=True, description="train the upgrade module psi jointly")
     adapt_weighting: bool = Field(default=True, description="weight psi's loss towards poor old features")
+    d_temperature: float = Field(
+        default=1.0,
+        gt=0,
+        description="softmax temperature of the old classifier when measuring d (logits s*cos/T; "
+        "above 1 keeps d informative where the old head's scale saturates it)",
+    )
+    weight_floor: float = Field(
+        default=0.0, ge=0, le=1, description="lowest compatibility weight (before normalisation)"
+    )
+    weight_clip: float | None = Field(
+        default=None, gt=1, description="cap on a normalised compatibility weight (mean 1); None: no cap"
+    )
     upgrade_weight: float = Field(default=1.0, ge=0, description="weight of psi's loss")
     align_weight: float = Field(default=1.0, ge=0, description="weight of psi's alignment to f_n")
 
@@ -38,14 +50,29 @@ class DMU(CompatibilityMethod, OldClassifierFields, UpgradeModuleFields):
         return UpgradeModule(old_dim, new_dim, self.upgrade_width, self.upgrade_depth) if self.adapt else None
 
     def loss(self, t, x, labels, f_o):
-        from dmu_ray.methods.losses import compatibility_loss, discriminativeness, dmu_weights, upgrade_loss
+        from dmu_ray.methods.losses import (
+            compatibility_loss,
+            constraint_stats,
+            d_stats,
+            discriminativeness,
+            dmu_weights,
+            upgrade_loss,
+        )
 
         f_n, loss, stats = self.classify_new(t, x, labels)
         known = t.old_classes[labels]
-        d = discriminativeness(t.old_head, f_o, labels, self.discriminativeness)
-        w = dmu_weights(d, known, selective=self.selective, adapt_weighting=self.adapt_weighting)
-        stats["old_d"] = d.mean()
-        compat = compatibility_loss(f_n, labels, t.old_head, w.compat)
+        d = discriminativeness(t.old_head, f_o, labels, self.discriminativeness, self.d_temperature)
+        w = dmu_weights(
+            d,
+            known,
+            selective=self.selective,
+            adapt_weighting=self.adapt_weighting,
+            floor=self.weight_floor,
+            clip=self.weight_clip,
+        )
+        stats.update(d_stats(d, known, w.compat))
+        stats.update(constraint_stats(known))
+        compat = compatibility_loss(f_n, labels, t.old_head, w.compat, known)
         loss = loss + self.compat_weight * compat
         stats["compat"] = compat.detach()
         if t.psi is not None:

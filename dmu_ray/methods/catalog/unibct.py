@@ -79,10 +79,12 @@ class UniBCT(CompatibilityMethod):
     def loss(self, t, x, labels, f_o):
         import torch
 
-        from dmu_ray.methods.losses import compatibility_loss, mean_one
+        from dmu_ray.methods.losses import compatibility_loss, constraint_stats, mean_one
 
         f_n, loss, stats = self.classify_new(t, x, labels)
-        w = mean_one(torch.ones_like(f_n[:, 0]), t.old_classes[labels])
-        compat = compatibility_loss(f_n, labels, t.old_head, w)
+        applies = t.old_classes[labels]
+        w = mean_one(torch.ones_like(f_n[:, 0]), applies)
+        compat = compatibility_loss(f_n, labels, t.old_head, w, applies)
         stats["compat"] = compat.detach()
+        stats.update(constraint_stats(applies))
         return loss + self.compat_weight * compat, stats
