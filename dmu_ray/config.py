@@ -113,6 +113,10 @@ class RefreshConfig(StrictModel):
 
 BACKFILL_POLICIES = ("uncertainty", "random", "old-discriminativeness")
 BackfillPolicy = Literal[BACKFILL_POLICIES]  # type: ignore[valid-type]
+#: a curve may also draw the oracle order (realised transformation error: needs every new vector,
+#: so it bounds the other orders from above but cannot choose what a real backfill re-embeds)
+CURVE_POLICIES = (*BACKFILL_POLICIES, "oracle")
+CurvePolicy = Literal[CURVE_POLICIES]  # type: ignore[valid-type]
 
 
 class BackfillCurveSection(StrictModel):
@@ -124,7 +128,7 @@ class BackfillCurveSection(StrictModel):
         default_factory=lambda: [round(i / 10, 1) for i in range(11)],
         description="backfill fractions from 0 to 1",
     )
-    policies: list[BackfillPolicy] = Field(default_factory=lambda: list(BACKFILL_POLICIES))
+    policies: list[CurvePolicy] = Field(default_factory=lambda: list(CURVE_POLICIES))
     metric: str = Field(default="mAP@100", description="a metric of evaluate's pairings (mAP@K, R@K)")
     output: str = Field(description="folder for backfill_curve.json and backfill_curve.png")
 

@@ -121,7 +121,8 @@ def test_backfill_and_curve_on_s3(ray_local, s3):
         },
     )
     c = backfill_curve(curve_cfg, progress=False)
-    assert set(c["curves"]) == {"uncertainty", "random", "old-discriminativeness"}
+    assert set(c["curves"]) == {"uncertainty", "random", "old-discriminativeness", "oracle"}
+    assert -1 <= c["uncertainty_error_spearman"] <= 1 and c["mean_transform_error"] > 0
     firsts = {v[0] for v in c["curves"].values()}
     lasts = {v[-1] for v in c["curves"].values()}
     assert len(firsts) == 1 and len(lasts) == 1

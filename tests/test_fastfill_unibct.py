@@ -160,7 +160,7 @@ def test_trainee_fastfill_trains_only_the_transformation():
     loss.backward()
     opt.step()
     assert all(torch.equal(before[k], v) for k, v in new_model.state_dict().items())
-    assert psi.log_var[0].weight.grad is not None
+    assert psi.log_var.weight.grad is not None
 
 
 def test_trainee_unibct_pulls_new_features_to_the_prototypes_of_present_classes():
@@ -176,6 +176,30 @@ def test_trainee_unibct_pulls_new_features_to_the_prototypes_of_present_classes(
         old_classes=present,
     )
     loss, stats = t(x, y)  # no old features needed during training
-    assert set(stats) == {"ce", "compat"} and torch.isfinite(loss)
+    assert set(stats) == {"ce", "compat", "constrained"} and torch.isfinite(loss)
     loss.backward()
     assert protos.weight.grad is None
+
+
+def test_uncertainty_reads_the_trunk_and_earlier_modules_still_load(tmp_path):
+    """The uncertainty head sits on the transformation's last hidden layer (its loss trains the
+    trunk too); a module exported with the earlier separate branch on the input still loads."""
+    from dmu_ray.models.artifact import build_upgrade_module, load_artifact, save_artifact
+
+    torch.manual_seed(0)
+    psi = UpgradeModule(8, 8, 16, 2, uncertainty=True)
+    assert psi.log_var.in_features == 16 and psi.config()["uncertainty_from"] == "trunk"
+    _, log_var = psi.forward_with_uncertainty(F.normalize(torch.randn(4, 8), dim=1))
+    log_var.sum().backward()
+    assert psi.mlp[0].weight.grad.abs().sum() > 0  # the trunk learns from the uncertainty loss
+    before = UpgradeModule(8, 8, 16, 2, uncertainty=True, uncertainty_from="input")
+    card = {k: v for k, v in before.config().items() if k != "uncertainty_from"}  # an earlier card
+    save_artifact(str(tmp_path / "old_ff.pt"), "upgrade_module", before.state_dict(), card)
+    art = load_artifact(str(tmp_path / "old_ff.pt"))
+    assert art.card.uncertainty_from == "input"
+    loaded = build_upgrade_module(art)
+    x = F.normalize(torch.randn(3, 8), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.forward_with_uncertainty(x)[1], before.eval().forward_with_uncertainty(x)[1]
+        )

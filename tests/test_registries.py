@@ -65,7 +65,8 @@ def test_name_lists_have_one_source():
     assert set(literal(ModelConfig, "head")) == set(HEADS)
     assert literal(DataConfig, "split") == SPLITS
     assert set(literal(LifecycleConfig, "split")) == set(SPLITS) - {"all"}
-    assert literal(BackfillCurveSection, "policies") == BACKFILL_POLICIES == fastfill.POLICIES
+    assert literal(BackfillCurveSection, "policies") == (*BACKFILL_POLICIES, "oracle")
+    assert BACKFILL_POLICIES == fastfill.POLICIES
     assert set(choices("data", "import", "dataset")) == set(IMPORTERS) | {"folder", "table"}
     assert set(literal(LifecycleConfig, "dataset")) <= set(IMPORTERS)
     assert choices("demo", "dataset") == list(literal(LifecycleConfig, "dataset"))

@@ -5,6 +5,11 @@ One pass of each model is enough: the transformed gallery and the policies' scor
 backfill's own scoring pass, the fully re-embedded gallery from one pass of the new model over the
 images; each point of a curve is then the mixed gallery ``where(selected, new, transformed)``
 with the same selection rule as ``dmu-ray backfill``, searched with faiss.
+
+Having every new vector, the curve also draws the ``oracle`` order (the realised transformation
+error ``|psi(f_o) - f_n|^2``, worst first: what no real backfill can know, the reference any order
+is measured against) and reports how well the predicted uncertainty ranks that error (Spearman's
+rank correlation, ``uncertainty_error_spearman``).
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ def backfill_curve(cfg: BackfillConfig, *, progress: bool = True) -> dict[str, A
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     c = cfg.curve
     mcfg = _metrics_config(c.metric)
-    plan = plan_backfill(cfg, c.policies)
+    scored = [p for p in c.policies if p != "oracle"]  # the oracle needs the new vectors, below
+    plan = plan_backfill(cfg, scored)
     say(f"backfill curve: scoring the gallery by {', '.join(c.policies)}")
-    ids, scores, transformed = score_gallery(plan, list(c.policies), keep_vectors=True)
+    ids, scores, transformed = score_gallery(plan, scored, keep_vectors=True)
     say("backfill curve: embedding the gallery images and the queries with the new model")
     g_ids, g_labels, new = embed_images(cfg.images, cfg.new_model, storage=cfg.storage, pool=cfg.embed_pool)
     if not np.array_equal(g_ids, ids):
@@ -55,6 +61,15 @@ def backfill_curve(cfg: BackfillConfig, *, progress: bool = True) -> dict[str, A
             "the curve needs the images of exactly the gallery's rows"
         )
     _, q_labels, q = embed_images(c.queries, cfg.new_model, storage=cfg.storage, pool=cfg.embed_pool)
+    error = ((transformed.astype(np.float64) - new) ** 2).sum(1)  # realised transformation error
+    if "oracle" in c.policies:
+        scores["oracle"] = error
+    calibration = None
+    if "uncertainty" in scores:
+        from scipy.stats import spearmanr
+
+        calibration = float(spearmanr(scores["uncertainty"], error).statistic)
+        say(f"  rank correlation of predicted uncertainty with realised error: {calibration:+.3f}")
     curves: dict[str, list[float]] = {}
     for policy in c.policies:
         values = []
@@ -72,6 +87,8 @@ def backfill_curve(cfg: BackfillConfig, *, progress: bool = True) -> dict[str, A
         "fractions": list(c.fractions),
         "curves": curves,
         "area": {p: curve_area(c.fractions, v) for p, v in curves.items()},
+        "uncertainty_error_spearman": calibration,
+        "mean_transform_error": float(error.mean()),
         "inputs": {
             "source": plan.source.loc.uri,
             "module": plan.module.ident,

@@ -95,7 +95,14 @@ def build_upgrade_module(art: Artifact) -> UpgradeModule:
     """The :class:`UpgradeModule` of an artefact, weights loaded, in eval mode."""
     c = art.card
     try:
-        m = UpgradeModule(c.in_dim, c.out_dim, c.width, c.depth, uncertainty=c.uncertainty)
+        m = UpgradeModule(
+            c.in_dim,
+            c.out_dim,
+            c.width,
+            c.depth,
+            uncertainty=c.uncertainty,
+            uncertainty_from=c.uncertainty_from,
+        )
         m.load_state_dict(art.state_dict)
     except (AttributeError, RuntimeError) as err:
         raise ArtifactError(f"{art.uri}: upgrade module does not load ({err})") from None

@@ -8,7 +8,7 @@ card fails at load naming the artefact and the field, not deep inside a job.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -119,6 +119,9 @@ class UpgradeCard(_Card):
     width: int = Field(ge=1)
     depth: int = Field(ge=1)
     uncertainty: bool = False
+    uncertainty_from: Literal["trunk", "input"] = Field(
+        default="input", description="what the uncertainty head reads (cards before it: the input)"
+    )
     new_model_id: str | None = None
     new_model_version: str | None = None
     method: str | None = None

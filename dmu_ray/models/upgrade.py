@@ -14,13 +14,22 @@ class UpgradeModule(nn.Module):
     otherwise. The last layer starts at zero, so an untrained module with equal dims is the identity
     (old features are already compatible after BCT-style training; the MLP learns the correction).
 
-    With ``uncertainty`` (FastFill), a separate branch ``log_var`` (Linear -> ReLU -> Linear) predicts
-    each input's log variance: how far from the new model's feature psi(x) is expected to land.
-    ``forward`` returns the feature alone, so every consumer of psi works unchanged.
+    With ``uncertainty`` (FastFill), a head ``log_var`` predicts each input's log variance: how far
+    from the new model's feature psi(x) is expected to land. As in FastFill's published code it
+    reads the transformation's trunk (the last hidden layer, ``uncertainty_from="trunk"``), so the
+    estimate shares what the transformation learned; ``"input"`` is the separate branch on x
+    (Linear -> ReLU -> Linear) that modules exported before keep. ``forward`` returns the feature
+    alone, so every consumer of psi works unchanged.
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, width: int = 512, depth: int = 2, uncertainty: bool = False
+        self,
+        in_dim: int,
+        out_dim: int,
+        width: int = 512,
+        depth: int = 2,
+        uncertainty: bool = False,
+        uncertainty_from: str = "trunk",
     ) -> None:
         super().__init__()
         if min(in_dim, out_dim, width, depth) < 1:
@@ -39,25 +48,33 @@ class UpgradeModule(nn.Module):
         layers.append(last)
         self.mlp = nn.Sequential(*layers)
         self.skip: nn.Module = nn.Identity() if in_dim == out_dim else nn.Linear(in_dim, out_dim, bias=False)
-        self.uncertainty = uncertainty
+        if uncertainty_from not in ("trunk", "input"):
+            raise ValueError(f"uncertainty_from must be 'trunk' or 'input', got {uncertainty_from!r}")
+        self.uncertainty, self.uncertainty_from = uncertainty, uncertainty_from
         self.log_var: nn.Module | None = None
-        if uncertainty:
+        if uncertainty and uncertainty_from == "trunk":
+            self.log_var = nn.Linear(width, 1)
+        elif uncertainty:
             self.log_var = nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(inplace=True), nn.Linear(width, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.mlp(x)
 
     def forward_with_uncertainty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(psi(x), log variance (n,))``; raises if the module has no uncertainty branch."""
+        """``(psi(x), log variance (n,))``; raises if the module has no uncertainty head."""
         if self.log_var is None:
             raise ValueError("this upgrade module was built without an uncertainty branch")
-        return self(x), self.log_var(x).squeeze(1)
+        if self.uncertainty_from == "input":
+            return self(x), self.log_var(x).squeeze(1)
+        h = self.mlp[:-1](x)  # the trunk: every hidden block
+        return self.skip(x) + self.mlp[-1](h), self.log_var(h).squeeze(1)
 
-    def config(self) -> dict[str, int | bool]:
+    def config(self) -> dict[str, int | bool | str]:
         return {
             "in_dim": self.in_dim,
             "out_dim": self.out_dim,
             "width": self.width,
             "depth": self.depth,
             "uncertainty": self.uncertainty,
+            "uncertainty_from": self.uncertainty_from,
         }
