@@ -39,7 +39,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 } | {
     "dmu-no-selection": {"name": "dmu", "selective": False},
     "dmu-no-adaptation": {"name": "dmu", "adapt": False},
-    "unibct-plain": {"name": "unibct", "prototype_refine": False},
+    "unibct-plain": {"name": "unibct", "refinement": "none"},
+    "unibct-vote": {"name": "unibct", "refinement": "vote"},
 }
 Variant = Literal[tuple(VARIANTS)]  # type: ignore[valid-type]
 

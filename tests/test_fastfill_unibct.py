@@ -203,3 +203,74 @@ def test_uncertainty_reads_the_trunk_and_earlier_modules_still_load(tmp_path):
         torch.testing.assert_close(
             loaded.forward_with_uncertainty(x)[1], before.eval().forward_with_uncertainty(x)[1]
         )
+
+
+def test_graph_prototypes_weigh_images_central_in_the_new_space():
+    """One class: four images the new model places together and one it places apart. The row-
+    normalised propagation weighs the old features of the four more; a column-normalised one
+    would weigh all alike (the plain mean)."""
+    from dmu_ray.methods.prototypes import _central_weights, graph_prototypes
+
+    new = F.normalize(
+        torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, -0.1], [0.95, 0.05], [0.1, 1.0]]), dim=1
+    ).numpy()
+    old = np.array([[1.0, 0.0], [1.0, 0.05], [1.0, -0.05], [0.98, 0.0], [0.0, 1.0]], np.float32)
+    labels = np.zeros(5, np.int64)
+    w = _central_weights(new.astype(np.float64), 0.5, None)
+    assert w[:4].min() > w[4]
+    protos, present = graph_prototypes(old, new, labels, 2, lam=0.5)
+    unit = old / np.linalg.norm(old, axis=1, keepdims=True)
+    plain = unit.mean(0) / np.linalg.norm(unit.mean(0))
+    assert present.tolist() == [True, False] and not protos[1].any()
+    assert protos[0, 1] < plain[1]  # pulled away from the outlier's old feature
+    # the column-normalised variant gives every image the same weight: the plain mean
+    a = np.clip(new @ new.T, 0, None).astype(np.float64)
+    np.fill_diagonal(a, 0)
+    p_col = a / a.sum(0, keepdims=True)
+    col_w = np.linalg.inv(np.eye(5) - 0.5 * p_col).sum(0)
+    np.testing.assert_allclose(col_w, col_w[0])
+    # lambda 0: the plain mean
+    np.testing.assert_allclose(graph_prototypes(old, new, labels, 2, lam=0.0)[0][0], plain, atol=1e-6)
+
+
+def test_unibct_rebuilds_its_prototypes_from_the_last_epochs_new_features(tmp_path):
+    """Single process: the epoch before a rebuild records (id, label, new feature) of every batch;
+    the next epoch starts with the graph prototypes of those and the prepare pass's old features."""
+    import io
+
+    from dmu_ray.methods.prototypes import graph_prototypes
+
+    torch.manual_seed(0)
+    ids = np.arange(12)
+    labels = np.array([0, 1, 2] * 4)
+    old_feats = F.normalize(torch.randn(12, 8), dim=1).numpy()
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids[::-1], feats=old_feats[::-1])  # any order
+    (tmp_path / "old.npz").write_bytes(buf.getvalue())
+    m = make_method(name="unibct", old_model="o", refine_epochs=[2])
+    assert [m.rebuilds_at(e) for e in range(4)] == [False, False, True, False]
+    t = Trainee(
+        EmbeddingModel("small", 8, 1),
+        MarginHead(8, 3),
+        m,
+        old_head=MarginHead(8, 3),
+        old_classes=torch.ones(3),
+    )
+    t.register_buffer("proto_rebuilds", torch.zeros((), dtype=torch.long))
+    t.unibct = {"old_features_uri": str(tmp_path / "old.npz"), "storage": None, "seen": None}
+    before = t.old_head.weight.detach().clone()
+    m.on_epoch_start(t, 0)
+    assert t.unibct["seen"] is None  # epoch 1 is not followed by a rebuild... epoch 0 neither
+    m.on_epoch_start(t, 1)
+    assert t.unibct["seen"] == []
+    x = torch.randn(12, 1, 16, 16)
+    t.eval()  # BatchNorm in eval: the recorded features are what model(x) gives now
+    for lo in (0, 6):
+        t(x[lo : lo + 6], torch.from_numpy(labels[lo : lo + 6]), None, torch.from_numpy(ids[lo : lo + 6]))
+    with torch.no_grad():
+        new = t.model(x).numpy()
+    m.on_epoch_start(t, 2)
+    want, _ = graph_prototypes(old_feats, new, labels, 3, lam=m.refine_lambda)
+    np.testing.assert_allclose(t.old_head.weight.detach().numpy(), want, atol=1e-5)
+    assert not torch.equal(t.old_head.weight, before) and int(t.proto_rebuilds) == 1
+    assert t.unibct["seen"] is None

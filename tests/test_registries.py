@@ -97,7 +97,11 @@ def test_configs_saved_before_the_registry_still_read():
         "prototype_iters": 2, "prototype_refine": True,
     }  # fmt: skip
     saved = {"name": "r", "storage_path": "s", "data": {"uri": "d"}, "method": legacy_bag}
-    assert _saved_config(saved).method == make_method(name="bct", old_model="o.pt")
+    assert _saved_config(saved).method == make_method(name="bct", old_model="o.pt", new_classes="exclude")
+    uni = _saved_config({**saved, "method": {**legacy_bag, "name": "unibct"}}).method
+    assert uni.refinement == "vote"  # prototype_refine: true meant the neighbour vote
+    plain = make_method(name="unibct", old_model="o.pt", prototype_refine=False)
+    assert plain.refinement == "none"
     assert method_from_saved({"name": "nope", "x": 1}) == {"name": "nope", "x": 1}
 
 

@@ -134,19 +134,21 @@ def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, dig
     old = run_training(
         config("old", runs, digits, data={**split, "role": "old"}, optim={"epochs": 1}), progress=False
     )
-    # UniBCT: the new model sees only classes the old one never did; BCT's loss would be empty here
+    # UniBCT: the new model sees only classes the old one never did; BCT's loss would be empty here.
+    # Its prototypes are rebuilt at epoch 1 from both workers' new features of epoch 0 (gathered).
     uni = run_training(
         config(
             "unibct",
             runs,
             digits,
             data={**split, "role": "new"},
-            optim={"epochs": 1},
-            method={"name": "unibct", "old_model": old["model"], "prototype_k": 5},
+            optim={"epochs": 2},
+            method={"name": "unibct", "old_model": old["model"]},
         ),
         progress=False,
     )
     assert uni["metrics"]["compat"] > 0 and load_artifact(uni["model"]).card.method == "unibct"
+    assert [h["proto_rebuilds"] for h in uni["history"]] == [0, 1]
     # FastFill: only the transformation learns, towards the frozen UniBCT model
     ff = run_training(
         config(

@@ -1,6 +1,14 @@
 """UniBCT's compatibility target (Zhang et al., IJCAI 2022, arXiv 2203.01583): old class prototypes
-computed from the old model's features of the *new* training set, refined with the structure of
-the old feature space before the new model is trained against them.
+computed from the old model's features of the *new* training set.
+
+:func:`graph_prototypes` is the published structural refinement: within each class, a graph over
+the *new* model's current features weights each old feature by how central its image is, through
+the closed-form propagation ``(I - lambda P)^-1`` with a row-normalised affinity ``P`` (a
+column-normalised one would give every feature the same weight: the plain mean). UniBCT rebuilds
+the prototypes this way during training (``dmu_ray/methods/catalog/unibct.py``).
+
+:func:`refine_prototypes` is the earlier neighbour-vote heuristic over the *old* feature space,
+kept as ``refinement: vote``:
 
 Plain class means of old features are poor targets when the old model embeds some images badly
 (new classes it never saw, new data it does not cover): those features sit among other classes and
@@ -99,3 +107,62 @@ def _refined_votes(
         refined = np.where(has[:, None], (1.0 - alpha) * x + alpha * smooth, x)
         refined /= np.linalg.norm(refined, axis=1, keepdims=True).clip(1e-12)
     return refined, np.maximum(same.mean(1), min_weight)
+
+
+def graph_prototypes(
+    old_feats: np.ndarray,
+    new_feats: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    *,
+    lam: float = 0.5,
+    k: int | None = None,
+    max_class: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prototypes (num_classes, d_old) unit-norm float32, present (num_classes,) bool)``: for
+    each class, the old features weighted by the column sums of ``(I - lam P)^-1``, where ``P`` is
+    the row-normalised affinity (cosine, negatives cut, no self-loops, the ``k`` strongest per row
+    when given) of the same images' *new* features. Images central in the new model's view of the
+    class weigh most; an isolated one keeps weight 1 (its own row of the identity). Classes of more
+    than ``max_class`` images use an evenly spaced subset of that many (the solve is cubic)."""
+    if not 0.0 <= lam < 1.0:
+        raise ValueError(f"lam must be in [0, 1), got {lam}")
+    if not (len(old_feats) == len(new_feats) == len(labels)):
+        raise ValueError(
+            f"old {old_feats.shape}, new {new_feats.shape} and labels {labels.shape} differ in length"
+        )
+    labels = np.asarray(labels, dtype=np.int64)
+    xo = old_feats.astype(np.float64)
+    xo /= np.linalg.norm(xo, axis=1, keepdims=True).clip(1e-12)
+    xn = new_feats.astype(np.float64)
+    xn /= np.linalg.norm(xn, axis=1, keepdims=True).clip(1e-12)
+    protos = np.zeros((num_classes, xo.shape[1]), dtype=np.float64)
+    present = np.zeros(num_classes, dtype=bool)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    for idx in np.split(order, bounds):
+        if len(idx) == 0:
+            continue
+        c = labels[idx[0]]
+        if len(idx) > max_class:
+            idx = idx[np.linspace(0, len(idx) - 1, max_class).astype(np.int64)]
+        weights = _central_weights(xn[idx], lam, k)
+        v = weights @ xo[idx]
+        protos[c] = v / max(np.linalg.norm(v), 1e-12)
+        present[c] = True
+    return protos.astype(np.float32), present
+
+
+def _central_weights(new: np.ndarray, lam: float, k: int | None) -> np.ndarray:
+    """Column sums of ``(I - lam P)^-1`` (one solve of the transposed system)."""
+    n = len(new)
+    if n == 1:
+        return np.ones(1)
+    a = np.clip(new @ new.T, 0.0, None)
+    np.fill_diagonal(a, 0.0)
+    if k is not None and k < n - 1:
+        cut = np.partition(a, n - 1 - k, axis=1)[:, n - 1 - k][:, None]
+        a = np.where(a >= cut, a, 0.0)
+    rows = a.sum(1, keepdims=True)
+    p = np.divide(a, rows, out=np.zeros_like(a), where=rows > 0)
+    return np.linalg.solve((np.eye(n) - lam * p).T, np.ones(n))

@@ -27,8 +27,13 @@ def make_method(**fields: Any) -> Method:
 def method_from_saved(d: dict[str, Any]) -> dict[str, Any]:
     """A method section saved by an earlier dmu-ray (one bag of every method's fields) reduced to
     the fields its method has, so runs and exports written before the registry still resume and
-    match. Unknown names are left for validation to refuse."""
+    match. Unknown names are left for validation to refuse. Sections saved before a behaviour
+    became the default keep the behaviour they were trained with (``new_classes: exclude``)."""
     cls = METHODS.get(d.get("name")) if isinstance(d, dict) else None
     if cls is None:
         return d
-    return {k: v for k, v in d.items() if k in cls.model_fields}
+    legacy = getattr(cls, "legacy_fields", frozenset())
+    out = {k: v for k, v in d.items() if k in cls.model_fields or k in legacy}
+    if "new_classes" in cls.model_fields and "new_classes" not in d:
+        out["new_classes"] = "exclude"  # what BCT/DMU did before the extension existed
+    return out

@@ -354,6 +354,8 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
         return None
     if not _same_config(card.config, plan.cfg) or card.epochs != plan.cfg.optim.epochs:
         return None
+    if getattr(card, "method_revision", 1) != METHOD_REVISION:  # trained by other loss code
+        return None
     out = {"model": model_uri, "metrics": card.metrics, "epochs": card.epochs, "history": card.history}
     up_uri = f"{plan.export_uri}/upgrade.pt"
     if resolve(up_uri, plan.cfg.storage).exists():
@@ -362,6 +364,9 @@ def finished_export(plan: TrainPlan) -> dict[str, Any] | None:
 
 
 RUN_CONFIG = "_config.json"
+#: bumped when what a config trains changes (2: BCT's loss averaged over constrained samples, FastFill's
+#: uncertainty on the trunk, UniBCT's graph refinement); an export of another revision is not reused
+METHOD_REVISION = 2
 
 
 OPERATIONAL = {"storage", "ray_address", "scaling", "embed_pool", "max_failures", "failure_drill_epoch"}
@@ -472,6 +477,7 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
         "preprocessing": {"mean": plan.mean, "std": plan.std, "size": plan.data.image_size},
         "old_model": {"uri": plan.old.uri, "id": plan.old.ident} if plan.old else None,
         "old_classifier": info.get("old_classifier"),
+        "method_revision": METHOD_REVISION,
         "epochs": int(state["epoch"]) + 1,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "history": state.get("history", []),

@@ -47,6 +47,7 @@ HISTORY_KEYS = (
     "d_near0",
     "d_near1",
     "w_max",
+    "proto_rebuilds",
     "resumed_from",
     "workers",
 )
@@ -92,6 +93,7 @@ def train_step(
     opt: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     amp: bool,
+    ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step, the same on CPU and GPU: channels-last and fp16 autocast with loss
     scaling when ``x`` is on CUDA and ``amp`` is set; the frozen old model runs under no_grad."""
@@ -102,7 +104,7 @@ def train_step(
         if old_model is not None:
             with torch.no_grad():
                 f_o = old_model(x)
-        loss, stats = trainee(x, y, f_o)
+        loss, stats = trainee(x, y, f_o, ids)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -171,7 +173,14 @@ class WorkerLoop:
     def step(self, batch: dict[str, torch.Tensor], epoch: int, steps: int) -> tuple[torch.Tensor, dict]:
         """One optimisation step and the LR schedule's; a non-finite loss stops the run."""
         loss, stats = train_step(
-            self.trainee, self.old_model, batch["image"], batch["label"], self.opt, self.scaler, self.amp
+            self.trainee,
+            self.old_model,
+            batch["image"],
+            batch["label"],
+            self.opt,
+            self.scaler,
+            self.amp,
+            batch.get("id"),
         )
         self.sched.step()
         if not torch.isfinite(loss):

@@ -33,6 +33,8 @@ class Trainee(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.head, self.psi, self.method = model, head, psi, method
+        #: ids of the images of the current batch (for methods that keep per-image state)
+        self.batch_ids: torch.Tensor | None = None
         self.old_head = old_head
         self.frozen_model = frozen_model
         if frozen_model:
@@ -49,6 +51,11 @@ class Trainee(nn.Module):
         return self
 
     def forward(
-        self, x: torch.Tensor, labels: torch.Tensor, f_o: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        f_o: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.batch_ids = ids
         return self.method.loss(self, x, labels, f_o)
