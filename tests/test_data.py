@@ -1,5 +1,7 @@
 """Importers build real image data sets from what packages ship; decoding and augmentation."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -41,3 +43,24 @@ def test_random_resized_crop_is_identity_at_full_scale():
     )
     y = random_resized_crop(x, np.random.default_rng(1))
     assert y.shape == x.shape and not np.allclose(y, x)
+
+
+def test_fonts_set_prunes_classes_no_typeface_renders(tmp_path):
+    """The many-class benchmark set from whatever typefaces a machine has: with matplotlib's only
+    (no Hangul among them) the Hangul classes are dropped and the rest relabelled densely, every
+    kept class with training and held-out images."""
+    import matplotlib
+    import pyarrow.parquet as pq
+
+    from dmu_ray.data.importers import hangul_syllables, import_fonts
+
+    assert len(hangul_syllables(10, 0)) == 10 and hangul_syllables(10, 0) == hangul_syllables(10, 0)
+    fonts_dir = str(Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf")
+    info = import_fonts(
+        str(tmp_path / "fonts"), hangul=10, image_size=16, font_dir=fonts_dir, train_instances=1
+    )
+    assert not any("\uac00" <= c <= "\ud7a3" for c in info.class_names)
+    assert "A" in info.class_names and "\u0416" in info.class_names  # Latin and Cyrillic (Zhe)
+    for part in ("train", "query"):
+        labels = pq.read_table(str(tmp_path / "fonts" / part), columns=["label"]).column("label").to_numpy()
+        assert set(labels.tolist()) == set(range(info.num_classes))

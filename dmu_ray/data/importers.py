@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import string
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,42 @@ def import_glyphs(
     """Render the glyph data set. Typefaces are split into training faces and ``eval_fonts`` held-out
     faces; each (char, face) pair gets ``train_instances`` (or ``eval_instances``) jittered images.
     Query = the first held-out instance of each (char, face), gallery = the rest."""
+    return render_glyph_set(
+        out_uri,
+        bundled_fonts(),
+        chars,
+        name="glyphs",
+        source="matplotlib bundled typefaces",
+        image_size=image_size,
+        train_instances=train_instances,
+        eval_instances=eval_instances,
+        eval_fonts=eval_fonts,
+        seed=seed,
+        storage=storage,
+    )
+
+
+def render_glyph_set(
+    out_uri: str,
+    fonts: list[Path],
+    chars: str,
+    *,
+    name: str,
+    source: str,
+    image_size: int,
+    train_instances: int,
+    eval_instances: int,
+    eval_fonts: int,
+    seed: int,
+    storage: StorageConfig | None,
+    prune: bool = False,
+    progress: bool = False,
+) -> DatasetInfo:
+    """Render ``chars`` (one class each) in every typeface of ``fonts`` that has them (see
+    :func:`import_glyphs`). With ``prune``, classes without a training image or without a held-out
+    image are dropped and the rest relabelled in order (a large set whose faces cover the
+    characters unevenly)."""
     rng = np.random.default_rng(seed)
-    fonts = bundled_fonts()
     if len(fonts) <= eval_fonts:
         raise ValueError(f"only {len(fonts)} typefaces found; need more than eval_fonts={eval_fonts}")
     order = rng.permutation(len(fonts))
@@ -128,7 +163,17 @@ def import_glyphs(
         p: ([], [], []) for p in ("train", "query", "gallery")
     }
     for fi, path in enumerate(fonts):
-        font = ImageFont.truetype(str(path), render_px)
+        if progress:
+            print(
+                f"\r  rendering typeface {fi + 1}/{len(fonts)}: {path.name:<40}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            font = ImageFont.truetype(str(path), render_px)
+        except OSError:  # a file fontconfig lists but FreeType cannot open
+            continue
         tofu = _render(font, "\U0010fffd", render_px)
         for label, ch in enumerate(chars):
             glyph = _supported(font, ch, render_px, tofu)
@@ -146,22 +191,36 @@ def import_glyphs(
                     parts["train"][0].append(encode_png(_place(glyph, image_size, rng, jitter=True)))
                     parts["train"][1].append(label)
                     parts["train"][2].append(fi)
+    if progress:
+        print(file=sys.stderr)
+    names = list(chars)
+    if prune:
+        keep = set(parts["train"][1]) & set(parts["query"][1])
+        names = [ch for i, ch in enumerate(chars) if i in keep]
+        new = {old: k for k, old in enumerate(i for i in range(len(chars)) if i in keep)}
+        for part, (imgs, labels, groups) in parts.items():
+            sel = [n for n, lb in enumerate(labels) if lb in new]
+            parts[part] = ([imgs[n] for n in sel], [new[labels[n]] for n in sel], [groups[n] for n in sel])
     root = resolve(out_uri, storage)
     rows, next_id = {}, 0
     for part, (imgs, labels, groups) in parts.items():
         n = len(imgs)
         rows[part] = write_image_part(
-            root.join(part), imgs, np.array(labels), np.arange(next_id, next_id + n), np.array(groups)
+            root.join(part),
+            imgs,
+            np.array(labels, dtype=np.int64),
+            np.arange(next_id, next_id + n),
+            np.array(groups),
         )
         next_id += n
     info = DatasetInfo(
-        name="glyphs",
-        num_classes=len(chars),
+        name=name,
+        num_classes=len(names),
         image_size=image_size,
         channels=1,
         rows=rows,
-        class_names=list(chars),
-        source="matplotlib bundled typefaces",
+        class_names=names,
+        source=source,
         extra={
             "fonts": [p.name for p in fonts],
             "eval_fonts": sorted(fonts[i].name for i in eval_idx),
@@ -170,6 +229,86 @@ def import_glyphs(
     )
     write_dataset_info(root, info)
     return info
+
+
+#: what the ``fonts`` benchmark set needs on Debian/Ubuntu (docs/results.md); without these
+#: packages it renders from whatever typefaces the machine has
+FONT_PACKAGES = (
+    "fonts-nanum fonts-nanum-extra fonts-unfonts-core fonts-unfonts-extra fonts-baekmuk "
+    "fonts-noto-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf fonts-urw-base35 "
+    "fonts-crosextra-carlito fonts-crosextra-caladea fonts-open-sans fonts-roboto"
+)
+_NOT_TEXT = ("symbol", "dingbat", "emoji", "math", "icon", "ornament", "music", "braille", "d050000l")
+
+
+def system_fonts(font_dir: str | None = None) -> list[Path]:
+    """Text typefaces installed on this machine (TrueType/OpenType files under ``font_dir``, else
+    the fontconfig directories /usr/share/fonts and /usr/local/share/fonts), plus matplotlib's
+    bundled ones; symbol and emoji faces left out. Sorted by file name, duplicates by name dropped."""
+    dirs = [Path(font_dir)] if font_dir else [Path("/usr/share/fonts"), Path("/usr/local/share/fonts")]
+    found: dict[str, Path] = {p.name: p for p in bundled_fonts()}
+    for d in dirs:
+        if d.is_dir():
+            for p in d.rglob("*"):
+                if p.suffix.lower() in (".ttf", ".otf") and not any(w in p.name.lower() for w in _NOT_TEXT):
+                    found.setdefault(p.name, p)
+    return [found[k] for k in sorted(found)]
+
+
+def hangul_syllables(count: int, seed: int) -> str:
+    """``count`` Hangul syllables drawn (seeded) from the 2,350 of KS X 1001, the set every Korean
+    typeface covers (the 11,172 of the Unicode block are not all in the older faces)."""
+    common = [chr(c) for c in range(0xAC00, 0xD7A4) if _in_ksx1001(chr(c))]
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(common), size=min(count, len(common)), replace=False))
+    return "".join(common[i] for i in pick)
+
+
+def _in_ksx1001(ch: str) -> bool:
+    try:
+        ch.encode("euc_kr")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+CYRILLIC = "".join(chr(c) for c in range(0x410, 0x450) if chr(c) not in "АВЕКМНОРСТХаеорсухЅІЈ")
+
+
+def import_fonts(
+    out_uri: str,
+    *,
+    image_size: int = 32,
+    hangul: int = 1000,
+    train_instances: int = 2,
+    eval_instances: int = 3,
+    eval_fraction: float = 0.25,
+    font_dir: str | None = None,
+    seed: int = 0,
+    storage: StorageConfig | None = None,
+) -> DatasetInfo:
+    """The many-class benchmark set: ``hangul`` Hangul syllables plus Latin, Greek and Cyrillic
+    letters and digits (homoglyphs left out), rendered in every installed typeface that has them
+    (:func:`system_fonts`; install :data:`FONT_PACKAGES` for the set docs/results.md measures).
+    A seeded ``eval_fraction`` of the typefaces is held out for query/gallery; classes no training
+    face or no held-out face renders are dropped."""
+    fonts = system_fonts(font_dir)
+    chars = hangul_syllables(hangul, seed) + DEFAULT_CHARS + CYRILLIC
+    return render_glyph_set(
+        out_uri,
+        fonts,
+        chars,
+        name="fonts",
+        source=f"{len(fonts)} installed typefaces ({font_dir or 'system font folders'} + matplotlib's)",
+        image_size=image_size,
+        train_instances=train_instances,
+        eval_instances=eval_instances,
+        eval_fonts=max(1, int(round(eval_fraction * len(fonts)))),
+        seed=seed,
+        storage=storage,
+        prune=True,
+        progress=True,
+    )
 
 
 def _import_arrays(
@@ -264,7 +403,7 @@ def import_mnist(
     )
 
 
-IMPORTERS = {"glyphs": import_glyphs, "digits": import_digits, "mnist": import_mnist}
+IMPORTERS = {"glyphs": import_glyphs, "digits": import_digits, "mnist": import_mnist, "fonts": import_fonts}
 
 
 def default_data_dir() -> str:
