@@ -253,7 +253,7 @@ def _assign_parts(table: pa.Table, opts: ImportOptions) -> pa.Table:
     return table.set_column(table.column_names.index("part"), "part", filled)
 
 
-class _Reader:
+class UriReader:
     """Bytes of a URI, one filesystem per bucket (creating an S3 filesystem per file is slow)."""
 
     def __init__(self, storage: StorageConfig | None) -> None:
@@ -299,7 +299,7 @@ def import_block(
     """Ray Data UDF: read and check one block's images, write one Parquet file per part under
     ``dest`` (named by a hash of its ids, so a retried task rewrites the same file), and return
     one row per file written and per image quarantined."""
-    read = _Reader(storage)
+    read = UriReader(storage)
     root = resolve(dest, storage)
     kept: dict[str, tuple[list, list, list]] = {}
     q_uri, q_id, q_reason = [], [], []

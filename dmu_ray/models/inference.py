@@ -90,9 +90,9 @@ def image_source(
 def fetch_images(batch: pa.Table, storage: StorageConfig | None) -> pa.Table:
     """Ray Data UDF: the table's ``uri`` column read into an ``image`` column of bytes (an
     unreadable image is an error naming its uri and id: the caller needs every one)."""
-    from dmu_ray.data.image_import import _Reader
+    from dmu_ray.data.image_import import UriReader
 
-    read, images = _Reader(storage), []
+    read, images = UriReader(storage), []
     for id_, uri in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(), strict=True):
         try:
             images.append(read(uri))
