@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epochs-old", type=int, default=12)
     ap.add_argument("--epochs-new", type=int, default=12)
+    ap.add_argument("--methods", nargs="+", help="only these variants (default: each protocol's list)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cpus-per-worker", type=float, default=0.5)
     args = ap.parse_args()
@@ -136,7 +137,7 @@ def main() -> None:
                 dataset="fonts",
                 image_size=args.image_size,
                 split=proto["split"],
-                methods=proto["methods"],
+                methods=[m for m in proto["methods"] if not args.methods or m in args.methods],
                 new_backbone=proto.get("new_backbone"),
                 epochs_old=args.epochs_old,
                 epochs_new=args.epochs_new,
@@ -145,7 +146,7 @@ def main() -> None:
                 seed=seed,
             )
             res = run_lifecycle(lc, progress=True)
-            if "dmu" in proto["methods"]:
+            if "dmu" in lc.methods and "independent" in lc.methods:
                 curve = fastfill_curve(root, seed, lc, args.epochs_new)
                 res["fastfill"] = {
                     "area": curve["area"],

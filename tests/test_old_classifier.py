@@ -118,3 +118,23 @@ def test_new_classes_is_only_a_field_of_methods_with_an_old_classifier(tmp_path,
         parse_config(
             TrainConfig, {**base, "method": {"name": "bct", "old_model": "o.pt", "new_classes": "all"}}
         )
+
+
+def test_relative_paths_in_a_train_config_mean_the_submitting_folder(
+    ray_local, tmp_path, digits, monkeypatch
+):
+    """Ray Train workers run in the run's own folder: a relative old_model (as in
+    configs/train_dmu_local.yaml) must still be found by them."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(4)
+    (tmp_path / "models").mkdir()
+    save_embedding_model(
+        "models/old.pt", EmbeddingModel("small", 32, 1).eval(), MarginHead(32, 10), {"id": "old"}
+    )
+    out = run_training(
+        config(
+            "rel", "runs", digits, optim={"epochs": 1}, method={"name": "bct", "old_model": "models/old.pt"}
+        ),
+        progress=False,
+    )
+    assert out["metrics"]["compat"] > 0 and (tmp_path / "runs" / "rel" / "export" / "model.pt").exists()

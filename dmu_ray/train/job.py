@@ -297,6 +297,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         storage_loc.fs.create_dir(storage_loc.path, recursive=True)
     info = plan.info()
     info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
+    cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
         train_loop_config={
@@ -327,6 +328,25 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if result.error:
         raise result.error
     return export_run(plan, result.checkpoint, result.metrics or {}, info)
+
+
+def _absolute_uris(cfg: TrainConfig) -> TrainConfig:
+    """The config with the local paths that workers open (the old and new model artefacts, the
+    backbone weights) made absolute: a relative path in a config means the submitting folder, and
+    Ray Train workers run elsewhere."""
+
+    def absolute(uri: str | None) -> str | None:
+        return None if uri is None else resolve(uri, cfg.storage).uri
+
+    method = cfg.method.model_copy(
+        update={
+            k: absolute(getattr(cfg.method, k))
+            for k in ("old_model", "new_model")
+            if getattr(cfg.method, k, None) is not None
+        }
+    )
+    model = cfg.model.model_copy(update={"weights": absolute(cfg.model.weights)})
+    return cfg.model_copy(update={"method": method, "model": model})
 
 
 def _worker_desc(scaling: ScalingSection) -> str:
