@@ -60,6 +60,11 @@ def backfill_curve(cfg: BackfillConfig, *, progress: bool = True) -> dict[str, A
             f"images {cfg.images} hold {len(g_ids)} ids, the gallery's valid rows {len(ids)}; "
             "the curve needs the images of exactly the gallery's rows"
         )
+    if (g_labels < 0).any():
+        raise EvaluationError(
+            f"images {cfg.images}: {int((g_labels < 0).sum())} gallery images have no label; the curve "
+            "measures retrieval, so its images need labels (a label column in the table)"
+        )
     _, q_labels, q = embed_images(c.queries, cfg.new_model, storage=cfg.storage, pool=cfg.embed_pool)
     error = ((transformed.astype(np.float64) - new) ** 2).sum(1)  # realised transformation error
     if "oracle" in c.policies:
