@@ -195,6 +195,18 @@ def test_backfill_re_embeds_from_a_uri_table(ray_local, tmp_path):
             config(u, str(tmp_path / "g3"), None, images=str(tmp_path / "images.csv")), progress=False
         )
     assert not (tmp_path / "g3" / "_manifest.json").exists()
+    # a curve measures retrieval: a table without labels is refused, not measured as zero
+    (tmp_path / "photos" / f"{chosen}.png").write_bytes(
+        imgs.filter(pc.equal(imgs.column("id"), chosen)).column("image")[0].as_py()
+    )
+    from dmu_ray.evaluate.matrix import EvaluationError
+
+    curve = {"queries": f"{u['data']}/query", "fractions": [0.0, 1.0], "output": str(tmp_path / "curve")}
+    with pytest.raises(EvaluationError, match=r"gallery images have no label"):
+        backfill_curve(
+            config(u, str(tmp_path / "g5"), None, images=str(tmp_path / "images.csv"), curve=curve),
+            progress=False,
+        )
     # a table without ids cannot be joined to the gallery
     (tmp_path / "noid.csv").write_text("uri\nphotos/1.png\n")
     with pytest.raises(BackfillError, match=r"images: .*noid\.csv: missing column\(s\) \['id'\]"):
