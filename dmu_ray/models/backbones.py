@@ -9,7 +9,14 @@ from torch import nn
 
 from dmu_ray.models.backbone_names import BACKBONES, LIBRARY_PREFIXES, is_library_backbone
 
-__all__ = ["BACKBONES", "LIBRARY_PREFIXES", "build_backbone", "library_weights", "load_backbone_weights"]
+__all__ = [
+    "BACKBONES",
+    "LIBRARY_PREFIXES",
+    "build_backbone",
+    "check_library_weights",
+    "library_weights",
+    "load_backbone_weights",
+]
 
 
 class ToRGB(nn.Module):
@@ -76,9 +83,9 @@ def build_backbone(name: str, in_channels: int = 3) -> tuple[nn.Module, int]:
     )
 
 
-def library_weights(name: str, pretrained: str) -> dict:
-    """The state dict of a library's named weights for backbone ``name`` (``torchvision:`` or
-    ``timm:``), fetched by that library (a cluster with internet; cached in its hub folder).
+def check_library_weights(name: str, pretrained: str):
+    """That a library has the named weights for backbone ``name`` (``torchvision:`` or
+    ``timm:``), without fetching them; returns torchvision's weights entry (None for timm).
     ``pretrained`` is ``default`` (the library's default weights for the architecture) or, for
     torchvision, a weights name such as ``ResNet50_Weights.IMAGENET1K_V2`` (for timm, put a
     pretrained tag in the architecture name: ``timm:resnet50.a1_in1k``)."""
@@ -86,21 +93,37 @@ def library_weights(name: str, pretrained: str) -> dict:
     if prefix == "torchvision":
         import torchvision
 
-        w = (
-            torchvision.models.get_model_weights(arch).DEFAULT
-            if pretrained == "default"
-            else torchvision.models.get_weight(pretrained)
-        )
-        return w.get_state_dict(progress=False)
+        try:
+            enum = torchvision.models.get_model_weights(arch)
+            w = enum.DEFAULT if pretrained == "default" else torchvision.models.get_weight(pretrained)
+        except (ValueError, KeyError, AttributeError) as err:
+            raise ValueError(f"torchvision has no weights {pretrained!r} for {arch} ({err})") from None
+        if w not in list(enum):
+            raise ValueError(
+                f"{pretrained} are not weights of torchvision's {arch} (those are {enum.__name__})"
+            )
+        return w
     if prefix == "timm":
+        if pretrained != "default":
+            raise ValueError(f"for a timm backbone use 'default' (a tag goes in the name: timm:{arch}.TAG)")
         import timm
 
-        if pretrained != "default":
-            raise ValueError(
-                f"model.pretrained for a timm backbone is 'default' (a tag goes in the name: timm:{arch}.TAG)"
-            )
-        return timm.create_model(arch, pretrained=True, num_classes=0).state_dict()
+        if not timm.list_pretrained(arch) and not timm.list_pretrained(f"{arch}.*"):
+            raise ValueError(f"timm has no pretrained weights for {arch!r}")
+        return None
     raise ValueError(f"model.pretrained needs a torchvision:NAME or timm:NAME backbone, not {name!r}")
+
+
+def library_weights(name: str, pretrained: str) -> dict:
+    """The state dict of a library's named weights for backbone ``name``
+    (:func:`check_library_weights`), fetched by that library (a cluster with internet; cached in
+    its hub folder)."""
+    w = check_library_weights(name, pretrained)
+    if w is not None:
+        return w.get_state_dict(progress=False)
+    import timm
+
+    return timm.create_model(name.partition(":")[2], pretrained=True, num_classes=0).state_dict()
 
 
 def load_backbone_weights(backbone: nn.Module, name: str, state: dict, where: str) -> None:

@@ -120,7 +120,12 @@ def _check_backbone(cfg: TrainConfig, data: DatasetInfo) -> tuple[list[float], l
     the input normalisation (``model.mean``/``std``, else the backbone's own)."""
     import torch
 
-    from dmu_ray.models.backbones import default_preprocessing, initial_backbone_state, load_backbone_weights
+    from dmu_ray.models.backbones import (
+        check_library_weights,
+        default_preprocessing,
+        initial_backbone_state,
+        load_backbone_weights,
+    )
     from dmu_ray.models.embedding import EmbeddingModel
 
     m = cfg.model
@@ -138,7 +143,7 @@ def _check_backbone(cfg: TrainConfig, data: DatasetInfo) -> tuple[list[float], l
         ) from None
     try:
         if m.pretrained:
-            _check_library_weights(m.backbone, m.pretrained)
+            check_library_weights(m.backbone, m.pretrained)
         elif m.weights:
             load_backbone_weights(model.backbone, m.backbone, *initial_backbone_state(m, cfg.storage))
     except ValueError as err:
@@ -150,30 +155,6 @@ def _check_backbone(cfg: TrainConfig, data: DatasetInfo) -> tuple[list[float], l
             )
         return m.mean, m.std
     return default_preprocessing(m.backbone, model.backbone, data.channels)
-
-
-def _check_library_weights(backbone: str, pretrained: str) -> None:
-    """A library weights name exists for the architecture (without fetching the weights)."""
-    prefix, _, arch = backbone.partition(":")
-    if prefix == "torchvision":
-        import torchvision
-
-        try:
-            enum = torchvision.models.get_model_weights(arch)
-            w = enum.DEFAULT if pretrained == "default" else torchvision.models.get_weight(pretrained)
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ValueError(f"torchvision has no weights {pretrained!r} for {arch} ({err})") from None
-        if w not in list(enum):
-            raise ValueError(
-                f"{pretrained} are not weights of torchvision's {arch} (those are {enum.__name__})"
-            )
-    elif pretrained != "default":
-        raise ValueError(f"for a timm backbone use 'default' (a tag goes in the name: timm:{arch}.TAG)")
-    else:
-        import timm
-
-        if not timm.list_pretrained(arch) and not timm.list_pretrained(f"{arch}.*"):
-            raise ValueError(f"timm has no pretrained weights for {arch!r}")
 
 
 def _check_new_model(cfg: TrainConfig, data: DatasetInfo) -> Artifact:
