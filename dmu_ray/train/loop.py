@@ -194,7 +194,7 @@ class WorkerLoop:
         if self.old_model is not None:
             self.old_model.eval()
         self.inner.method.on_epoch_start(self.inner, epoch)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per statistic and step
         steps, samples, t0 = 0, 0, time.perf_counter()
         for batch in self.shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
@@ -208,13 +208,12 @@ class WorkerLoop:
                     cfg, self.config, epoch, self.rank, self.world, time.perf_counter() - self.last_report
                 )
             loss, stats = self.step(batch, epoch, steps)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
             steps += 1
             samples += len(batch["label"])
         seconds = time.perf_counter() - t0
-        metrics = {k: v / max(1, steps) for k, v in sums.items()}
+        metrics = {k: float(v) / max(1, steps) for k, v in sums.items()}
         metrics.update(
             epoch=epoch,
             steps=steps,
