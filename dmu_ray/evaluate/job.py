@@ -82,7 +82,8 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
     """Every check that can fail before embedding: artefacts load and fit each other, every given
     gallery exists, is committed, non-empty, labelled, of the right dimension and made by the model
     it is paired with (``check_gallery_models``), and the output location can be written.
-    Returns the artefacts (``cards``) and the opened galleries."""
+    Returns the artefacts (``cards``), the opened galleries and the labels of those without a
+    label column (``labels``, taken from the data set's gallery images by id)."""
     from dmu_ray.evaluate.protocols import PROTOCOLS
 
     unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
@@ -110,6 +111,8 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
     if "mixed" in cfg.galleries and "new" not in cfg.galleries and not cfg.new_model:
         raise EvaluationError("galleries.mixed needs the new model for its queries")
     galleries: dict[str, Gallery] = {}
+    labels: dict[str, np.ndarray] = {}  # of galleries without a label column, from the data set
+    data_labels = None
     for role, uri in cfg.galleries.items():
         try:
             g = Gallery.open(uri, cfg.storage)
@@ -124,7 +127,9 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 f"{'old' if role == 'old' else 'new'} model's space is {want}-d"
             )
         if LABEL not in g.schema().names:
-            _labels_by_id(g, _data_labels(cfg), f"galleries.{role}")  # every id has an image label
+            if data_labels is None:
+                data_labels = _data_labels(cfg)
+            labels[role] = _labels_by_id(g, data_labels, f"galleries.{role}")  # every id has one
         if cfg.check_gallery_models:
             if role in ("old", "new"):
                 _check_made_by(g, role, arts[f"{role}_model"])
@@ -132,7 +137,7 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 _check_upgraded(g, role, psi, arts["new_model"])
         galleries[role] = g
     _check_output(cfg)
-    return {"cards": cards, "galleries": galleries}
+    return {"cards": cards, "galleries": galleries, "labels": labels}
 
 
 def _check_output(cfg: EvaluateConfig) -> None:
@@ -188,20 +193,21 @@ def _labels_by_id(g: Gallery, data: tuple[np.ndarray, np.ndarray], what: str) ->
     return data_labels[pos]
 
 
-def _gallery_vectors(g: Gallery, cfg: EvaluateConfig) -> Embedded:
-    if LABEL in g.schema().names:
+def _gallery_vectors(g: Gallery, labels: np.ndarray | None = None) -> Embedded:
+    """Labels and vectors of a gallery: its label column, or ``labels`` (row order) when it has none."""
+    if labels is None:
         t = g.read(columns=[LABEL, EMB])
         labels = t.column(LABEL).to_numpy()
     else:
-        t = g.read(columns=["id", EMB])
-        labels = _labels_by_id(g, _data_labels(cfg), g.loc.uri)
+        t = g.read(columns=[EMB])
     return labels, embedding_matrix(t.column(EMB)).astype(np.float32)
 
 
 def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
     """Compute the compatibility matrix and write ``eval.json``/``eval.md``/``pairings.png``."""
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    opened = check_inputs(cfg)["galleries"]
+    checked = check_inputs(cfg)
+    opened, labels = checked["galleries"], checked["labels"]
     from dmu_ray.ray_session import ensure_ray, require_pool
 
     ensure_ray(cfg.ray_address)
@@ -217,16 +223,20 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     q = {"old": embed(query, cfg.old_model, "queries"), "new": embed(query, cfg.new_model, "queries")}
     g: dict[str, Embedded] = {}
     for role, model in (("old", cfg.old_model), ("new", cfg.new_model)):
-        g[role] = _gallery_vectors(opened[role], cfg) if role in opened else embed(gallery, model, "gallery")
+        g[role] = (
+            _gallery_vectors(opened[role], labels.get(role))
+            if role in opened
+            else embed(gallery, model, "gallery")
+        )
     if "upgraded" in opened:
-        g["upgraded"] = _gallery_vectors(opened["upgraded"], cfg)
+        g["upgraded"] = _gallery_vectors(opened["upgraded"], labels.get("upgraded"))
     elif cfg.upgrade_module:
         psi = build_upgrade_module(load_artifact(cfg.upgrade_module, cfg.storage, kind=UPGRADE_MODULE))
         with torch.inference_mode():
             up = torch.nn.functional.normalize(psi(torch.from_numpy(g["old"][1])), dim=1).numpy()
         g["upgraded"] = (g["old"][0], up)
     if "mixed" in opened:
-        g["mixed"] = _gallery_vectors(opened["mixed"], cfg)
+        g["mixed"] = _gallery_vectors(opened["mixed"], labels.get("mixed"))
     if cfg.independent_model:
         q["independent"] = embed(query, cfg.independent_model, "queries")
         g["independent"] = embed(gallery, cfg.independent_model, "gallery")
