@@ -37,16 +37,10 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
         str(tmp_path / "deployed.pt"), old, model_id="prod-v1", channels=1, size=24, mean=[0.4], std=[0.3]
     )
     assert not load_artifact(old).card.has_classifier
-    out = run_training(
-        config(
-            "dmu",
-            str(tmp_path / "runs"),
-            digits,
-            optim={"epochs": 1},
-            method={"name": "dmu", "old_model": old},
-        ),
-        progress=False,
+    cfg = config(
+        "dmu", str(tmp_path / "runs"), digits, optim={"epochs": 1}, method={"name": "dmu", "old_model": old}
     )
+    out = run_training(cfg, progress=False)
     # the prototype classifier: the old network, one row per class = mean old feature of the class
     built = load_artifact(str(tmp_path / "runs" / "dmu" / "old_classifier.pt"))
     c = built.card
@@ -64,15 +58,7 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
     assert card.old_model["id"].startswith("prod-v1@") and card.old_classifier.endswith("old_classifier.pt")
     # a resumed run reuses it (same file, not rebuilt)
     before = (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns
-    plan = plan_training(
-        config(
-            "dmu",
-            str(tmp_path / "runs"),
-            digits,
-            optim={"epochs": 1},
-            method={"name": "dmu", "old_model": old},
-        )
-    )
+    plan = plan_training(cfg)
     assert plan.cfg.method.prepare(plan, progress=False)["old_classifier"].endswith("old_classifier.pt")
     assert (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns == before
 

@@ -223,7 +223,7 @@ class CompatibilityMethod(Method):
             return {}
         dest = f"{plan.run_uri}/old_classifier.pt"
         if reusable_old_classifier(dest, old, build, cfg.storage) is None:
-            ids, labels = plan.train_ids_labels()
+            ids, labels = plan.ids, plan.labels
             d = cfg.data
             mine = split_mask(d.split, d.role, ids, labels, d.old_fraction, d.split_seed) & build[labels]
             build_old_classifier(

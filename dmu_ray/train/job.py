@@ -44,7 +44,7 @@ class TrainPlan:
     old: Artifact | None
     run_uri: str
     new: Artifact | None = None  # fastfill: the frozen new model the transformation targets
-    ids: np.ndarray | None = None  # of every training row, and their labels
+    ids: np.ndarray | None = None  # of every row of the training part (both sides of the split)
     labels: np.ndarray | None = None
     mean: list[float] | None = None  # the new model's input normalisation
     std: list[float] | None = None
@@ -60,10 +60,6 @@ class TrainPlan:
             "std": self.std,
             "image_size": self.data.image_size,
         }
-
-    def train_ids_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Ids and labels of every row of the training part (both sides of the split)."""
-        return self.ids, self.labels
 
     @property
     def export_uri(self) -> str:
