@@ -158,3 +158,70 @@ def upgrade_loss(
     align = 1.0 - (u * f_n.detach()).sum(1)
     per_sample = ce + align_weight * align
     return (weights * per_sample).mean(), (u * f_n.detach()).sum(1).mean().detach()
+
+
+def old_logits(old_head: MarginHead, f: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Logits of the frozen old classifier (``s * cos``, no margin) over the classes it knows
+    (``known``, a boolean mask over its rows): the outputs LwF and focal distillation match."""
+    return old_head(f.float())[:, known]
+
+
+def distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, kind: str = "kl"
+) -> torch.Tensor:
+    """Per-sample distillation of ``teacher`` logits into ``student`` logits: ``kl`` =
+    T^2 * KL(softmax(teacher/T) || softmax(student/T)) (Hinton's scaling, so the gradient's size
+    does not shrink with T); ``logits`` = mean squared difference of the logits (logit matching)."""
+    if kind == "kl":
+        t = F.log_softmax(teacher.detach() / temperature, dim=1)
+        s = F.log_softmax(student / temperature, dim=1)
+        return temperature**2 * (t.exp() * (t - s)).sum(1)
+    if kind == "logits":
+        return (student - teacher.detach()).pow(2).mean(1)
+    raise ValueError(f"unknown distillation {kind!r} (kl or logits)")
+
+
+def gather_batches(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor concatenated over every training worker's batch (rank order; this worker's own
+    rows at their rank's place), without gradient: in-batch negatives from the whole global batch.
+    Outside a process group (one worker) the tensors come back as they are. Every worker's batch
+    has the same size (the training loop drops the last, partial batch)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tuple(t.detach() for t in tensors)
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.detach().contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)
+
+
+def old_contrastive_loss(
+    f_n: torch.Tensor,
+    labels: torch.Tensor,
+    old_all: torch.Tensor,
+    labels_all: torch.Tensor,
+    temperature: float,
+    new_all: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-model contrastive loss per sample: each new feature is pulled to every old feature of
+    its class and pushed from the old features of other classes in the gathered batch
+    (``old_all``/``labels_all``); with ``new_all`` (the gathered new features, detached) also from
+    the new features of other classes (RACT: a new feature must be closer to its class's old
+    features than to other classes in either space). For each positive p the term is
+    -log(e^{s_p} / (e^{s_p} + sum over negatives e^{s_n})), s = cos / temperature, averaged over
+    the positives (the sample's own old feature is always one)."""
+    s_old = f_n @ old_all.to(f_n.dtype).T / temperature
+    pos = labels[:, None] == labels_all[None, :]
+    # not a negative: a finite stand-in for -inf (exp underflows to 0; gradients stay finite
+    # where a row has no negative at all, whose terms then vanish)
+    off = torch.full_like(s_old, -1e4)
+    negatives = [torch.where(pos, off, s_old)]
+    if new_all is not None:  # same-class new features (the sample's own included) are no negatives
+        negatives.append(torch.where(pos, off, f_n @ new_all.to(f_n.dtype).T / temperature))
+    log_neg = torch.logsumexp(torch.cat(negatives, dim=1), dim=1, keepdim=True)
+    # -log(e^sp / (e^sp + N)) = log(e^sp + N) - sp = softplus(log N - sp)
+    per_pos = F.softplus(log_neg - s_old)
+    return (per_pos * pos).sum(1) / pos.sum(1).clamp_min(1)
