@@ -332,6 +332,50 @@ class TrainConfig(StrictModel):
     ray_address: str | None = None
 
 
+class RevisitedSection(StrictModel):
+    """Options of the ``revisited`` protocol (Revisited Oxford/Paris)."""
+
+    ground_truth: str = Field(
+        description="the protocol's ground-truth file: gnd_roxford5k.pkl / gnd_rparis6k.pkl or the same as .json"
+    )
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1, description="k of mP@k")
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every k must be >= 1 (got {v})")
+        return v
+
+
+class TemplatesSection(StrictModel):
+    """Options of the ``templates`` protocol (IJB-C style template verification/identification)."""
+
+    table: str = Field(
+        description="CSV/Parquet of template,id[,media,subject,set]: the images of each template"
+    )
+    pairs: str | None = Field(default=None, description="CSV/Parquet of probe,reference[,genuine]: 1:1 pairs")
+    fars: list[float] = Field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2], description="FARs of template TAR@FAR"
+    )
+    fpirs: list[float] = Field(default_factory=lambda: [1e-2, 1e-1], description="FPIRs of TPIR@FPIR")
+    ranks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="ranks of 1:N identification")
+
+    @field_validator("fars", "fpirs")
+    @classmethod
+    def _rates_in_unit(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < f < 1.0 for f in v):
+            raise ValueError(f"every rate must lie strictly between 0 and 1 (got {v})")
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks_positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every rank must be >= 1 (got {v})")
+        return v
+
+
 class EvaluateConfig(StrictModel):
     """``dmu-ray evaluate``: every query/gallery model pairing on a labelled query set and gallery."""
 
@@ -360,6 +404,8 @@ class EvaluateConfig(StrictModel):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     map_at: int = Field(default=100, ge=1)
     tar_fars: list[float] = Field(default_factory=lambda: [1e-3, 1e-2])
+    revisited: RevisitedSection | None = Field(default=None, description="ground truth of protocol revisited")
+    templates: TemplatesSection | None = Field(default=None, description="templates of protocol templates")
 
     @field_validator("ks")
     @classmethod

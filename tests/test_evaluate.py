@@ -117,8 +117,10 @@ def test_bad_inputs_are_named(tmp_path):
     write_image_part(resolve(str(data / "gallery")), [b"x", b"y"], np.array([4, 5]), np.array([1, 2]))
     from dmu_ray.evaluate.job import _gallery_vectors
 
-    labels, _ = _gallery_vectors(Gallery.open(str(tmp_path / "nolabel")), check_inputs(cfg)["labels"]["old"])
-    assert labels.tolist() == [4, 5]
+    ids, labels, _ = _gallery_vectors(
+        Gallery.open(str(tmp_path / "nolabel")), check_inputs(cfg)["labels"]["old"]
+    )
+    assert labels.tolist() == [4, 5] and ids.tolist() == [1, 2]
     # models of mismatched dims: the upgrade module does not map old -> new
     save_upgrade_module(str(tmp_path / "psi.pt"), UpgradeModule(16, 16, 8, 1))
     bad = EvaluateConfig(

@@ -27,7 +27,7 @@ from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
 
-Embedded = tuple[np.ndarray, np.ndarray]  # (labels, vectors)
+Embedded = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids, labels, vectors)
 
 
 def _load_card(cfg: EvaluateConfig, role: str, kind: str) -> Artifact:
@@ -89,6 +89,7 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
     unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
     if unknown:
         raise EvaluationError(f"protocols: unknown {unknown}; registered: {', '.join(PROTOCOLS)}")
+    ground_truth = _load_ground_truth(cfg)
     arts = {
         role: _load_card(cfg, role, EMBEDDING_MODEL)
         for role in ("old_model", "new_model", "independent_model")
@@ -136,8 +137,67 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
             else:
                 _check_upgraded(g, role, psi, arts["new_model"])
         galleries[role] = g
+    _check_ground_truth_ids(cfg, ground_truth, galleries)
     _check_output(cfg)
-    return {"cards": cards, "galleries": galleries, "labels": labels}
+    return {"cards": cards, "galleries": galleries, "labels": labels, "ground_truth": ground_truth}
+
+
+def _load_ground_truth(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The ground truth of every configured protocol that needs one, read and checked."""
+    from dmu_ray.evaluate.ground_truth import GroundTruthError, load_revisited, load_templates
+    from dmu_ray.evaluate.protocols import PROTOCOLS
+
+    out: dict[str, Any] = {}
+    for name in cfg.protocols:
+        section = PROTOCOLS[name].section
+        if section is None:
+            continue
+        opts = getattr(cfg, section, None)
+        if opts is None:
+            raise EvaluationError(f"{section}: protocol {name!r} needs this section (see docs/evaluation.md)")
+        try:
+            if section == "revisited":
+                out[section] = load_revisited(opts.ground_truth, cfg.storage)
+            elif section == "templates":
+                out[section] = load_templates(opts.table, opts.pairs, cfg.storage)
+        except GroundTruthError as err:
+            raise EvaluationError(str(err)) from None
+    return out
+
+
+def _part_ids(cfg: EvaluateConfig, part: str) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    loc = resolve(cfg.data, cfg.storage).join(part)
+    try:
+        return pq.read_table(loc.path, filesystem=loc.fs, columns=["id"]).column("id").to_numpy()
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"data: cannot read the ids of {loc.uri} ({err})") from None
+
+
+def _check_ground_truth_ids(
+    cfg: EvaluateConfig, ground_truth: dict[str, Any], galleries: dict[str, Gallery]
+) -> None:
+    """Every image the ground truth names is among the rows it will be looked up in: query-side
+    ids in the data set's query part, gallery-side ids in each gallery evaluated (the given
+    galleries, and the data set's gallery part where one is embedded from images)."""
+    from dmu_ray.evaluate.ground_truth import GroundTruthError, rows_of
+
+    if not ground_truth:
+        return
+    sources = {"data set query part": ("q", lambda: _part_ids(cfg, "query"))}
+    if not {"old", "new"} <= set(galleries) or cfg.independent_model:
+        sources["data set gallery part"] = ("g", lambda: _part_ids(cfg, "gallery"))
+    for role, g in galleries.items():
+        sources[f"galleries.{role}"] = ("g", lambda g=g: g.read(columns=["id"]).column("id").to_numpy())
+    for what, (side, read) in sources.items():
+        ids = read()
+        for section, gt in ground_truth.items():
+            need = gt.needs()[0 if side == "q" else 1]
+            try:
+                rows_of(ids, need, f"{section} ({gt.uri}): images of the {what}")
+            except GroundTruthError as err:
+                raise EvaluationError(str(err)) from None
 
 
 def _check_output(cfg: EvaluateConfig) -> None:
@@ -194,13 +254,15 @@ def _labels_by_id(g: Gallery, data: tuple[np.ndarray, np.ndarray], what: str) ->
 
 
 def _gallery_vectors(g: Gallery, labels: np.ndarray | None = None) -> Embedded:
-    """Labels and vectors of a gallery: its label column, or ``labels`` (row order) when it has none."""
+    """Ids, labels and vectors of a gallery: its label column, or ``labels`` (row order) when it
+    has none."""
     if labels is None:
-        t = g.read(columns=[LABEL, EMB])
+        t = g.read(columns=["id", LABEL, EMB])
         labels = t.column(LABEL).to_numpy()
     else:
-        t = g.read(columns=[EMB])
-    return labels, embedding_matrix(t.column(EMB)).astype(np.float32)
+        t = g.read(columns=["id", EMB])
+    ids = t.column("id").to_numpy(zero_copy_only=False)
+    return ids, labels, embedding_matrix(t.column(EMB)).astype(np.float32)
 
 
 def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -217,8 +279,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
 
     def embed(part: str, model: str, what: str) -> Embedded:
         say(f"embedding {what} with {model}")
-        _, labels, x = embed_images(part, model, storage=cfg.storage, pool=cfg.pool)
-        return labels, x
+        return embed_images(part, model, storage=cfg.storage, pool=cfg.pool)
 
     q = {"old": embed(query, cfg.old_model, "queries"), "new": embed(query, cfg.new_model, "queries")}
     g: dict[str, Embedded] = {}
@@ -233,15 +294,26 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     elif cfg.upgrade_module:
         psi = build_upgrade_module(load_artifact(cfg.upgrade_module, cfg.storage, kind=UPGRADE_MODULE))
         with torch.inference_mode():
-            up = torch.nn.functional.normalize(psi(torch.from_numpy(g["old"][1])), dim=1).numpy()
-        g["upgraded"] = (g["old"][0], up)
+            up = torch.nn.functional.normalize(psi(torch.from_numpy(g["old"][2])), dim=1).numpy()
+        g["upgraded"] = (g["old"][0], g["old"][1], up)
     if "mixed" in opened:
         g["mixed"] = _gallery_vectors(opened["mixed"], labels.get("mixed"))
     if cfg.independent_model:
         q["independent"] = embed(query, cfg.independent_model, "queries")
         g["independent"] = embed(gallery, cfg.independent_model, "gallery")
 
-    mcfg = MetricsConfig(ks=cfg.ks, map_at=cfg.map_at, tar_fars=cfg.tar_fars, protocols=list(cfg.protocols))
+    mcfg = MetricsConfig(
+        ks=cfg.ks,
+        map_at=cfg.map_at,
+        tar_fars=cfg.tar_fars,
+        protocols=list(cfg.protocols),
+        ground_truth=checked["ground_truth"],
+    )
+    if cfg.revisited is not None:
+        mcfg.revisited_ks = list(cfg.revisited.ks)
+    if cfg.templates is not None:
+        t = cfg.templates
+        mcfg.template_fars, mcfg.fpirs, mcfg.identification_ranks = list(t.fars), list(t.fpirs), list(t.ranks)
     scfg = SearchConfig(exact_max=cfg.exact_max, nprobe=cfg.nprobe, pq_m=cfg.pq_m)
     plan = [
         ("old/old", "old", "old"),
@@ -255,7 +327,8 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     for name, qk, gk in plan:
         if qk in q and gk in g:
             say(f"searching {name}")
-            pairings[name] = evaluate_pairing(name, q[qk][1], q[qk][0], g[gk][1], g[gk][0], mcfg, scfg)
+            (qi, ql, qx), (gi, gl, gx) = q[qk], g[gk]
+            pairings[name] = evaluate_pairing(name, qx, ql, gx, gl, mcfg, scfg, q_ids=qi, g_ids=gi)
     metric = f"mAP@{cfg.map_at}"
     result = {
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from dmu_ray.evaluate.ground_truth import GroundTruthError
 from dmu_ray.evaluate.protocols import PROTOCOLS, Pairing
 from dmu_ray.evaluate.search import SearchConfig, search
 
@@ -23,6 +24,12 @@ class MetricsConfig:
     tar_fars: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
     tar_max_pairs: int = 25_000_000  # TAR@FAR from all query x gallery pairs up to this many
     protocols: list[str] = field(default_factory=lambda: ["retrieval", "verification"])
+    #: loaded ground truth by protocol section (``revisited``, ``templates``)
+    ground_truth: dict[str, Any] = field(default_factory=dict)
+    revisited_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    template_fars: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2])
+    fpirs: list[float] = field(default_factory=lambda: [1e-2, 1e-1])
+    identification_ranks: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 
 def evaluate_pairing(
@@ -33,9 +40,12 @@ def evaluate_pairing(
     g_labels: np.ndarray,
     mcfg: MetricsConfig | None = None,
     scfg: SearchConfig | None = None,
+    q_ids: np.ndarray | None = None,
+    g_ids: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The metrics of every protocol in ``mcfg.protocols`` (default: retrieval and verification)
-    for queries ``q`` against gallery ``g``; one faiss search serves every protocol that ranks."""
+    for queries ``q`` against gallery ``g`` (row ids ``q_ids``/``g_ids`` for protocols with
+    ground truth by image); one faiss search serves every protocol that ranks."""
     mcfg = mcfg or MetricsConfig()
     if len(g) == 0:
         raise EvaluationError(f"{name}: the gallery is empty")
@@ -50,14 +60,17 @@ def evaluate_pairing(
     if unknown:
         raise EvaluationError(f"unknown protocol(s) {unknown}: choose from {', '.join(PROTOCOLS)}")
     protocols = [PROTOCOLS[p](mcfg) for p in mcfg.protocols]
-    pairing = Pairing(name, q, q_labels, g, g_labels)
+    pairing = Pairing(name, q, q_labels, g, g_labels, q_ids=q_ids, g_ids=g_ids)
     out: dict[str, Any] = {}
     depth = max((p.depth(len(g)) for p in protocols), default=0)
     if depth:
         res = search(q, g, depth, scfg)
         pairing.ranked_ids, pairing.full_ranking = res.ids, depth == len(g) and len(g) <= mcfg.full_map_max
     for p in protocols:
-        out.update(p.metrics(pairing))
+        try:
+            out.update(p.metrics(pairing))
+        except GroundTruthError as err:
+            raise EvaluationError(str(err)) from None
     out.update(queries=int(len(q)), gallery=int(len(g)))
     if depth:
         out["index"] = res.index

@@ -21,10 +21,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         for c in ("mAP@100", "mAP", "R@1", "R@5", "R@10", "TAR@FAR=0.001", "TAR@FAR=0.01")
         if any(c in pairings[p] for p in names)
     ]
-    lines = ["| query/gallery | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
-    for p in names:
-        cells = [f"{100 * pairings[p][c]:.2f}" if c in pairings[p] else "" for c in cols]
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines = _table(pairings, names, cols)
+    other = [  # rates of the other protocols (revisited, templates, ...), in first-seen order
+        c
+        for c in dict.fromkeys(k for p in names for k in pairings[p])
+        if c not in cols and c != "search_recall_vs_exact" and isinstance(pairings[names[0]].get(c), float)
+    ]
+    if other:
+        lines += ["", "Protocol metrics (%):", ""] + _table(pairings, names, other)
     h = result.get("headline", {})
     if h:
         lines.append("")
@@ -32,6 +36,16 @@ def markdown_table(result: dict[str, Any]) -> str:
         for k, v in h.items():
             lines.append(f"- {k.replace('_', ' ')} ({metric}): {100 * v:+.2f}")
     return "\n".join(lines) + "\n"
+
+
+def _table(pairings: dict[str, Any], names: list[str], cols: list[str]) -> list[str]:
+    def cell(v: Any) -> str:
+        return "" if v is None else ("n/a" if v != v else f"{100 * v:.2f}")  # v != v: NaN
+
+    lines = ["| query/gallery | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for p in names:
+        lines.append(f"| {p} | " + " | ".join(cell(pairings[p].get(c)) for c in cols) + " |")
+    return lines
 
 
 def plot_pairings(result: dict[str, Any]) -> bytes:
