@@ -48,7 +48,10 @@ def choices(*path: str) -> list:
 
 
 def test_every_catalog_file_registers_one_method_of_its_name():
-    files = sorted(m.name for m in pkgutil.iter_modules(catalog.__path__) if not m.name.startswith("_"))
+    # a file is named after its method, a dash in the name an underscore in the file
+    files = sorted(
+        m.name.replace("_", "-") for m in pkgutil.iter_modules(catalog.__path__) if not m.name.startswith("_")
+    )
     assert sorted(METHODS) == files
     union = typing.get_args(typing.get_args(MethodConfig)[0])  # Annotated[Union[...], ...]
     tags = {cls.model_fields["name"].default for cls in union}

@@ -1,6 +1,7 @@
 """What every upgrade method is: a typed config section that also knows how to train.
 
-A method is one class in ``dmu_ray/methods/catalog/<name>.py``, decorated with
+A method is one class in ``dmu_ray/methods/catalog/<name>.py`` (a dash of the name an underscore
+in the file name), decorated with
 :func:`register_method`. The class is the method's config (pydantic, unknown keys refused, its
 ``name`` the discriminator of ``TrainConfig.method``) and carries its behaviour:
 
