@@ -226,23 +226,67 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
 def write_bytes_atomic(loc: Location, data: bytes | pa.Buffer | memoryview) -> str:
     """Write ``data`` to ``loc`` so that readers see either nothing or the whole object.
 
-    The bytes go to ``<dir>/_tmp/<name>.<uuid>`` first and are then moved into place: a rename on
-    local disk, a server-side copy on S3 (the new key appears whole or not at all). Returns the
-    sha256 hex digest of the bytes written.
+    S3: one PUT of the bytes (a multipart upload above :data:`S3_MULTIPART_BYTES`, completed only
+    when every part is there and aborted on failure): S3 makes the key appear whole or not at all,
+    so nothing is written twice. Local disk: the bytes go to ``<dir>/_tmp/<name>.<uuid>`` and are
+    renamed into place; the ``_tmp`` folder is removed when it is left empty. Returns the sha256
+    hex digest of the bytes written.
     """
     digest = hashlib.sha256(memoryview(data)).hexdigest()
+    if loc.is_s3:
+        _s3_put(loc, data)
+        return digest
     parent, name = posixpath.split(loc.path)
-    tmp = posixpath.join(parent, TMP_DIR, f"{name}.{uuid.uuid4().hex}")
-    loc.fs.create_dir(posixpath.join(parent, TMP_DIR), recursive=True)
+    tmp_dir = posixpath.join(parent, TMP_DIR)
+    tmp = posixpath.join(tmp_dir, f"{name}.{uuid.uuid4().hex}")
     try:
-        with loc.fs.open_output_stream(tmp) as out:
+        for attempt in range(5):
+            loc.fs.create_dir(tmp_dir, recursive=True)
+            try:  # another writer of this folder may remove the empty _tmp between the two calls
+                out = loc.fs.open_output_stream(tmp)
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+        with out:
             out.write(data)
         loc.fs.move(tmp, loc.path)
     except BaseException:
         with contextlib.suppress(OSError):
             loc.fs.delete_file(tmp)
         raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp_dir)  # only when empty: other writers' files keep it
     return digest
+
+
+#: S3 objects above this many bytes are uploaded in parts (one PUT below).
+S3_MULTIPART_BYTES = 256 * 1024 * 1024
+
+
+def _s3_put(loc: Location, data: bytes | pa.Buffer | memoryview) -> None:
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = loc.path.partition("/")
+    view = memoryview(data)
+    try:
+        client = _s3_client(loc.storage)
+        if view.nbytes <= S3_MULTIPART_BYTES:
+            client.put_object(
+                Bucket=bucket, Key=key, Body=data if isinstance(data, bytes) else view.tobytes()
+            )
+        else:
+            cfg = TransferConfig(multipart_threshold=S3_MULTIPART_BYTES, multipart_chunksize=64 * 1024 * 1024)
+            client.upload_fileobj(io.BytesIO(view), bucket, key, Config=cfg)
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            raise StorageError(f"bucket {bucket!r} does not exist ({loc.uri})") from None
+        raise OSError(f"{loc.uri}: upload failed ({code or err})") from None
 
 
 def create_exclusive(loc: Location, data: bytes) -> bool:

@@ -256,6 +256,10 @@ def test_evaluate_runs_the_standard_protocols_on_ray(ray_local, tmp_path, digits
     assert result["pairings"]["new/new"]["mAP(M)"] == pytest.approx(direct["mAP(M)"])
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "Protocol metrics (%):" in md and "mAP(H)" in md and "TPIR@FPIR=0.5[G1]" in md
+    # a successful import and evaluation leave no empty _tmp folders behind (issue 17)
+    from pathlib import Path
+
+    assert not list(Path(digits).rglob("_tmp")) and not list((tmp_path / "eval").rglob("_tmp"))
 
     # checked before any embedding: a ground-truth image the data set lacks, a missing section
     doc["query_ids"][0] = 10**9

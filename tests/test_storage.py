@@ -51,3 +51,26 @@ def test_endpoint_from_standard_env(s3, monkeypatch):
     loc = resolve(f"s3://{s3.bucket}/env-endpoint/x.bin")
     write_bytes_atomic(loc, b"abc")
     assert s3.client().get_object(Bucket=s3.bucket, Key="env-endpoint/x.bin")["Body"].read() == b"abc"
+
+
+def test_atomic_writes_leave_no_tmp_folder(root):
+    """A committed write leaves its object and nothing else: no empty ``_tmp/`` folder on local
+    disk, no ``_tmp/`` directory marker on S3 (issue 17)."""
+    from dmu_ray.storage import create_exclusive
+
+    loc = resolve(root.uri("clean/a.bin"), root.storage)
+    parent = os.path.dirname(loc.path)
+
+    def listing():
+        found = loc.fs.get_file_info(pafs.FileSelector(parent, recursive=True))
+        return sorted(os.path.relpath(f.path, parent) for f in found)
+
+    write_bytes_atomic(loc, b"a")
+    write_bytes_atomic(resolve(root.uri("clean/b.bin"), root.storage), b"b")
+    assert listing() == ["a.bin", "b.bin"]
+    if root.s3 is not None:
+        prefix = parent.split("/", 1)[1] + "/"
+        assert root.s3.keys(prefix) == [prefix + "a.bin", prefix + "b.bin"]
+    else:
+        assert create_exclusive(resolve(root.uri("clean/c.bin"), root.storage), b"c")
+        assert listing() == ["a.bin", "b.bin", "c.bin"]
