@@ -78,3 +78,30 @@ def test_job_entrypoints_and_example_configs():
     for p in (ROOT / "jobs").glob("*.py"):
         assert "dmu_ray.cli import main" in p.read_text() and len(p.read_text().splitlines()) < 20, p
     assert os.access(ROOT / ".ci/run", os.R_OK)
+
+
+def test_dockerfile_matches_the_pinned_ray_and_the_manifests():
+    """The image the KubeRay manifests run is built by the repository's Dockerfile, on Ray's own
+    GPU image of the pinned Ray, and every manifest's rayVersion is that Ray (issue 17)."""
+    import tomllib
+
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(
+        re.fullmatch(r"ray\[.*\]==(.+)", d).group(1) for d in pins["dependencies"] if d.startswith("ray[")
+    )
+    assert ray.__version__ == ray_pin  # what the tests run is what the image carries
+    base = re.search(r"^FROM\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+    m = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-py(?P<py>\d)(?P<minor>\d+)-gpu", base)
+    assert m, f"Dockerfile base {base!r} is not one of Ray's GPU images"
+    assert m["ray"] == ray_pin
+    py = (int(m["py"]), int(m["minor"]))
+    assert py >= tuple(int(x) for x in pins["requires-python"].lstrip(">=").split("."))
+    images, versions = set(), set()
+    for _, doc in kuberay_docs():
+        text = json.dumps(doc)
+        versions |= set(re.findall(r'"rayVersion": "([^"]+)"', text))
+        images |= set(re.findall(r'"image": "([^"]+)"', text))
+    assert versions == {ray_pin}
+    assert images == {f"my-registry/dmu-ray:{pins['version']}"}
+    cluster_md = (ROOT / "docs/cluster.md").read_text()
+    assert f"docker build -t my-registry/dmu-ray:{pins['version']} ." in cluster_md
