@@ -266,13 +266,27 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 
 def _cmd_embed(ns: argparse.Namespace) -> int:
-    from dmu_ray.evaluate.embed import embed_to_gallery
+    from dmu_ray.config import EmbedConfig, parse_config, read_config_data
+    from dmu_ray.evaluate.embed import run_embed
 
-    m = embed_to_gallery(
-        ns.images, ns.model, ns.output, dtype=ns.dtype, storage=_storage(ns), overwrite=ns.overwrite
-    )
+    data = read_config_data(ns.config) if ns.config else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {ns.config}: expected a mapping of fields")
+    for key in ("images", "model", "output", "dtype", "ray_address", "rows_per_file"):
+        if getattr(ns, key) is not None:
+            data[key] = getattr(ns, key)
+    if ns.overwrite:
+        data["overwrite"] = True
+    pool = {k: getattr(ns, k) for k in ("min_actors", "max_actors", "num_cpus", "num_gpus", "batch_size")}
+    if any(v is not None for v in pool.values()):
+        data["pool"] = {**data.get("pool", {}), **{k: v for k, v in pool.items() if v is not None}}
+    storage = {k: v for k, v in (("endpoint_url", ns.endpoint_url), ("region", ns.region)) if v}
+    if storage:
+        data["storage"] = {**data.get("storage", {}), **storage}
+    cfg = parse_config(EmbedConfig, data, ns.config or "(command line)")
+    m = run_embed(cfg, progress=not ns.quiet)
     print(
-        f"committed {ns.output}: {m.rows:,} rows, dim {m.model.dim} {m.model.dtype}, model {m.model.model_id}"
+        f"committed {cfg.output}: {m.rows:,} rows, dim {m.model.dim} {m.model.dtype}, model {m.model.model_id}"
     )
     return 0
 
@@ -622,12 +636,30 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(tr, "training config (YAML); see configs/train_*.yaml")
     tr.set_defaults(func=_cmd_train)
 
-    emb = sub.add_parser("embed", help="embed an image set with a model into a gallery prefix (Ray Data)")
-    emb.add_argument("--images", required=True, help="image part folder, e.g. out/data/glyphs/gallery")
-    emb.add_argument("--model", required=True, help="embedding model artefact (export/model.pt)")
-    emb.add_argument("--output", required=True, help="new gallery prefix")
-    emb.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    emb = sub.add_parser(
+        "embed",
+        help="embed an image set with a model into a new gallery prefix (Ray Data)",
+        description="Embed every image of a data set part (or an id,uri table) with a model artefact on a Ray "
+        "Data actor pool and commit the vectors as a gallery prefix (id, embedding, label). Give a config "
+        "(configs/embed_local.yaml) or the flags; flags override the config's values.",
+    )
+    emb.add_argument("--config", help="embed config (YAML); see configs/embed_local.yaml")
+    emb.add_argument("--images", help="image part folder, e.g. out/data/glyphs/gallery, or an id,uri table")
+    emb.add_argument("--model", help="embedding model artefact (export/model.pt)")
+    emb.add_argument("--output", help="new gallery prefix")
+    emb.add_argument("--dtype", choices=["float16", "float32"], help="stored vector type (default float16)")
     emb.add_argument("--overwrite", action="store_true", help="replace what the output prefix holds")
+    emb.add_argument("--rows-per-file", type=int, help="rows per Parquet file (default 1,000,000)")
+    emb.add_argument(
+        "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
+    )
+    emb.add_argument("--quiet", action="store_true", help="no progress output")
+    pool = emb.add_argument_group("actor pool (the config's pool: section)")
+    pool.add_argument("--min-actors", type=int)
+    pool.add_argument("--max-actors", type=int)
+    pool.add_argument("--num-cpus", type=float, help="CPUs per actor")
+    pool.add_argument("--num-gpus", type=float, help="GPUs per actor (0: CPU)")
+    pool.add_argument("--batch-size", type=int, help="images per batch (default 256)")
     _storage_args(emb)
     emb.set_defaults(func=_cmd_embed)
 

@@ -111,6 +111,23 @@ class RefreshConfig(StrictModel):
         return v
 
 
+class EmbedConfig(StrictModel):
+    """``dmu-ray embed``: embed an image set with a model into a new gallery prefix (Ray Data)."""
+
+    kind: Literal["embed"] = "embed"
+    images: str = Field(
+        description="image data set part (e.g. out/data/glyphs/gallery) or an id,uri[,label] table"
+    )
+    model: str = Field(description="embedding model artefact (e.g. export/model.pt)")
+    output: str = Field(description="new gallery prefix (local or s3://); never inside the inputs")
+    dtype: Literal["float16", "float32"] = "float16"
+    overwrite: bool = Field(default=False, description="replace what the output prefix holds")
+    rows_per_file: int = Field(default=1_000_000, ge=1, description="rows per Parquet file of the gallery")
+    pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = Field(default=None, description="Ray cluster address; default: auto/local")
+
+
 BACKFILL_POLICIES = ("uncertainty", "random", "old-discriminativeness")
 BackfillPolicy = Literal[BACKFILL_POLICIES]  # type: ignore[valid-type]
 #: a curve may also draw the oracle order (realised transformation error: needs every new vector,
@@ -472,8 +489,8 @@ def parse_config(cls: type[T], data: Any, source: str = "<dict>") -> T:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(cls: type[T], path: str | Path) -> T:
-    """Load a YAML (or JSON) file as config class ``cls``; errors name the file and the field."""
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML (or JSON) config file holds, unvalidated (errors name the file)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -485,6 +502,9 @@ def load_config(cls: type[T], path: str | Path) -> T:
         raise ConfigError(
             f"config {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {err}"
         ) from None
-    if data is None:
-        data = {}
-    return parse_config(cls, data, str(p))
+    return {} if data is None else data
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Load a YAML (or JSON) file as config class ``cls``; errors name the file and the field."""
+    return parse_config(cls, read_config_data(path), str(path))

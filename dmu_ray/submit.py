@@ -14,12 +14,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmu_ray.config import BackfillConfig, EvaluateConfig, RefreshConfig, TrainConfig, load_config
+from dmu_ray.config import (
+    BackfillConfig,
+    EmbedConfig,
+    EvaluateConfig,
+    RefreshConfig,
+    TrainConfig,
+    load_config,
+)
 
 JOBS: dict[str, tuple[str, type | None]] = {
     "train": ("jobs/train.py", TrainConfig),
     "refresh": ("jobs/refresh_gallery.py", RefreshConfig),
     "evaluate": ("jobs/evaluate.py", EvaluateConfig),
+    "embed": ("jobs/embed.py", EmbedConfig),
     "backfill": ("jobs/backfill.py", BackfillConfig),
     "lifecycle": ("jobs/lifecycle.py", None),
 }

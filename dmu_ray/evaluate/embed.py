@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import pyarrow as pa
 
-from dmu_ray.config import ActorPoolConfig, StorageConfig
+from dmu_ray.config import ActorPoolConfig, EmbedConfig, StorageConfig
 from dmu_ray.gallery import GalleryWriter, Manifest, ModelInfo, embedding_array, refuse_overlap
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
 from dmu_ray.models.inference import embed_images
@@ -47,3 +49,25 @@ def embed_to_gallery(
     )
     writer.write(table, source=images_uri)
     return writer.close()
+
+
+def run_embed(cfg: EmbedConfig, *, progress: bool = True) -> Manifest:
+    """``dmu-ray embed``: :func:`embed_to_gallery` from a config, on ``cfg.ray_address``'s cluster."""
+    from dmu_ray.ray_session import ensure_ray
+
+    refuse_overlap(
+        resolve(cfg.output, cfg.storage), [resolve(cfg.images, cfg.storage), resolve(cfg.model, cfg.storage)]
+    )
+    ensure_ray(cfg.ray_address)
+    if progress:
+        print(f"embedding {cfg.images} with {cfg.model} -> {cfg.output}", file=sys.stderr, flush=True)
+    return embed_to_gallery(
+        cfg.images,
+        cfg.model,
+        cfg.output,
+        dtype=cfg.dtype,
+        storage=cfg.storage,
+        pool=cfg.pool,
+        rows_per_file=cfg.rows_per_file,
+        overwrite=cfg.overwrite,
+    )

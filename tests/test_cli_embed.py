@@ -1,0 +1,51 @@
+"""``dmu-ray embed`` has the shape of its siblings (issue 17): a description, ``--config`` (flags
+override it), ``--ray-address``, ``--quiet`` and the pool options, with config errors naming the
+field; and it is a submittable job."""
+
+import pyarrow.parquet as pq
+import yaml
+from test_train import digits  # noqa: F401  (the fixture)
+
+from dmu_ray.cli import build_parser, main
+from dmu_ray.gallery import Gallery
+from dmu_ray.models.artifact import save_embedding_model
+from dmu_ray.models.embedding import EmbeddingModel
+from dmu_ray.models.heads import MarginHead
+from dmu_ray.submit import JOBS
+
+
+def test_embed_help_and_job():
+    sub = next(a for a in build_parser()._actions if getattr(a, "choices", None) and "embed" in a.choices)
+    emb = sub.choices["embed"]
+    assert emb.description and "flags override" in emb.description
+    flags = {o for a in emb._actions for o in a.option_strings}
+    assert {"--config", "--ray-address", "--quiet", "--min-actors", "--max-actors", "--num-gpus"} <= flags
+    assert JOBS["embed"][0] == "jobs/embed.py"
+
+
+def test_embed_from_config_and_flags(ray_local, tmp_path, digits, capsys):  # noqa: F811
+    model = str(tmp_path / "m.pt")
+    save_embedding_model(model, EmbeddingModel("small", 8, 1), MarginHead(8, 10), {"id": "m"})
+    cfg = tmp_path / "embed.yaml"
+    out = tmp_path / "g16"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"images": f"{digits}/gallery", "model": model, "output": str(out), "pool": {"max_actors": 1}}
+        )
+    )
+    assert main(["embed", "--config", str(cfg), "--quiet"]) == 0
+    got = capsys.readouterr()
+    rows = pq.read_table(f"{digits}/gallery", columns=["id"]).num_rows
+    assert f"committed {out}: {rows:,} rows, dim 8 float16, model m" in got.out
+    assert "embedding" not in got.err  # --quiet: no progress line
+    # flags override the config's values
+    assert main(["embed", "--config", str(cfg), "--output", str(tmp_path / "g32"), "--dtype", "float32"]) == 0
+    assert Gallery.open(str(tmp_path / "g32")).model.dtype == "float32"
+    assert "embedding " in capsys.readouterr().err
+    # errors name the field, before any Ray work
+    assert main(["embed", "--images", f"{digits}/gallery", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "invalid config (command line):\n  model: required field is missing" in err
+    assert main(["embed", "--config", str(cfg), "--min-actors", "3", "--max-actors", "2"]) == 2
+    assert "pool.max_actors: Value error, must be >= min_actors (3)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
