@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -434,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dmu-ray", description="Darwinian Model Upgrades on Ray: train, refresh, evaluate."
     )
     p.add_argument("--version", action="version", version=f"dmu-ray {__version__}")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own logs (driver INFO lines, worker and actor output); default: errors only",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gal = sub.add_parser("gallery", help="import, inspect and validate gallery prefixes")
@@ -752,13 +759,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmu-ray`` console script."""
     from dmu_ray.gallery import GalleryError
+    from dmu_ray.ray_session import QUIET_ENV, VERBOSE_ENV, ray_logs_dir
 
     ns = build_parser().parse_args(argv)
+    if ns.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if getattr(ns, "quiet", False):
+        os.environ[QUIET_ENV] = "1"
     try:
         return int(ns.func(ns) or 0)
     except (ConfigError, GalleryError, ValueError, FileNotFoundError, OSError) as err:
         _err(str(err))
         return 2
+    except Exception:
+        logs = ray_logs_dir()
+        if logs:
+            _err(f"failed; Ray's full logs: {logs} (rerun with --verbose to see them here)")
+        raise
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

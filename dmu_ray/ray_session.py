@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
+from typing import Any
 
 import ray
 
@@ -51,19 +53,89 @@ def check_reachable(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -
         ) from None
 
 
+#: Environment switches the CLI sets (``dmu-ray --verbose``, a command's ``--quiet``); read here so
+#: that library code deep inside a job needs no flag passed down.
+VERBOSE_ENV, QUIET_ENV = "DMU_RAY_VERBOSE", "DMU_RAY_QUIET"
+
+
+def verbose() -> bool:
+    """Whether Ray's own logs (driver INFO lines, worker and actor output) should reach the terminal."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to Ray once: ``address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit``),
     else a local single-node cluster (``num_cpus`` caps it; default all cores). An address where
-    nothing listens fails in seconds (:func:`check_reachable`)."""
+    nothing listens fails in seconds (:func:`check_reachable`).
+
+    Quiet unless :func:`verbose`: Ray's driver logs at ERROR only, worker/actor output stays in the
+    session's log files, Ray Data logs warnings and up (its progress bars still draw on a
+    terminal). A local cluster starts with the dashboard: Ray Train's placement-group cleaner asks
+    the State API, which the dashboard serves (without it every check logs a warning); its address
+    is printed unless ``$DMU_RAY_QUIET``."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     check_reachable(address)
-    kwargs: dict = {"address": address, "log_to_driver": True}
+    loud = verbose()
+    if not loud:  # the C++ core worker's own log lines (read before the core worker starts)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    kwargs: dict = {
+        "address": address,
+        "log_to_driver": loud,
+        "logging_level": logging.INFO if loud else logging.ERROR,
+    }
     if address is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
+        kwargs.update(num_cpus=num_cpus, include_dashboard=True)
+    ctx = ray.init(**kwargs) if loud else _init_captured(kwargs)
+    _ray_data_console(logging.INFO if loud else logging.WARNING)
+    url = getattr(ctx, "dashboard_url", None)
+    if url and address is None and os.environ.get(QUIET_ENV) != "1":
+        print(f"Ray dashboard: http://{url}", file=sys.stderr, flush=True)
     log.info("ray: %s", ray.cluster_resources())
+
+
+def _init_captured(kwargs: dict) -> Any:
+    """``ray.init`` with what its native code writes to this process's stderr (the core worker's
+    start-up lines) held back, and shown only if the start fails."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            return ray.init(**kwargs)
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _ray_data_console(level: int) -> None:
+    """Ray Data's terminal output at ``level``; its session log file keeps everything."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers)
+
+    for h in logging.getLogger("ray.data").handlers:
+        console = getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+        if console and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            h.setLevel(level)
+
+
+def ray_logs_dir() -> str | None:
+    """Where this session's full Ray logs are (the driver's node), when Ray is initialised."""
+    if not ray.is_initialized():
+        return None
+    try:
+        from ray._private.worker import global_worker
+
+        return os.path.join(global_worker.node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001  (a private API: any failure just means no path to print)
+        return None
 
 
 def _fits(bundle: dict[str, float]) -> bool:

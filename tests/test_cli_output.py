@@ -1,0 +1,46 @@
+"""What a person sees (issue 17): a dmu-ray command run as a user runs it prints its own lines and
+no Ray-internal log line by default; ``--verbose`` brings Ray's logs back; ``--quiet`` also drops
+the progress lines."""
+
+import os
+import re
+import subprocess
+import sys
+
+from test_train import digits  # noqa: F401  (the fixture)
+
+from dmu_ray.models.artifact import save_embedding_model
+from dmu_ray.models.embedding import EmbeddingModel
+from dmu_ray.models.heads import MarginHead
+
+#: lines Ray itself writes: timestamped log records, worker/actor output, native-code log lines
+RAY_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING|ERROR)\b|\((\w+ )?pid=\d+|^\[\d{4}-\d\d-\d\d [^]]* [IWE] \d+ \d+\]"
+    r"|tqdm is not installed|State API may be temporarily unavailable"
+)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DMU_RAY_VERBOSE", "DMU_RAY_QUIET")}
+    cmd = [sys.executable, "-m", "dmu_ray.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: F811
+    model = str(tmp_path / "m.pt")
+    save_embedding_model(model, EmbeddingModel("small", 8, 1), MarginHead(8, 10), {"id": "m"})
+    base = ["embed", "--images", f"{digits}/gallery", "--model", model]
+
+    default = _run(*base, "--output", str(tmp_path / "a"))
+    assert default.returncode == 0, default.stderr
+    ray_lines = [ln for ln in default.stderr.splitlines() if RAY_LINE.search(ln)]
+    assert ray_lines == [], ray_lines
+    assert "embedding " in default.stderr and "Ray dashboard: http://" in default.stderr
+    assert default.stdout.startswith(f"committed {tmp_path / 'a'}")
+
+    verbose = _run("--verbose", *base, "--output", str(tmp_path / "b"))
+    assert verbose.returncode == 0, verbose.stderr
+    assert any(RAY_LINE.search(ln) for ln in verbose.stderr.splitlines()), verbose.stderr
+
+    quiet = _run(*base, "--output", str(tmp_path / "c"), "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
