@@ -21,7 +21,9 @@ RAY_LINE = re.compile(
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DMU_RAY_VERBOSE", "DMU_RAY_QUIET")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DMU_RAY_VERBOSE", "DMU_RAY_QUIET")
+    }
     cmd = [sys.executable, "-m", "dmu_ray.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
