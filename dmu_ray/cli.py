@@ -356,6 +356,7 @@ def _cmd_backfill_curve(ns: argparse.Namespace) -> int:
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from dmu_ray.config import load_config, parse_config
+    from dmu_ray.evaluate.report import markdown_table
     from dmu_ray.lifecycle import LifecycleConfig, run_lifecycle
 
     lc = load_config(LifecycleConfig, ns.config) if ns.config else LifecycleConfig()
@@ -373,14 +374,12 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         data["storage"] = _storage(ns).model_dump()
     lc = parse_config(LifecycleConfig, data, "the demo's options")  # names a bad --methods entry
     summary = run_lifecycle(lc, progress=not ns.quiet)
-    print(f"\ndemo finished in {summary['seconds']:.0f}s; results under {lc.root}/eval/")
+    print(f"\ndemo finished in {summary['seconds']:.0f}s; results under {lc.root}/eval/\n")
     for method in lc.methods:
-        h = summary[method]["headline"]
-        print(
-            f"  {method}: "
-            + ", ".join(f"{k.replace('_', ' ')} {100 * v:+.2f}" for k, v in h.items())
-            + " (mAP@100)"
-        )
+        print(f"{method} (mAP@100, R@1, TAR in %):\n" + markdown_table(summary[method]))
+    print("What it says:")
+    for v in summary["verdict"]:
+        print(f"- {v['text']}")
     return 0
 
 
@@ -691,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--methods",
-        help="comma-separated new-model variants (default dmu): " + ", ".join(VARIANTS),
+        help="comma-separated new-model variants (default bct,dmu): " + ", ".join(VARIANTS),
     )
     demo.add_argument("--dataset", choices=_literal_choices(LifecycleConfig, "dataset"))
     demo.add_argument(

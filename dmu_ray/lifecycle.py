@@ -54,7 +54,8 @@ class LifecycleConfig(StrictModel):
     split: Literal["extended-class", "extended-data", "open-class", "open-data"] = "extended-class"
     old_fraction: float = Field(default=0.3, gt=0, lt=1)
     methods: list[Variant] = Field(
-        default_factory=lambda: ["dmu"], description="new-model variants (see VARIANTS)"
+        default_factory=lambda: ["bct", "dmu"],
+        description="new-model variants (see VARIANTS); default BCT and DMU side by side",
     )
     backbone: Literal["small", "resnet18", "resnet34", "resnet50"] = "small"
     new_backbone: Literal["small", "resnet18", "resnet34", "resnet50"] | None = Field(
@@ -113,7 +114,6 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
     from dmu_ray.data.importers import IMPORTERS
     from dmu_ray.evaluate.embed import embed_to_gallery
     from dmu_ray.evaluate.job import run_evaluation
-    from dmu_ray.evaluate.report import markdown_table
     from dmu_ray.gallery import read_manifest
     from dmu_ray.ray_session import ensure_ray
     from dmu_ray.refresh import run_refresh
@@ -199,15 +199,19 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
             storage=lc.storage,
         )
         results[method] = run_evaluation(cfg, progress=progress)
-        say(f"\n{method}:\n" + markdown_table(results[method]))
-    summary = {
+    from dmu_ray.evaluate.verdict import verdict, verdict_markdown
+    from dmu_ray.storage import write_bytes_atomic
+
+    summary: dict[str, Any] = {
         m: {"pairings": r["pairings"], "headline": r["headline"], "files": r["files"]}
         for m, r in results.items()
     }
+    summary["verdict"] = verdict(results)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    from dmu_ray.storage import write_bytes_atomic
-
     write_bytes_atomic(
         root.join("eval", f"lifecycle-s{lc.seed}.json"), json.dumps(summary, indent=2).encode()
+    )
+    write_bytes_atomic(
+        root.join("eval", f"lifecycle-s{lc.seed}.md"), verdict_markdown(results, summary["verdict"]).encode()
     )
     return summary

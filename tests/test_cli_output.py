@@ -46,3 +46,35 @@ def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: 
 
     quiet = _run(*base, "--output", str(tmp_path / "c"), "--quiet")
     assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
+
+
+def test_demo_tells_its_story_quietly(tmp_path):
+    """The demo (default BCT and DMU side by side) prints its stages, the matrices and the verdict,
+    whose numbers are those of its JSON report, and no Ray-internal line."""
+    import json
+
+    root = tmp_path / "demo"
+    args = [
+        "demo",
+        "--dataset",
+        "digits",
+        "--split",
+        "extended-data",
+        "--epochs-old",
+        "1",
+        "--epochs-new",
+        "1",
+    ]
+    args += ["--storage", str(root)]
+    res = _run(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ray_lines = [ln for ln in (res.stderr + res.stdout).splitlines() if RAY_LINE.search(ln)]
+    assert ray_lines == [], ray_lines
+    assert "new model: bct" in res.stderr and "new model: dmu" in res.stderr
+    report = json.loads((root / "eval/lifecycle-s0.json").read_text())
+    assert set(report) >= {"bct", "dmu", "verdict"}
+    said = res.stdout.split("What it says:", 1)[1]
+    for v in report["verdict"]:
+        assert f"- {v['text']}" in said
+    dmu, bct = (100 * report[m]["pairings"]["new/old"]["mAP@100"] for m in ("dmu", "bct"))
+    assert f"DMU scores {dmu:.2f} and BCT {bct:.2f}" in said

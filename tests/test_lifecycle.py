@@ -7,6 +7,10 @@ from dmu_ray.gallery_ops import validate_gallery
 from dmu_ray.lifecycle import LifecycleConfig, run_lifecycle
 
 
+def gain_text(report):
+    return next(v["text"] for v in report["verdict"] if "lifts the old gallery" in v["text"])
+
+
 def test_lifecycle_end_to_end(ray_local, tmp_path):
     lc = LifecycleConfig(
         root=str(tmp_path / "demo"),
@@ -30,7 +34,13 @@ def test_lifecycle_end_to_end(ray_local, tmp_path):
     ).exists()
     for f in ("eval.json", "eval.md", "pairings.png"):
         assert (root / "eval/dmu-s0" / f).exists()
-    assert json.loads((root / "eval/lifecycle-s0.json").read_text())["dmu"]["pairings"]
+    report = json.loads((root / "eval/lifecycle-s0.json").read_text())
+    assert report["dmu"]["pairings"]
+    # the verdict quotes the evaluation's numbers, in the JSON and the Markdown report
+    gain = next(v for v in report["verdict"] if "lifts the old gallery" in v["text"])["figures"]
+    up = report["dmu"]["pairings"]["new/upgraded"]["mAP@100"]
+    assert gain["new_upgraded"] == round(100 * up, 2) and f"{100 * up:.2f}" in gain_text(report)
+    assert "## Verdict" in (root / "eval/lifecycle-s0.md").read_text()
     # counts reconcile: gallery images -> old gallery -> upgraded gallery, nothing lost
     n_gallery = json.loads((root / "data/digits/_dataset.json").read_text())["rows"]["gallery"]
     old = Gallery.open(str(root / "galleries/old-s0"))

@@ -316,6 +316,11 @@ def run_refresh(
         ctx.enable_progress_bars = progress
         # a backstop for a pool whose node went away after the check above: fail, do not hang
         ctx.wait_for_min_actors_s = int(max(600, 2 * pool.resource_wait_s))
+        # One file in flight per actor (below) caps a pool's utilisation at 100%; Ray Data grows a
+        # pool only above its threshold (175% by default), so min_actors < max_actors would never
+        # scale. At 100% every actor is busy: files waiting then start another actor.
+        auto = ctx.autoscaling_config
+        auto.actor_pool_util_upscaling_threshold = min(auto.actor_pool_util_upscaling_threshold, 1.0)
         expected = {f.path: f for f in plan.source.manifest.files if f.path in set(plan.pending)}
         ds = ray.data.from_items([{"path": p} for p in plan.pending], override_num_blocks=len(plan.pending))
         ds = ds.map_batches(
