@@ -10,7 +10,14 @@ import pytest
 import ray
 import yaml
 
-from dmu_ray.config import BackfillConfig, EvaluateConfig, RefreshConfig, TrainConfig, load_config
+from dmu_ray.config import (
+    BackfillConfig,
+    EmbedConfig,
+    EvaluateConfig,
+    RefreshConfig,
+    TrainConfig,
+    load_config,
+)
 from dmu_ray.submit import JOBS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +26,7 @@ CONFIG_CLASSES = {
     "refresh": RefreshConfig,
     "evaluate": EvaluateConfig,
     "backfill": BackfillConfig,
+    "embed": EmbedConfig,
 }
 
 
