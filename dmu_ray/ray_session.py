@@ -70,7 +70,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
 
     Quiet unless :func:`verbose`: Ray's driver logs at ERROR only, worker/actor output stays in the
     session's log files, Ray Data logs warnings and up (its progress bars still draw on a
-    terminal). A local cluster starts with the dashboard: Ray Train's placement-group cleaner asks
+    terminal); native log lines at FATAL only, in the session's log files as well (Ray reads that
+    level in every process it starts: ``--verbose`` keeps Ray's default). A local cluster starts
+    with the dashboard: Ray Train's placement-group cleaner asks
     the State API, which the dashboard serves (without it every check logs a warning); its address
     is printed unless ``$DMU_RAY_QUIET``."""
     if ray.is_initialized():
