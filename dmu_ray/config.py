@@ -349,6 +349,18 @@ class TrainConfig(StrictModel):
     ray_address: str | None = None
 
 
+def _all_at_least_one(v: list[int], what: str) -> list[int]:
+    if any(k < 1 for k in v):
+        raise ValueError(f"every {what} must be >= 1 (got {v})")
+    return v
+
+
+def _all_in_unit(v: list[float], what: str) -> list[float]:
+    if any(not 0.0 < f < 1.0 for f in v):
+        raise ValueError(f"every {what} must lie strictly between 0 and 1 (got {v})")
+    return v
+
+
 class RevisitedSection(StrictModel):
     """Options of the ``revisited`` protocol (Revisited Oxford/Paris)."""
 
@@ -360,9 +372,7 @@ class RevisitedSection(StrictModel):
     @field_validator("ks")
     @classmethod
     def _ks_positive(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError(f"every k must be >= 1 (got {v})")
-        return v
+        return _all_at_least_one(v, "k")
 
 
 class TemplatesSection(StrictModel):
@@ -381,16 +391,12 @@ class TemplatesSection(StrictModel):
     @field_validator("fars", "fpirs")
     @classmethod
     def _rates_in_unit(cls, v: list[float]) -> list[float]:
-        if any(not 0.0 < f < 1.0 for f in v):
-            raise ValueError(f"every rate must lie strictly between 0 and 1 (got {v})")
-        return v
+        return _all_in_unit(v, "rate")
 
     @field_validator("ranks")
     @classmethod
     def _ranks_positive(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError(f"every rank must be >= 1 (got {v})")
-        return v
+        return _all_at_least_one(v, "rank")
 
 
 class EvaluateConfig(StrictModel):
@@ -427,16 +433,12 @@ class EvaluateConfig(StrictModel):
     @field_validator("ks")
     @classmethod
     def _ks_positive(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError(f"every k must be >= 1 (got {v})")
-        return v
+        return _all_at_least_one(v, "k")
 
     @field_validator("tar_fars")
     @classmethod
     def _fars_in_unit(cls, v: list[float]) -> list[float]:
-        if any(not 0.0 < f < 1.0 for f in v):
-            raise ValueError(f"every FAR must lie strictly between 0 and 1 (got {v})")
-        return v
+        return _all_in_unit(v, "FAR")
 
     exact_max: int = Field(
         default=200_000, ge=1, description="exact search up to this gallery size, IVF above"

@@ -43,6 +43,9 @@ __all__ = [
     "read_bytes",
     "redact",
     "TMP_DIR",
+    "CSV_SUFFIXES",
+    "parse_table",
+    "read_existing",
 ]
 
 #: Sub-folder that holds in-flight writes; pyarrow and Ray Data skip names starting with "_".
@@ -368,3 +371,35 @@ def read_bytes(loc: Location) -> bytes:
     """Read a whole object."""
     with loc.fs.open_input_stream(loc.path) as f:
         return f.read()
+
+
+def read_existing(loc: Location, error: type[Exception], what: str = "file", prefix: str = "") -> bytes:
+    """Read a whole object that must exist: a missing one raises ``error("<prefix><uri>: no such
+    <what>")`` (the caller's error type, so its command reports it plainly)."""
+    try:
+        return read_bytes(loc)
+    except FileNotFoundError:
+        raise error(f"{prefix}{loc.uri}: no such {what}") from None
+
+
+#: suffixes read as delimited text by :func:`parse_table` (a ``.tsv`` is tab-separated)
+CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv")
+
+
+def parse_table(
+    data: bytes,
+    path: str,
+    column_types: dict[str, pa.DataType] | None = None,
+    csv_suffixes: tuple = CSV_SUFFIXES,
+) -> pa.Table:
+    """A table from the bytes of a CSV/TSV file (by ``path``'s suffix) or else a Parquet file;
+    raises ``pyarrow.ArrowInvalid``/``OSError`` for bytes that are neither."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    low = path.lower()
+    if low.endswith(csv_suffixes):
+        opts = pacsv.ParseOptions(delimiter="\t" if low.endswith(".tsv") else ",")
+        conv = pacsv.ConvertOptions(column_types=column_types or {})
+        return pacsv.read_csv(pa.BufferReader(data), parse_options=opts, convert_options=conv)
+    return pq.read_table(pa.BufferReader(data))

@@ -10,24 +10,11 @@ import pytest
 import ray
 import yaml
 
-from dmu_ray.config import (
-    BackfillConfig,
-    EmbedConfig,
-    EvaluateConfig,
-    RefreshConfig,
-    TrainConfig,
-    load_config,
-)
+from dmu_ray.config import load_config
 from dmu_ray.submit import JOBS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_CLASSES = {
-    "train": TrainConfig,
-    "refresh": RefreshConfig,
-    "evaluate": EvaluateConfig,
-    "backfill": BackfillConfig,
-    "embed": EmbedConfig,
-}
+CONFIG_CLASSES = {job: cls for job, (_, cls) in JOBS.items() if cls is not None}
 
 
 def test_aws_launcher_config_matches_rays_schema():

@@ -36,7 +36,7 @@ from dmu_ray.config import StorageConfig
 from dmu_ray.data.images import PARTS, DatasetInfo, fit_square, write_dataset_info
 from dmu_ray.data.splits import unit_hash
 from dmu_ray.gallery import GalleryError, refuse_overlap, write_parquet_atomic
-from dmu_ray.storage import Location, read_bytes, resolve
+from dmu_ray.storage import CSV_SUFFIXES, Location, parse_table, read_bytes, read_existing, resolve
 
 __all__ = [
     "ImportOptions",
@@ -148,7 +148,7 @@ def list_folder(root: str, storage: StorageConfig | None = None) -> _Listing:
 def is_table(uri: str) -> bool:
     """Whether a URI names an image table (a ``.csv``/``.tsv``/``.parquet`` file) rather than a
     data set folder."""
-    return uri.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet", ".pq"))
+    return uri.lower().endswith((*CSV_SUFFIXES, ".parquet", ".pq"))
 
 
 def read_table(
@@ -158,21 +158,10 @@ def read_table(
     for a missing column, duplicate ids, a part other than train/query/gallery. Without
     ``need_label`` the label column may be absent (labels null: images to embed, not to train on);
     with ``need_id`` the id column must be there (rows are joined to a gallery by it)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     loc = resolve(uri, storage)
+    data = read_existing(loc, GalleryError, "table")
     try:
-        data = read_bytes(loc)
-    except FileNotFoundError:
-        raise GalleryError(f"{loc.uri}: no such table") from None
-    try:
-        if loc.path.lower().endswith((".csv", ".csv.gz", ".tsv")):
-            opts = pacsv.ParseOptions(delimiter="\t" if loc.path.lower().endswith(".tsv") else ",")
-            conv = pacsv.ConvertOptions(column_types={"uri": pa.string(), "part": pa.string()})
-            t = pacsv.read_csv(pa.BufferReader(data), parse_options=opts, convert_options=conv)
-        else:
-            t = pq.read_table(pa.BufferReader(data))
+        t = parse_table(data, loc.path, {"uri": pa.string(), "part": pa.string()})
     except (pa.ArrowInvalid, OSError) as err:
         raise GalleryError(f"{loc.uri}: not a readable Parquet/CSV table ({err})") from None
     need = ["uri"] + (["label"] if need_label else []) + (["id"] if need_id else [])

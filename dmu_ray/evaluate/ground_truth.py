@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from dmu_ray.storage import read_bytes, resolve
+from dmu_ray.storage import CSV_SUFFIXES, parse_table, read_existing, resolve
 
 __all__ = [
     "GroundTruthError",
@@ -51,9 +51,7 @@ def _read(uri: str, storage: Any, what: str) -> tuple[str, bytes]:
     except ValueError as err:
         raise GroundTruthError(f"{what}: {err}") from None
     try:
-        return loc.uri, read_bytes(loc)
-    except FileNotFoundError:
-        raise GroundTruthError(f"{what}: {loc.uri}: no such file") from None
+        return loc.uri, read_existing(loc, GroundTruthError, prefix=f"{what}: ")
     except OSError as err:
         raise GroundTruthError(f"{what}: {loc.uri}: cannot be read ({err})") from None
 
@@ -238,17 +236,10 @@ class TemplateSets:
 
 def _table(uri: str, storage: Any, what: str):
     import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
 
     where, raw = _read(uri, storage, what)
     try:
-        if where.lower().endswith((".csv", ".csv.gz", ".tsv", ".txt")):
-            delim = "\t" if where.lower().endswith(".tsv") else ","
-            return where, pacsv.read_csv(
-                pa.BufferReader(raw), parse_options=pacsv.ParseOptions(delimiter=delim)
-            )
-        return where, pq.read_table(pa.BufferReader(raw))
+        return where, parse_table(raw, where, csv_suffixes=(*CSV_SUFFIXES, ".txt"))
     except (pa.ArrowInvalid, OSError) as err:
         raise GroundTruthError(f"{what}: {where}: not a readable Parquet/CSV table ({err})") from None
 

@@ -17,7 +17,7 @@ import torch
 from dmu_ray.config import StorageConfig
 from dmu_ray.models.card import CardError, EmbeddingCard, UpgradeCard, parse_card
 from dmu_ray.models.upgrade import UpgradeModule
-from dmu_ray.storage import read_bytes, resolve, write_bytes_atomic
+from dmu_ray.storage import read_existing, resolve, write_bytes_atomic
 
 FORMAT = "dmu-ray.artifact/1"
 UPGRADE_MODULE = "upgrade_module"
@@ -61,10 +61,7 @@ def save_artifact(
 def load_artifact(uri: str, storage: StorageConfig | None = None, *, kind: str | None = None) -> Artifact:
     """Load an artefact; with ``kind``, refuse one of another kind."""
     loc = resolve(uri, storage)
-    try:
-        data = read_bytes(loc)
-    except FileNotFoundError:
-        raise ArtifactError(f"{loc.uri}: no such artefact") from None
+    data = read_existing(loc, ArtifactError, "artefact")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file

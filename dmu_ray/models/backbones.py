@@ -145,13 +145,10 @@ def initial_backbone_state(model_cfg, storage=None) -> tuple[dict, str] | None:
         )
     if model_cfg.weights:
         from dmu_ray.models.sources import SourceError, read_state_dict
-        from dmu_ray.storage import read_bytes, resolve
+        from dmu_ray.storage import read_existing, resolve
 
         loc = resolve(model_cfg.weights, storage)
-        try:
-            data = read_bytes(loc)
-        except FileNotFoundError:
-            raise SourceError(f"model.weights: {loc.uri}: no such file") from None
+        data = read_existing(loc, SourceError, prefix="model.weights: ")
         return read_state_dict(data, f"model.weights {loc.uri}"), f"model.weights {loc.uri}"
     return None
 

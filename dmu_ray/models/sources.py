@@ -310,14 +310,10 @@ def import_model_artifact(
     optional ``torchscript:`` prefix); local paths and ``s3://`` work for every file. Writes the
     artefact to ``dest`` and returns its card."""
     from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact, save_artifact
-    from dmu_ray.storage import read_bytes, resolve
+    from dmu_ray.storage import read_existing, resolve
 
     def fetch(uri: str) -> bytes:
-        loc = resolve(uri, storage)
-        try:
-            return read_bytes(loc)
-        except FileNotFoundError:
-            raise SourceError(f"{loc.uri}: no such file") from None
+        return read_existing(resolve(uri, storage), SourceError)
 
     prefix = source.partition(":")[0]
     if prefix in ("torchvision", "timm"):
