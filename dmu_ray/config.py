@@ -30,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "MethodConfig",
     "EvaluateConfig",
+    "NewModelSpec",
     "load_config",
     "parse_config",
 ]
@@ -399,19 +400,88 @@ class TemplatesSection(StrictModel):
         return _all_at_least_one(v, "rank")
 
 
+NEW_GALLERY_ROLES = ("new", "upgraded", "mixed")
+
+
+class NewModelSpec(StrictModel):
+    """One new model of a several-model evaluation (``new_models:``), with what belongs to it."""
+
+    model: str = Field(description="new model artefact URI")
+    upgrade_module: str | None = Field(default=None, description="its upgrade module: adds new/upgraded")
+    galleries: dict[Literal["new", "upgraded", "mixed"], str] = Field(
+        default_factory=dict,
+        description="already-embedded galleries of this model (its own, upgraded into its space, backfilled)",
+    )
+
+
 class EvaluateConfig(StrictModel):
-    """``dmu-ray evaluate``: every query/gallery model pairing on a labelled query set and gallery."""
+    """``dmu-ray evaluate``: every query/gallery model pairing on a labelled query set and gallery,
+    for one new model (``new_model``) or several side by side (``new_models``); each query/gallery
+    set is embedded once per distinct model artefact, however many times it is named."""
 
     kind: Literal["evaluate"] = "evaluate"
     data: str = Field(description="image data set whose query/ and gallery/ parts are evaluated")
     old_model: str = Field(description="old model artefact URI")
-    new_model: str = Field(description="new model artefact URI")
+    new_model: str | None = Field(default=None, description="new model artefact URI (or new_models)")
+    new_models: dict[str, NewModelSpec] = Field(
+        default_factory=dict,
+        description="several new models by name (e.g. independent, bct, dmu), each evaluated against the "
+        "one old model and old gallery; instead of new_model",
+    )
     upgrade_module: str | None = Field(default=None, description="upgrade module: adds new/upgraded")
     independent_model: str | None = Field(default=None, description="independently trained new model")
     galleries: dict[Literal["old", "new", "upgraded", "mixed"], str] = Field(
         default_factory=dict,
         description="already-embedded gallery prefixes to use instead of embedding images",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_new_models(self) -> EvaluateConfig:
+        if (self.new_model is None) == (not self.new_models):
+            raise ValueError(
+                "give new_model (one new model) or new_models (several by name), not both or neither"
+            )
+        if self.new_models:
+            if self.upgrade_module is not None:
+                raise ValueError(
+                    "upgrade_module: with new_models, give each model's upgrade_module in its entry"
+                )
+            shared = [r for r in self.galleries if r != "old"]
+            if shared:
+                raise ValueError(
+                    f"galleries: with new_models only the old gallery is shared; put {shared} under the "
+                    "entry of the new model they belong to"
+                )
+            for name in self.new_models:
+                if (
+                    not name
+                    or not all(c.isalnum() or c in "-_." for c in name)
+                    or name in ("old", "independent")
+                ):
+                    raise ValueError(
+                        f"new_models: {name!r} is not a usable name (letters, digits, '-', '_', '.'; "
+                        "not 'old' or 'independent')"
+                    )
+        return self
+
+    def models(self) -> dict[str, NewModelSpec]:
+        """The new models by name; the single ``new_model`` form is the one model named ``new``."""
+        if self.new_models:
+            return dict(self.new_models)
+        assert self.new_model is not None
+        return {
+            "new": NewModelSpec(
+                model=self.new_model,
+                upgrade_module=self.upgrade_module,
+                galleries={r: u for r, u in self.galleries.items() if r in NEW_GALLERY_ROLES},
+            )
+        }
+
+    @property
+    def several(self) -> bool:
+        """Whether new models are given by name (``new_models``), so pairings carry the name."""
+        return bool(self.new_models)
+
     output: str = Field(description="folder for eval.json, eval.md and plots (local or s3://)")
     title: str = "retrieval by query/gallery model pairing"
     check_gallery_models: bool = Field(

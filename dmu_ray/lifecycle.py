@@ -5,7 +5,8 @@
 3. train the new model with DMU against the frozen old model (and, on request, independent and BCT);
 4. embed the gallery images with the old model into a committed gallery prefix (Ray Data);
 5. refresh that gallery with DMU's upgrade module (Ray Data) into a new prefix;
-6. evaluate every pairing with faiss and write the compatibility matrix, JSON and plots.
+6. evaluate every pairing with faiss, all new models in one run (each set embedded once per model),
+   and write the compatibility matrix, JSON and plots.
 
 Everything lands under one root (local folder or ``s3://``): ``data/``, ``runs/``, ``galleries/``,
 ``eval/``. Re-running reuses what is already there (data set, finished runs, committed galleries).
@@ -180,30 +181,30 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
         say("  " + res.summary())
         refreshed[method] = dest
 
-    stage("evaluate every pairing (faiss)")
-    results: dict[str, Any] = {}
+    stage("evaluate every pairing (faiss), every new model in one run")
+    new_models: dict[str, dict[str, Any]] = {}
     for method, out in new.items():
-        galleries = {"old": old_gallery}
+        spec: dict[str, Any] = {"model": out["model"]}
         if method in refreshed:
-            galleries["upgraded"] = refreshed[method]
-        cfg = EvaluateConfig(
-            data=data_uri,
-            old_model=old["model"],
-            new_model=out["model"],
-            independent_model=new["independent"]["model"]
-            if "independent" in new and method != "independent"
-            else None,
-            galleries=galleries,
-            output=f"{lc.root}/eval/{method}-s{lc.seed}",
-            title=f"{method} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
-            storage=lc.storage,
-        )
-        results[method] = run_evaluation(cfg, progress=progress)
+            spec["galleries"] = {"upgraded": refreshed[method]}
+        new_models[method] = spec
+    cfg = EvaluateConfig(
+        data=data_uri,
+        old_model=old["model"],
+        new_models=new_models,
+        independent_model=new["independent"]["model"] if "independent" in new else None,
+        galleries={"old": old_gallery},
+        output=f"{lc.root}/eval/matrix-s{lc.seed}",
+        title=f"{', '.join(new)} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
+        storage=lc.storage,
+    )
+    evaluated = run_evaluation(cfg, progress=progress)
+    results: dict[str, Any] = evaluated["models"]
     from dmu_ray.evaluate.verdict import verdict, verdict_markdown
     from dmu_ray.storage import write_bytes_atomic
 
     summary: dict[str, Any] = {
-        m: {"pairings": r["pairings"], "headline": r["headline"], "files": r["files"]}
+        m: {"pairings": r["pairings"], "headline": r["headline"], "files": evaluated["files"]}
         for m, r in results.items()
     }
     summary["verdict"] = verdict(results)

@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from test_train import digits  # noqa: F401  (the fixture)
 
-from dmu_ray.config import EvaluateConfig
+from dmu_ray.config import ConfigError, EvaluateConfig, parse_config
 from dmu_ray.evaluate.job import check_inputs
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance, tar_at_far
@@ -155,3 +156,76 @@ def test_report_on_s3(s3):
     assert "| new/upgraded | 70.00 | 80.00 |" in md and "gain without backfill (mAP@100): +20.00" in md
     png = s3.client().get_object(Bucket=s3.bucket, Key="eval-report/pairings.png")["Body"].read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and set(files) == {"json", "markdown", "plot"}
+
+
+def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp_path, digits, capsys):  # noqa: F811
+    """``new_models``: each query/gallery set is embedded once per distinct artefact (a model named
+    twice, or the same file under two paths, is embedded once), every model gets its own matrix
+    against the one old model, and the numbers equal a direct computation."""
+    import shutil
+
+    from dmu_ray.evaluate.job import run_evaluation
+    from dmu_ray.models.inference import embed_images
+
+    torch = pytest.importorskip("torch")
+    paths = {}
+    for i, name in enumerate(("old", "bct", "dmu")):
+        torch.manual_seed(i)
+        paths[name] = str(tmp_path / f"{name}.pt")
+        save_embedding_model(paths[name], EmbeddingModel("small", 16, 1), MarginHead(16, 10), {"id": name})
+    shutil.copy(paths["bct"], tmp_path / "bct-copy.pt")  # same bytes, another path
+    psi = str(tmp_path / "psi.pt")
+    save_upgrade_module(psi, UpgradeModule(16, 16, 8, 1), {"id": "psi", "new_model_id": "dmu"})
+    cfg = EvaluateConfig(
+        data=digits,
+        old_model=paths["old"],
+        new_models={
+            "bct": {"model": paths["bct"]},
+            "dmu": {"model": paths["dmu"], "upgrade_module": psi},
+            "dmu-again": {"model": paths["dmu"]},
+        },
+        independent_model=str(tmp_path / "bct-copy.pt"),
+        output=str(tmp_path / "eval"),
+    )
+    capsys.readouterr()
+    result = run_evaluation(cfg, progress=True)
+    said = capsys.readouterr().err
+    # old, bct (= independent) and dmu: queries and gallery once each
+    assert said.count("embedding queries with") == 3 and said.count("embedding gallery with") == 3, said
+    assert result["embedded_sets"] == 6
+    assert said.count("upgrading the old gallery") == 1
+    p = result["pairings"]
+    assert {
+        "old/old",
+        "independent/independent",
+        "bct:new/old",
+        "dmu:new/upgraded",
+        "dmu-again:new/new",
+    } <= set(p)
+    assert "dmu-again:new/upgraded" not in p and "bct:new/upgraded" not in p
+    assert all(r["seconds"] >= 0 for r in p.values())
+    # each model's own matrix, with the shared pairings in it, and its headline
+    assert result["models"]["dmu"]["pairings"]["old/old"] == p["old/old"]
+    assert set(result["headline"]) == {"bct", "dmu", "dmu-again"}
+    assert result["headline"]["dmu"]["compatibility"] == pytest.approx(
+        p["dmu:new/old"]["mAP@100"] - p["old/old"]["mAP@100"]
+    )
+    assert p["dmu:new/new"] == p["dmu-again:new/new"]
+    assert p["bct:new/new"]["mAP@100"] == p["independent/independent"]["mAP@100"]  # one artefact
+    assert p["bct:new/new"]["mAP@100"] != p["dmu:new/new"]["mAP@100"]  # different models differ
+    # the wiring: dmu's new/old equals the metrics of the vectors embed_images gives directly
+    qi, ql, qx = embed_images(f"{digits}/query", paths["dmu"])
+    gi, gl, gx = embed_images(f"{digits}/gallery", paths["old"])
+    direct = evaluate_pairing("d", qx, ql, gx, gl)
+    assert p["dmu:new/old"]["mAP@100"] == pytest.approx(direct["mAP@100"])
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert "| dmu:new/upgraded |" in md and "- dmu: compatibility (mAP@100)" in md and "seconds" in md
+    # one way to name the new models; shared galleries other than old belong to a model
+    for bad, match in (
+        ({"new_model": paths["dmu"]}, "new_model .* or new_models"),
+        ({"upgrade_module": psi}, "each model's upgrade_module"),
+        ({"galleries": {"upgraded": "x"}}, "only the old gallery is shared"),
+        ({"new_models": {"old": {"model": paths["dmu"]}}}, "'old' is not a usable name"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_config(EvaluateConfig, {**cfg.model_dump(), **bad})

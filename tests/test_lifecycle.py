@@ -33,7 +33,7 @@ def test_lifecycle_end_to_end(ray_local, tmp_path):
         root / "runs/dmu-s0/export/upgrade.pt"
     ).exists()
     for f in ("eval.json", "eval.md", "pairings.png"):
-        assert (root / "eval/dmu-s0" / f).exists()
+        assert (root / "eval/matrix-s0" / f).exists()
     report = json.loads((root / "eval/lifecycle-s0.json").read_text())
     assert report["dmu"]["pairings"]
     # the verdict quotes the evaluation's numbers, in the JSON and the Markdown report

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -30,116 +31,143 @@ from dmu_ray.storage import resolve
 Embedded = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids, labels, vectors)
 
 
-def _load_card(cfg: EvaluateConfig, role: str, kind: str) -> Artifact:
+def _load(uri: str, what: str, kind: str, cfg: EvaluateConfig) -> Artifact:
     try:
-        return load_artifact(getattr(cfg, role), cfg.storage, kind=kind)
+        return load_artifact(uri, cfg.storage, kind=kind)
     except (ValueError, OSError) as err:
-        raise EvaluationError(f"{role}: {err}") from None
+        raise EvaluationError(f"{what}: {err}") from None
 
 
-def _check_made_by(g: Gallery, role: str, art: Artifact) -> None:
+def _check_made_by(g: Gallery, what: str, art: Artifact, model_field: str) -> None:
     """An ``old``/``new`` gallery must hold vectors embedded by that model itself: no upgrade
     module in its ``dmu.model``, and the model's artefact (sha256-exact when the gallery records
     it, else by model id) is the one it is paired with."""
-    m, what = g.model, f"galleries.{role} ({g.loc.uri})"
+    m, what = g.model, f"{what} ({g.loc.uri})"
     model_id = art.card.id
     if m.upgrade_module is not None:
         raise EvaluationError(
             f"{what} holds vectors upgraded by {m.upgrade_module} (model {m.model_id!r}), not vectors "
-            f"embedded by {role}_model {model_id!r}; is it the upgraded gallery?"
+            f"embedded by {model_field} {model_id!r}; is it the upgraded gallery?"
         )
     recorded = m.extra.get("artifact") if isinstance(m.extra, dict) else None
     if recorded is not None and recorded != art.ident:
-        raise EvaluationError(f"{what} was embedded by {recorded}, but {role}_model is {art.ident}")
+        raise EvaluationError(f"{what} was embedded by {recorded}, but {model_field} is {art.ident}")
     if recorded is None and m.model_id != model_id:
         raise EvaluationError(
-            f"{what} was embedded by model {m.model_id!r}, but {role}_model is {model_id!r} "
+            f"{what} was embedded by model {m.model_id!r}, but {model_field} is {model_id!r} "
             "(import the gallery with --model-id matching the model card's id, or set "
             "check_gallery_models: false)"
         )
 
 
-def _check_upgraded(g: Gallery, role: str, psi: Artifact | None, new: Artifact) -> None:
+def _check_upgraded(g: Gallery, what: str, role: str, psi: Artifact | None, new: Artifact) -> None:
     """An ``upgraded``/``mixed`` gallery must come from an upgrade module (the configured one when
     given) that maps into the new model's space; a mixed one from a backfill with that new model."""
-    m, what = g.model, f"galleries.{role} ({g.loc.uri})"
+    m, what = g.model, f"{what} ({g.loc.uri})"
     if m.upgrade_module is None:
         raise EvaluationError(
             f"{what} holds vectors embedded by model {m.model_id!r}, not produced by an upgrade module "
             "(is it the old or new gallery?)"
         )
     if psi is not None and m.upgrade_module != psi.ident:
-        raise EvaluationError(f"{what} was upgraded by {m.upgrade_module}, but upgrade_module is {psi.ident}")
+        raise EvaluationError(
+            f"{what} was upgraded by {m.upgrade_module}, but the upgrade module is {psi.ident}"
+        )
     if role == "mixed":
         bf = g.manifest.extra.get("backfill", {}) if g.manifest is not None else {}
         if not bf:
             raise EvaluationError(f"{what} is not a backfilled gallery (its manifest has no backfill record)")
         if bf.get("new_model_sha256") not in (None, new.sha256):
-            raise EvaluationError(f"{what} was backfilled with another new model than new_model {new.ident}")
+            raise EvaluationError(f"{what} was backfilled with another new model than {new.ident}")
+
+
+def _field(cfg: EvaluateConfig, name: str, key: str) -> str:
+    """The config field a new model's setting comes from, as a person wrote it."""
+    if not cfg.several:
+        return {"model": "new_model", "upgrade_module": "upgrade_module"}.get(key, f"galleries.{key}")
+    return f"new_models.{name}." + (key if key in ("model", "upgrade_module") else f"galleries.{key}")
 
 
 def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
     """Every check that can fail before embedding: artefacts load and fit each other, every given
     gallery exists, is committed, non-empty, labelled, of the right dimension and made by the model
     it is paired with (``check_gallery_models``), and the output location can be written.
-    Returns the artefacts (``cards``), the opened galleries and the labels of those without a
-    label column (``labels``, taken from the data set's gallery images by id)."""
+    Returns the artefacts (``arts``: ``old``, ``independent``, and per new model name ``model``
+    and ``psi``), the opened galleries (``old`` and ``<name>.<role>``) and the labels of those
+    without a label column (``labels``, taken from the data set's gallery images by id)."""
     from dmu_ray.evaluate.protocols import PROTOCOLS
 
     unknown = [p for p in cfg.protocols if p not in PROTOCOLS]
     if unknown:
         raise EvaluationError(f"protocols: unknown {unknown}; registered: {', '.join(PROTOCOLS)}")
     ground_truth = _load_ground_truth(cfg)
-    arts = {
-        role: _load_card(cfg, role, EMBEDDING_MODEL)
-        for role in ("old_model", "new_model", "independent_model")
-        if getattr(cfg, role)
-    }
-    cards = {role: a.card for role, a in arts.items()}
-    old_dim, new_dim = cards["old_model"].dim, cards["new_model"].dim
-    psi = None
-    if cfg.upgrade_module:
-        psi = _load_card(cfg, "upgrade_module", UPGRADE_MODULE)
-        try:
-            check_compatible(
-                old=cards["old_model"],
-                new=cards["new_model"],
-                psi=psi.card,
-                names={"old": "old_model", "new": "new_model", "psi": f"upgrade_module {cfg.upgrade_module}"},
-            )
-        except CardError as err:
-            raise EvaluationError(str(err)) from None
-    if "mixed" in cfg.galleries and "new" not in cfg.galleries and not cfg.new_model:
-        raise EvaluationError("galleries.mixed needs the new model for its queries")
+    old = _load(cfg.old_model, "old_model", EMBEDDING_MODEL, cfg)
+    arts: dict[str, Any] = {"old": old, "models": {}}
+    if cfg.independent_model:
+        arts["independent"] = _load(cfg.independent_model, "independent_model", EMBEDDING_MODEL, cfg)
+    for name, spec in cfg.models().items():
+        new = _load(spec.model, _field(cfg, name, "model"), EMBEDDING_MODEL, cfg)
+        psi = None
+        if spec.upgrade_module:
+            psi = _load(spec.upgrade_module, _field(cfg, name, "upgrade_module"), UPGRADE_MODULE, cfg)
+            try:
+                check_compatible(
+                    old=old.card,
+                    new=new.card,
+                    psi=psi.card,
+                    names={
+                        "old": "old_model",
+                        "new": _field(cfg, name, "model"),
+                        "psi": f"{_field(cfg, name, 'upgrade_module')} {spec.upgrade_module}",
+                    },
+                )
+            except CardError as err:
+                raise EvaluationError(str(err)) from None
+        arts["models"][name] = {"model": new, "psi": psi}
+    wanted: list[tuple[str, str, str, str]] = []  # (key, role, uri, field)
+    if "old" in cfg.galleries:
+        wanted.append(("old", "old", cfg.galleries["old"], "galleries.old"))
+    for name, spec in cfg.models().items():
+        wanted += [(f"{name}.{r}", r, u, _field(cfg, name, r)) for r, u in spec.galleries.items()]
     galleries: dict[str, Gallery] = {}
     labels: dict[str, np.ndarray] = {}  # of galleries without a label column, from the data set
     data_labels = None
-    for role, uri in cfg.galleries.items():
+    for key, role, uri, what in wanted:
         try:
             g = Gallery.open(uri, cfg.storage)
         except GalleryError as err:
-            raise EvaluationError(f"galleries.{role}: {err}") from None
-        want = old_dim if role == "old" else new_dim
+            raise EvaluationError(f"{what}: {err}") from None
+        model = old if role == "old" else arts["models"][key.rsplit(".", 1)[0]]["model"]
         if g.num_rows == 0:
-            raise EvaluationError(f"galleries.{role}: {g.loc.uri} is empty")
-        if g.model.dim != want:
+            raise EvaluationError(f"{what}: {g.loc.uri} is empty")
+        if g.model.dim != model.card.dim:
             raise EvaluationError(
-                f"galleries.{role}: {g.loc.uri} holds {g.model.dim}-d vectors, but the "
-                f"{'old' if role == 'old' else 'new'} model's space is {want}-d"
+                f"{what}: {g.loc.uri} holds {g.model.dim}-d vectors, but the "
+                f"{'old' if role == 'old' else 'new'} model's space is {model.card.dim}-d"
             )
         if LABEL not in g.schema().names:
             if data_labels is None:
                 data_labels = _data_labels(cfg)
-            labels[role] = _labels_by_id(g, data_labels, f"galleries.{role}")  # every id has one
+            labels[key] = _labels_by_id(g, data_labels, what)  # every id has one
         if cfg.check_gallery_models:
-            if role in ("old", "new"):
-                _check_made_by(g, role, arts[f"{role}_model"])
+            if role == "old":
+                _check_made_by(g, what, old, "old_model")
+            elif role == "new":
+                _check_made_by(g, what, model, _field(cfg, key.rsplit(".", 1)[0], "model"))
             else:
-                _check_upgraded(g, role, psi, arts["new_model"])
-        galleries[role] = g
+                psi = arts["models"][key.rsplit(".", 1)[0]]["psi"]
+                _check_upgraded(g, what, role, psi, model)
+        galleries[key] = g
     _check_ground_truth_ids(cfg, ground_truth, galleries)
     _check_output(cfg)
-    return {"cards": cards, "galleries": galleries, "labels": labels, "ground_truth": ground_truth}
+    cards = {"old_model": old.card} | {n: a["model"].card for n, a in arts["models"].items()}
+    return {
+        "arts": arts,
+        "cards": cards,
+        "galleries": galleries,
+        "labels": labels,
+        "ground_truth": ground_truth,
+    }
 
 
 def _load_ground_truth(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -186,10 +214,15 @@ def _check_ground_truth_ids(
     if not ground_truth:
         return
     sources = {"data set query part": ("q", lambda: _part_ids(cfg, "query"))}
-    if not {"old", "new"} <= set(galleries) or cfg.independent_model:
+    embedded_from_images = (
+        "old" not in galleries
+        or bool(cfg.independent_model)
+        or any(f"{name}.new" not in galleries for name in cfg.models())
+    )
+    if embedded_from_images:
         sources["data set gallery part"] = ("g", lambda: _part_ids(cfg, "gallery"))
-    for role, g in galleries.items():
-        sources[f"galleries.{role}"] = ("g", lambda g=g: g.read(columns=["id"]).column("id").to_numpy())
+    for key, g in galleries.items():
+        sources[f"gallery {key}"] = ("g", lambda g=g: g.read(columns=["id"]).column("id").to_numpy())
     for what, (side, read) in sources.items():
         ids = read()
         for section, gt in ground_truth.items():
@@ -265,85 +298,145 @@ def _gallery_vectors(g: Gallery, labels: np.ndarray | None = None) -> Embedded:
     return ids, labels, embedding_matrix(t.column(EMB)).astype(np.float32)
 
 
-def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Compute the compatibility matrix and write ``eval.json``/``eval.md``/``pairings.png``."""
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    checked = check_inputs(cfg)
-    opened, labels = checked["galleries"], checked["labels"]
-    from dmu_ray.ray_session import ensure_ray, require_pool
+PLAN = (
+    ("old/old", "old", "old"),
+    ("new/new", "new", "new"),
+    ("new/old", "new", "old"),
+    ("new/upgraded", "new", "upgraded"),
+    ("new/mixed", "new", "mixed"),
+    ("independent/independent", "independent", "independent"),
+)
+#: pairings that do not involve a new model: computed once however many new models are evaluated
+SHARED = ("old/old", "independent/independent")
 
-    ensure_ray(cfg.ray_address)
-    require_pool(cfg.pool, "an embedding actor")
-    data = resolve(cfg.data, cfg.storage)
-    query, gallery = data.join("query").uri, data.join("gallery").uri
 
-    def embed(part: str, model: str, what: str) -> Embedded:
-        say(f"embedding {what} with {model}")
-        return embed_images(part, model, storage=cfg.storage, pool=cfg.pool)
-
-    q = {"old": embed(query, cfg.old_model, "queries"), "new": embed(query, cfg.new_model, "queries")}
-    g: dict[str, Embedded] = {}
-    for role, model in (("old", cfg.old_model), ("new", cfg.new_model)):
-        g[role] = (
-            _gallery_vectors(opened[role], labels.get(role))
-            if role in opened
-            else embed(gallery, model, "gallery")
-        )
-    if "upgraded" in opened:
-        g["upgraded"] = _gallery_vectors(opened["upgraded"], labels.get("upgraded"))
-    elif cfg.upgrade_module:
-        psi = build_upgrade_module(load_artifact(cfg.upgrade_module, cfg.storage, kind=UPGRADE_MODULE))
-        with torch.inference_mode():
-            up = torch.nn.functional.normalize(psi(torch.from_numpy(g["old"][2])), dim=1).numpy()
-        g["upgraded"] = (g["old"][0], g["old"][1], up)
-    if "mixed" in opened:
-        g["mixed"] = _gallery_vectors(opened["mixed"], labels.get("mixed"))
-    if cfg.independent_model:
-        q["independent"] = embed(query, cfg.independent_model, "queries")
-        g["independent"] = embed(gallery, cfg.independent_model, "gallery")
-
+def _metrics_config(cfg: EvaluateConfig, ground_truth: dict[str, Any]) -> MetricsConfig:
     mcfg = MetricsConfig(
         ks=cfg.ks,
         map_at=cfg.map_at,
         tar_fars=cfg.tar_fars,
         protocols=list(cfg.protocols),
-        ground_truth=checked["ground_truth"],
+        ground_truth=ground_truth,
     )
     if cfg.revisited is not None:
         mcfg.revisited_ks = list(cfg.revisited.ks)
     if cfg.templates is not None:
         t = cfg.templates
         mcfg.template_fars, mcfg.fpirs, mcfg.identification_ranks = list(t.fars), list(t.fpirs), list(t.ranks)
+    return mcfg
+
+
+def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Compute the compatibility matrix and write ``eval.json``/``eval.md``/``pairings.png``.
+
+    Each query/gallery set is embedded once per distinct model artefact (by sha256), however many
+    entries name it, and each pairing of distinct vector sets is searched once. With ``new_models``
+    the result's ``pairings`` are named ``<name>:new/old`` etc. beside the shared ``old/old`` and
+    ``independent/independent``; ``models`` holds each new model's own matrix and headline either
+    way. Every pairing records the ``seconds`` its search and metrics took."""
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    checked = check_inputs(cfg)
+    opened, labels, arts = checked["galleries"], checked["labels"], checked["arts"]
+    from dmu_ray.ray_session import ensure_ray, require_pool
+
+    ensure_ray(cfg.ray_address)
+    require_pool(cfg.pool, "an embedding actor")
+    data = resolve(cfg.data, cfg.storage)
+    parts = {"queries": data.join("query").uri, "gallery": data.join("gallery").uri}
+    vectors: dict[str, Embedded] = {}  # by key: what the vectors are, so equal sets are made once
+
+    def embed(part: str, art: Artifact) -> str:
+        key = f"{part}:{art.sha256}"
+        if key not in vectors:
+            say(f"embedding {part} with {art.uri}")
+            vectors[key] = embed_images(parts[part], art.uri, storage=cfg.storage, pool=cfg.pool)
+        return key
+
+    def stored(gkey: str) -> str:
+        key = f"stored:{opened[gkey].loc.uri}"
+        if key not in vectors:
+            vectors[key] = _gallery_vectors(opened[gkey], labels.get(gkey))
+        return key
+
+    def upgraded(old_key: str, psi: Artifact) -> str:
+        key = f"{old_key}>{psi.sha256}"
+        if key not in vectors:
+            say(f"upgrading the old gallery with {psi.uri}")
+            ids, lab, x = vectors[old_key]
+            with torch.inference_mode():
+                up = torch.nn.functional.normalize(
+                    build_upgrade_module(psi)(torch.from_numpy(x)), dim=1
+                ).numpy()
+            vectors[key] = (ids, lab, up)
+        return key
+
+    q: dict[str, str] = {"old": embed("queries", arts["old"])}
+    g: dict[str, str] = {"old": stored("old") if "old" in opened else embed("gallery", arts["old"])}
+    if "independent" in arts:
+        q["independent"] = embed("queries", arts["independent"])
+        g["independent"] = embed("gallery", arts["independent"])
+    sets: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+    for name in cfg.models():
+        new, psi = arts["models"][name]["model"], arts["models"][name]["psi"]
+        mq, mg = dict(q, new=embed("queries", new)), dict(g)
+        mg["new"] = stored(f"{name}.new") if f"{name}.new" in opened else embed("gallery", new)
+        if f"{name}.upgraded" in opened:
+            mg["upgraded"] = stored(f"{name}.upgraded")
+        elif psi is not None:
+            mg["upgraded"] = upgraded(g["old"], psi)
+        if f"{name}.mixed" in opened:
+            mg["mixed"] = stored(f"{name}.mixed")
+        sets[name] = (mq, mg)
+
+    mcfg = _metrics_config(cfg, checked["ground_truth"])
     scfg = SearchConfig(exact_max=cfg.exact_max, nprobe=cfg.nprobe, pq_m=cfg.pq_m)
-    plan = [
-        ("old/old", "old", "old"),
-        ("new/new", "new", "new"),
-        ("new/old", "new", "old"),
-        ("new/upgraded", "new", "upgraded"),
-        ("new/mixed", "new", "mixed"),
-        ("independent/independent", "independent", "independent"),
-    ]
-    pairings = {}
-    for name, qk, gk in plan:
-        if qk in q and gk in g:
-            say(f"searching {name}")
-            (qi, ql, qx), (gi, gl, gx) = q[qk], g[gk]
-            pairings[name] = evaluate_pairing(name, qx, ql, gx, gl, mcfg, scfg, q_ids=qi, g_ids=gi)
+    searched: dict[tuple[str, str], dict[str, Any]] = {}
+    models: dict[str, dict[str, Any]] = {}
     metric = f"mAP@{cfg.map_at}"
+    for name, (mq, mg) in sets.items():
+        mine: dict[str, Any] = {}
+        for pname, qk, gk in PLAN:
+            if qk not in mq or gk not in mg:
+                continue
+            pair = (mq[qk], mg[gk])
+            if pair not in searched:
+                label = pname if pname in SHARED or not cfg.several else f"{name}:{pname}"
+                say(f"searching {label}")
+                t0 = time.perf_counter()
+                (qi, ql, qx), (gi, gl, gx) = vectors[pair[0]], vectors[pair[1]]
+                searched[pair] = evaluate_pairing(label, qx, ql, gx, gl, mcfg, scfg, q_ids=qi, g_ids=gi)
+                searched[pair]["seconds"] = round(time.perf_counter() - t0, 3)
+            mine[pname] = searched[pair]
+        models[name] = {"pairings": mine, "headline": headline(mine, metric)}
+    if cfg.several:
+        pairings = {p: r for p in SHARED for m in models.values() if (r := m["pairings"].get(p)) is not None}
+        pairings |= {
+            f"{name}:{p}": r
+            for name, m in models.items()
+            for p, r in m["pairings"].items()
+            if p not in SHARED
+        }
+    else:
+        pairings = models["new"]["pairings"]
     result = {
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "title": cfg.title,
         "inputs": {
             "data": cfg.data,
             "old_model": cfg.old_model,
-            "new_model": cfg.new_model,
-            "upgrade_module": cfg.upgrade_module,
+            "new_models": {n: s.model_dump() for n, s in cfg.models().items()},
             "independent_model": cfg.independent_model,
             "galleries": dict(cfg.galleries),
         },
+        "embedded_sets": len([k for k in vectors if not k.startswith("stored:") and ">" not in k]),
         "pairings": pairings,
+        "models": models,
         "headline_metric": metric,
-        "headline": headline(pairings, metric),
+        "headline": {n: m["headline"] for n, m in models.items()}
+        if cfg.several
+        else models["new"]["headline"],
     }
+    if not cfg.several:
+        result["inputs"] |= {"new_model": cfg.new_model, "upgrade_module": cfg.upgrade_module}
     result["files"] = write_report(resolve(cfg.output, cfg.storage), result)
     return result

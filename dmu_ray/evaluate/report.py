@@ -12,39 +12,65 @@ FORMAT = "dmu-ray.eval/1"
 ORDER = ["old/old", "new/old", "new/upgraded", "new/mixed", "new/new", "independent/independent"]
 
 
+#: per-pairing figures that are not rates (not shown as percentages)
+NOT_RATES = {"search_recall_vs_exact", "seconds"}
+
+
+def pairing_order(pairings: dict[str, Any]) -> list[str]:
+    """Pairing names in reading order: shared pairings, then each new model's (``<name>:new/old``
+    ...) in the order models were given, each group in :data:`ORDER`."""
+    groups = list(dict.fromkeys(p.rpartition(":")[0] for p in pairings))
+
+    def key(p: str) -> tuple[int, int, str]:
+        group, _, base = p.rpartition(":")
+        return (groups.index(group), ORDER.index(base) if base in ORDER else len(ORDER), p)
+
+    return sorted(pairings, key=key)
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """The compatibility matrix as a Markdown table (one row per pairing)."""
+    """The compatibility matrix as a Markdown table (one row per pairing, with the seconds its
+    search and metrics took), then the headline figures (per new model when there are several)."""
     pairings = result["pairings"]
-    names = [p for p in ORDER if p in pairings] + [p for p in pairings if p not in ORDER]
+    names = pairing_order(pairings)
     cols = [
         c
         for c in ("mAP@100", "mAP", "R@1", "R@5", "R@10", "TAR@FAR=0.001", "TAR@FAR=0.01")
         if any(c in pairings[p] for p in names)
     ]
-    lines = _table(pairings, names, cols)
+    lines = _table(pairings, names, cols, seconds=any("seconds" in pairings[p] for p in names))
     other = [  # rates of the other protocols (revisited, templates, ...), in first-seen order
         c
         for c in dict.fromkeys(k for p in names for k in pairings[p])
-        if c not in cols and c != "search_recall_vs_exact" and isinstance(pairings[names[0]].get(c), float)
+        if c not in cols and c not in NOT_RATES and isinstance(pairings[names[0]].get(c), float)
     ]
     if other:
         lines += ["", "Protocol metrics (%):", ""] + _table(pairings, names, other)
     h = result.get("headline", {})
-    if h:
-        lines.append("")
-        metric = result.get("headline_metric", "mAP@100")
-        for k, v in h.items():
-            lines.append(f"- {k.replace('_', ' ')} ({metric}): {100 * v:+.2f}")
+    metric = result.get("headline_metric", "mAP@100")
+    per_model = {"": h} if h and not isinstance(next(iter(h.values())), dict) else h
+    for model, figures in per_model.items():
+        if figures:
+            lines.append("")
+            for k, v in figures.items():
+                lines.append(
+                    f"- {model + ': ' if model else ''}{k.replace('_', ' ')} ({metric}): {100 * v:+.2f}"
+                )
     return "\n".join(lines) + "\n"
 
 
-def _table(pairings: dict[str, Any], names: list[str], cols: list[str]) -> list[str]:
+def _table(pairings: dict[str, Any], names: list[str], cols: list[str], seconds: bool = False) -> list[str]:
     def cell(v: Any) -> str:
         return "" if v is None else ("n/a" if v != v else f"{100 * v:.2f}")  # v != v: NaN
 
-    lines = ["| query/gallery | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    head = "| query/gallery | " + " | ".join(cols) + (" | seconds |" if seconds else " |")
+    lines = [head, "| --- |" + " ---: |" * (len(cols) + seconds)]
     for p in names:
-        lines.append(f"| {p} | " + " | ".join(cell(pairings[p].get(c)) for c in cols) + " |")
+        row = " | ".join(cell(pairings[p].get(c)) for c in cols)
+        if seconds:
+            sec = pairings[p].get("seconds")
+            row += " | " + ("" if sec is None else f"{sec:.2f}")
+        lines.append(f"| {p} | {row} |")
     return lines
 
 
@@ -57,7 +83,7 @@ def plot_pairings(result: dict[str, Any]) -> bytes:
     import numpy as np
 
     pairings = result["pairings"]
-    names = [p for p in ORDER if p in pairings] + [p for p in pairings if p not in ORDER]
+    names = pairing_order(pairings)
     metrics = [m for m in ("mAP@100", "R@1") if all(m in pairings[p] for p in names)]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     x = np.arange(len(names))
