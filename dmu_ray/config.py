@@ -27,6 +27,7 @@ __all__ = [
     "StorageConfig",
     "RefreshConfig",
     "ActorPoolConfig",
+    "TrackingConfig",
     "TrainConfig",
     "MethodConfig",
     "EvaluateConfig",
@@ -63,6 +64,22 @@ class StorageConfig(StrictModel):
         if v is not None and not (v.startswith("http://") or v.startswith("https://")):
             raise ValueError("must start with http:// or https://")
         return v
+
+
+class TrackingConfig(StrictModel):
+    """Where runs are logged with MLflow: training metrics per epoch, evaluation results, reports
+    and plots. With ``uri`` unset: ``$MLFLOW_TRACKING_URI`` when set, else an embedded SQLite store
+    ``mlflow.db`` in the job's root folder (train: ``storage_path``; evaluate: ``output``; demo:
+    ``root``), browsable with ``mlflow ui``; a root on object storage has no embedded store, so
+    tracking is then off unless a URI is given."""
+
+    enabled: bool = Field(default=True, description="false: log nothing to MLflow")
+    uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI (http(s)://server, sqlite:///file.db, databricks); "
+        "default: $MLFLOW_TRACKING_URI, else sqlite in the job's root folder",
+    )
+    experiment: str = Field(default="dmu-ray", min_length=1, description="MLflow experiment name")
 
 
 class ActorPoolConfig(StrictModel):
@@ -346,6 +363,7 @@ class TrainConfig(StrictModel):
         default=None, ge=1, description="kill one worker once during this epoch, to exercise recovery"
     )
     seed: int = 0
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = None
 
@@ -516,6 +534,7 @@ class EvaluateConfig(StrictModel):
     nprobe: int = Field(default=16, ge=1)
     pq_m: int | None = Field(default=None, ge=1, description="IVF-PQ sub-quantizers (None: IVF-Flat)")
     pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = None
 

@@ -27,10 +27,12 @@ from dmu_ray.config import (
     RefreshConfig,
     StorageConfig,
     StrictModel,
+    TrackingConfig,
     TrainConfig,
 )
 from dmu_ray.methods.registry import METHODS
 from dmu_ray.storage import resolve
+from dmu_ray.tracking import Tracker, flatten, parent
 
 # New-model variants by name: every registered method that trains a new model from scratch against
 # the old one (fastfill, which needs a trained new model, is its own stage), and the ablations
@@ -71,6 +73,10 @@ class LifecycleConfig(StrictModel):
     cpus_per_worker: float = 0.5
     upgrade_width: int = 256
     seed: int = 0
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="MLflow: default store <root>/mlflow.db, every stage a child run",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
@@ -94,6 +100,7 @@ def _train_cfg(lc: LifecycleConfig, name: str, role: str, method: dict[str, Any]
         optim={"epochs": epochs, "batch_size": lc.batch_size, "lr": lc.lr, "warmup_epochs": 1},
         scaling={"num_workers": lc.workers, "cpus_per_worker": lc.cpus_per_worker},
         seed=lc.seed,
+        tracking=lc.tracking,
         storage=lc.storage,
     )
 
@@ -112,11 +119,41 @@ def variant_method(lc: LifecycleConfig, variant: str, old_model: str) -> dict[st
 
 def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) every stage; returns the evaluation results per method."""
+    from dmu_ray.ray_session import ensure_ray
+
+    say = _say if progress else (lambda _m: None)
+    root = resolve(lc.root, lc.storage)
+    tracker = Tracker.open(lc.tracking, root, say=say)  # a bad tracking.uri fails before any work
+    # every stage logs into the demo's store, as a child of its run (or, when off, says nothing again)
+    stages_tracking = {"uri": tracker.uri} if tracker is not None else {"enabled": False}
+    lc = lc.model_copy(update={"tracking": lc.tracking.model_copy(update=stages_tracking)})
+    ensure_ray()
+    run = None
+    if tracker is not None:
+        run = tracker.start(
+            f"demo s{lc.seed}",
+            key=f"{root.uri}#demo-s{lc.seed}",
+            tags={"dmu.kind": "demo", "dmu.root": lc.root},
+        )
+        run.params(flatten(lc.model_dump(mode="json", exclude={"storage", "tracking"})))
+    try:
+        with parent(run):
+            summary = _stages(lc, root, progress, run)
+    except BaseException:
+        if run is not None:
+            run.finish(False)
+        raise
+    if run is not None:
+        run.finish(True)
+    return summary
+
+
+def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[str, Any]:
+    """The stages of :func:`run_lifecycle`, in order (each one reused when already done)."""
     from dmu_ray.data.importers import IMPORTERS
     from dmu_ray.evaluate.embed import embed_to_gallery
     from dmu_ray.evaluate.job import run_evaluation
     from dmu_ray.gallery import read_manifest
-    from dmu_ray.ray_session import ensure_ray
     from dmu_ray.refresh import run_refresh
     from dmu_ray.train.job import run_training
 
@@ -128,8 +165,6 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
     def stage(msg: str) -> None:
         say(f"\n[{next(step)}/{steps}] {msg}  ({time.perf_counter() - t_start:.0f}s)")
 
-    ensure_ray()
-    root = resolve(lc.root, lc.storage)
     data_uri = f"{lc.root}/data/{lc.dataset}"
     stage(f"data: {lc.dataset} -> {data_uri}")
     if not resolve(data_uri, lc.storage).join("_dataset.json").exists():
@@ -196,6 +231,7 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
         galleries={"old": old_gallery},
         output=f"{lc.root}/eval/matrix-s{lc.seed}",
         title=f"{', '.join(new)} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
+        tracking=lc.tracking,
         storage=lc.storage,
     )
     evaluated = run_evaluation(cfg, progress=progress)
@@ -212,7 +248,15 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
     write_bytes_atomic(
         root.join("eval", f"lifecycle-s{lc.seed}.json"), json.dumps(summary, indent=2).encode()
     )
-    write_bytes_atomic(
-        root.join("eval", f"lifecycle-s{lc.seed}.md"), verdict_markdown(results, summary["verdict"]).encode()
-    )
+    report_md = verdict_markdown(results, summary["verdict"]).encode()
+    write_bytes_atomic(root.join("eval", f"lifecycle-s{lc.seed}.md"), report_md)
+    if run is not None:
+        run.metrics({f"{m}/{k}": v for m, r in results.items() for k, v in r["headline"].items()})
+        run.metrics({"seconds": summary["seconds"]})
+        run.files(
+            {
+                f"lifecycle-s{lc.seed}.json": json.dumps(summary, indent=2).encode(),
+                f"lifecycle-s{lc.seed}.md": report_md,
+            }
+        )
     return summary

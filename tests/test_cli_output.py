@@ -78,3 +78,39 @@ def test_demo_tells_its_story_quietly(tmp_path):
         assert f"- {v['text']}" in said
     dmu, bct = (100 * report[m]["pairings"]["new/old"]["mAP@100"] for m in ("dmu", "bct"))
     assert f"DMU scores {dmu:.2f} and BCT {bct:.2f}" in said
+    # training progress off a terminal: a line per epoch with its ETA; MLflow's INFO lines stay off
+    assert re.search(r"train dmu-s0: epoch 1/1: loss [\d.]+, \d+s, \d+ img/s, ETA 0:00", res.stderr), (
+        res.stderr
+    )
+    assert "INFO mlflow" not in res.stderr and "alembic" not in res.stderr
+
+    # the run is browsable: MLflow's embedded store under the root, read back with MLflow's client
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dmu-ray")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"demo s0", "old-s0", "bct-s0", "dmu-s0", runs_title(runs)}, set(runs)
+    demo = runs.pop("demo s0")
+    assert all(r.data.tags["mlflow.parentRunId"] == demo.info.run_id for r in runs.values())
+    assert demo.info.status == "FINISHED" and demo.data.params["methods"] == "['bct', 'dmu']"
+    loss = client.get_metric_history(runs["dmu-s0"].info.run_id, "loss")
+    assert [m.step for m in loss] == [0] and loss[0].value == report_loss(root, "dmu-s0")
+    assert runs["dmu-s0"].data.params["optim.epochs"] == "1"
+    assert runs["dmu-s0"].data.tags["dmu.upgrade_module"].endswith("dmu-s0/export/upgrade.pt")
+    ev = runs[runs_title(runs)]
+    assert ev.data.metrics["dmu:new/old/mAP_at_100"] == report["dmu"]["pairings"]["new/old"]["mAP@100"]
+    assert {f.path for f in client.list_artifacts(ev.info.run_id)} >= {"eval.json", "eval.md", "pairings.png"}
+    assert demo.data.metrics["dmu/compatibility"] == report["dmu"]["headline"]["compatibility"]
+
+
+def runs_title(runs) -> str:
+    """The evaluation's run: the one that is not a training or the demo."""
+    return next(n for n, r in runs.items() if r.data.tags.get("dmu.kind") == "evaluate")
+
+
+def report_loss(root, name: str) -> float:
+    """The last epoch's loss as the exported model card records it."""
+    from dmu_ray.models.artifact import load_artifact
+
+    return load_artifact(str(root / "runs" / name / "export/model.pt")).card.metrics["loss"]

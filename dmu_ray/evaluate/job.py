@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import posixpath
 import sys
 import time
 from typing import Any
@@ -27,6 +28,7 @@ from dmu_ray.models.artifact import (
 from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
+from dmu_ray.tracking import Tracker, flatten
 
 Embedded = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids, labels, vectors)
 
@@ -337,6 +339,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     checked = check_inputs(cfg)
     opened, labels, arts = checked["galleries"], checked["labels"], checked["arts"]
+    tracker = Tracker.open(cfg.tracking, resolve(cfg.output, cfg.storage), say=say)  # before cluster work
     from dmu_ray.ray_session import ensure_ray, require_pool
 
     ensure_ray(cfg.ray_address)
@@ -439,4 +442,21 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     if not cfg.several:
         result["inputs"] |= {"new_model": cfg.new_model, "upgrade_module": cfg.upgrade_module}
     result["files"] = write_report(resolve(cfg.output, cfg.storage), result)
+    if tracker is not None:
+        _track(tracker, cfg, result)
     return result
+
+
+def _track(tracker: Tracker, cfg: EvaluateConfig, result: dict[str, Any]) -> None:
+    """One MLflow run per evaluation: every pairing's figures as ``<pairing>/<metric>``, the
+    headline figures, the inputs as parameters, and eval.json, eval.md and pairings.png."""
+    from dmu_ray.storage import read_bytes
+
+    run = tracker.start(cfg.title, tags={"dmu.kind": "evaluate", "dmu.output": cfg.output})
+    run.params(flatten(result["inputs"]))
+    figures = {f"{p}/{k}": v for p, r in result["pairings"].items() for k, v in r.items()}
+    h = result["headline"]
+    heads = {f"{m}/{k}": v for m, hm in h.items() for k, v in hm.items()} if cfg.several else h
+    run.metrics(figures | {f"headline/{k}": v for k, v in heads.items()})
+    run.files({posixpath.basename(u): read_bytes(resolve(u, cfg.storage)) for u in result["files"].values()})
+    run.finish(True)

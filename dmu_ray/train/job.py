@@ -8,6 +8,7 @@ path); a finished run re-exports and returns.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from dmu_ray.models.artifact import (
 )
 from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.storage import Location, resolve
+from dmu_ray.tracking import Tracker, flatten
 
 EXPORT_DIR = "export"
 
@@ -246,6 +248,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from dmu_ray.ray_session import ensure_ray, require_resources
+    from dmu_ray.train.progress import ProgressBoard, TrainWatcher
 
     plan = plan_training(cfg)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -257,6 +260,9 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
         f"{_worker_desc(cfg.scaling)}, {cfg.optim.epochs} epochs -> {plan.run_uri}"
     )
+    tracker = Tracker.open(
+        cfg.tracking, resolve(cfg.storage_path, cfg.storage), say=say
+    )  # before cluster work
     ensure_ray(cfg.ray_address)  # reachable, and room for one worker, before the run is claimed
     require_resources(
         {
@@ -275,12 +281,14 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     info = plan.info()
     info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
     cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
+    board = ProgressBoard.remote()
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json", round_trip=True) | _secrets(cfg),
             "info": info,
             "run_uri": plan.run_uri,
+            "progress": board,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=_worker_count(cfg.scaling),
@@ -301,10 +309,46 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         ),
         datasets={"train": build_train_dataset(plan)},
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
-    return export_run(plan, result.checkpoint, result.metrics or {}, info)
+    run = _track_start(tracker, cfg, plan, info)
+    ok = False
+    try:
+        on_epoch = None if run is None else (lambda m: run.metrics(m, step=int(m["epoch"])))
+        with TrainWatcher(board, cfg.name, on_epoch=on_epoch, show=progress):
+            result = trainer.fit()
+        if result.error:
+            raise result.error
+        out = export_run(plan, result.checkpoint, result.metrics or {}, info)
+        ok = True
+    finally:
+        if run is not None:
+            if ok:
+                run.tags({f"dmu.{k}": v for k, v in out.items() if k in ("model", "upgrade_module")})
+                run.files({"export.json": json.dumps(out, indent=2, default=str).encode()})
+            run.finish(ok)
+        ray.kill(board)
+    return out
+
+
+def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan, info: dict[str, Any]):
+    """The run's MLflow run (continued when the training resumes): its config as parameters
+    (storage credentials left out), method and data as tags."""
+    if tracker is None:
+        return None
+    run = tracker.start(
+        cfg.name,
+        key=plan.run_uri,
+        tags={
+            "dmu.kind": "train",
+            "dmu.method": cfg.method.name,
+            "dmu.dataset": plan.data.name,
+            "dmu.run_uri": plan.run_uri,
+        },
+    )
+    run.params(
+        flatten(cfg.model_dump(mode="json", exclude={"storage", "tracking", "ray_address"}))
+        | {"rows": plan.rows, "classes": int(sum(plan.trained_classes))}
+    )
+    return run
 
 
 def _absolute_uris(cfg: TrainConfig) -> TrainConfig:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dmu_ray.config import OptimConfig, TrainConfig
+from dmu_ray.train.progress import Poster
 from dmu_ray.train.trainee import Trainee
 
 __all__ = [
@@ -135,6 +136,7 @@ class WorkerLoop:
         self.cuda = self.device.type == "cuda"
         self.start_epoch, self.history = 0, []
         self.last_report = time.perf_counter()
+        self.poster = Poster(config.get("progress"), self.rank)  # the driver's progress bar
 
     def setup(self) -> None:
         """Build the trainee, restore the last checkpoint if any, and prepare DDP and the optimiser."""
@@ -162,6 +164,7 @@ class WorkerLoop:
         self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         steps_per_epoch = max(1, self.info["rows"] // (o.batch_size * self.world))
         self.sched = run_scheduler(self.opt, o, steps_per_epoch, self.start_epoch)
+        self.poster.begin(self.start_epoch, o.epochs, steps_per_epoch)
         if state is not None:
             self.opt.load_state_dict(state["optimizer"])  # momentum buffers; its saved LR is set below
             for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr(), strict=True):
@@ -212,6 +215,7 @@ class WorkerLoop:
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
             steps += 1
             samples += len(batch["label"])
+            self.poster.step(epoch, steps, loss)
         seconds = time.perf_counter() - t0
         metrics = {k: float(v) / max(1, steps) for k, v in sums.items()}
         metrics.update(
@@ -244,6 +248,7 @@ class WorkerLoop:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+        self.poster.epoch_done(metrics)
         self.last_report = time.perf_counter()
 
     def run(self) -> None:
