@@ -208,3 +208,22 @@ def test_bad_setups_fail_before_any_work(tmp_path):
     with pytest.raises(RefreshError, match="already holds a different gallery"):
         plan_refresh(RefreshConfig(**{**ok, "output": other}))
     assert {p.name: p.read_bytes() for p in (tmp_path / "other").glob("*.*")} == before
+
+
+def test_a_min_max_pool_grows_when_files_wait(ray_local, tmp_path):
+    """The README's pool (1 to 2 actors): with files waiting while the first actor is busy, Ray Data
+    starts the second one (issue 18: the default 175% threshold never let it), and the manifest says
+    how many actors did this run's files."""
+    src = make_source(str(tmp_path / "src"), None, files=12, rows=20000)
+    psi = str(tmp_path / "psi.pt")
+    torch.manual_seed(0)
+    save_upgrade_module(psi, UpgradeModule(DIM, 24, width=768, depth=2), {"id": "wide"})  # ~1 s a file: work waits
+    cfg = RefreshConfig(
+        source=src,
+        output=str(tmp_path / "out"),
+        module=psi,
+        pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=1, batch_size=2000),
+    )
+    res = run_refresh(cfg, progress=False)
+    assert res.manifest.rows == 240_000
+    assert res.manifest.extra["refresh"]["last_run_actors"] == 2

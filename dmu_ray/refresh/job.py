@@ -262,6 +262,7 @@ class _RefreshActor:
             device=device,
             fail_after_files=plan_args.get("fail_after_files"),
             worker=ray.get_runtime_context().get_node_id(),
+            actor=ray.get_runtime_context().get_actor_id(),
             overrides=ray.get(plan_args["overrides"]) if plan_args.get("overrides") is not None else None,
             expected=plan_args.get("expected"),
         )
@@ -375,6 +376,7 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         records = list(pool.map(load, plan.source.files))
+    pending = set(plan.pending)
     reasons: Counter[str] = Counter()
     for r in records:
         reasons.update(r["reasons"])
@@ -389,7 +391,15 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
         columns=describe_columns(schema),
         rows_in=sum(r["rows_in"] for r in records),
         extra={
-            "refresh": {"job": plan.job, "last_run_seconds": round(seconds, 3), "last_run_rows": rows_now}
+            "refresh": {
+                "job": plan.job,
+                "last_run_seconds": round(seconds, 3),
+                "last_run_rows": rows_now,
+                # distinct pool actors that upgraded this run's files: how far the pool grew
+                "last_run_actors": len(
+                    {r.get("actor") for r in records if r["source"] in pending and r.get("actor")}
+                ),
+            }
         },
     )
     if "backfill" in plan.job:

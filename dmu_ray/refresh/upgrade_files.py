@@ -160,6 +160,7 @@ class FileUpgrader:
         device: str = "cpu",
         fail_after_files: int | None = None,
         worker: str | None = None,
+        actor: str | None = None,
         overrides: Overrides | None = None,
         expected: dict[str, FileEntry] | None = None,
     ) -> None:
@@ -175,6 +176,7 @@ class FileUpgrader:
         self._fail_after = fail_after_files
         self._done = 0
         self.worker = worker  # provenance in the commit record (the Ray node id in a refresh job)
+        self.actor = actor  # and the pool actor that did it (how far the pool grew)
         self.overrides = overrides
         self.expected = expected  # the source manifest's entries: each file is verified before use
 
@@ -276,6 +278,7 @@ class FileUpgrader:
             "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
             "worker": self.worker,
+            "actor": self.actor,
         }
         if entry.rows + (q_entry.rows if q_entry else 0) != rows_in:  # pragma: no cover - invariant
             raise RuntimeError(f"{rel}: rows do not reconcile: {rows_in} in, {entry.rows} out, {q_entry}")
