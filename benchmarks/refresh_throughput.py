@@ -3,10 +3,16 @@
     python benchmarks/refresh_throughput.py                 # 2M x 256 float16 (the issue's default)
     python benchmarks/refresh_throughput.py --rows 500000   # quicker
 
+    python benchmarks/refresh_throughput.py --s3            # also S3 -> S3 on a loopback moto server
+
 Generates a gallery of N x d vectors on local disk, then in the same run:
-1. plain loop: for each file, pyarrow read -> torch upgrade module -> normalise -> pyarrow write;
-2. ``dmu-ray refresh`` through Ray Data with 1 CPU's worth of actors, then 2 CPUs' worth.
-Prints rows/s for each and the ratio to the plain loop. Not a test: CI never runs it.
+1. I/O only: every file read and written back with the gallery's write options, no module (the
+   box's limit for this job);
+2. plain loop: for each file, pyarrow read -> torch upgrade module -> normalise -> pyarrow write;
+3. ``dmu-ray refresh`` through Ray Data with 1 CPU's worth of actors, then 2 CPUs' worth (and, with
+   ``--s3``, 2 actors reading and writing a loopback S3 server: moto, from the dev extras).
+Prints rows/s for each, the ratio to the plain loop and to the I/O-only pass. Not a test: CI never
+runs it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from dmu_ray.config import ActorPoolConfig, RefreshConfig
+from dmu_ray.config import ActorPoolConfig, RefreshConfig, StorageConfig
 from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array, embedding_matrix, parquet_write_options
 from dmu_ray.models.artifact import save_upgrade_module
 from dmu_ray.models.upgrade import UpgradeModule
@@ -68,6 +74,48 @@ def plain_loop(src: str, out: str, module: UpgradeModule, batch: int) -> float:
     return rows / (time.perf_counter() - t0)
 
 
+def io_only(src: str, out: str) -> float:
+    """The box's limit: read every file and write it back with the same options, no module."""
+    os.makedirs(out, exist_ok=True)
+    files = sorted(f for f in os.listdir(src) if f.endswith(".parquet"))
+    t0 = time.perf_counter()
+    rows = 0
+    for f in files:
+        table = pq.read_table(os.path.join(src, f))
+        pq.write_table(table, os.path.join(out, f), **parquet_write_options(table.schema))
+        rows += table.num_rows
+    return rows / (time.perf_counter() - t0)
+
+
+def s3_server(src: str) -> tuple[object, StorageConfig, str]:
+    """A moto S3 server on a loopback port holding a copy of the gallery at ``src``."""
+    import logging
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs as pafs
+
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        os.environ[k] = v  # before Ray starts: its workers inherit the environment
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+    storage = StorageConfig(endpoint_url=endpoint, region="us-east-1")
+    dest = resolve("s3://bench/old", storage)
+    pafs.copy_files(src, dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+    return server, storage, "s3://bench/old"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
@@ -77,6 +125,7 @@ def main() -> None:
     ap.add_argument("--rows-per-file", type=int, default=250_000)
     ap.add_argument("--batch", type=int, default=65536)
     ap.add_argument("--workdir", default=None, help="where to put the data (default: a temp dir)")
+    ap.add_argument("--s3", action="store_true", help="also refresh S3 -> S3 on a loopback moto server")
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="dmu-bench-")
@@ -94,24 +143,35 @@ def main() -> None:
     save_upgrade_module(module_uri, module, {"id": "bench"})
 
     torch.set_num_threads(cpus)
+    io = io_only(src, os.path.join(work, "io-only"))
     plain = plain_loop(src, os.path.join(work, "plain"), module, args.batch)
-    print(f"plain loop (1 process)            {plain:>12,.0f} rows/s   1.00x")
 
+    def row(what: str, rate: float) -> None:
+        print(f"{what:<40} {rate:>12,.0f} rows/s   {rate / plain:.2f}x plain   {rate / io:.2f}x I/O-only")
+
+    row("I/O only (read + write, 1 process)", io)
+    row("plain loop (1 process)", plain)
+    server, s3_storage, s3_src = s3_server(src) if args.s3 else (None, None, None)
     ensure_ray(num_cpus=cpus)
-    for cpu_share in sorted({1, cpus}):
-        actors = cpu_share
-        out = os.path.join(work, f"ray-{cpu_share}")
-        shutil.rmtree(out, ignore_errors=True)
+    runs = [(n, src, os.path.join(work, f"ray-{n}"), None) for n in sorted({1, cpus})]
+    if args.s3:
+        runs.append((cpus, s3_src, "s3://bench/ray-out", s3_storage))
+    for actors, source, out, storage in runs:
+        if storage is None:
+            shutil.rmtree(out, ignore_errors=True)
         cfg = RefreshConfig(
-            source=src,
+            source=source,
             output=out,
             module=module_uri,
             dtype="float16",
             pool=ActorPoolConfig(min_actors=actors, max_actors=actors, num_cpus=1.0, batch_size=args.batch),
+            storage=storage or StorageConfig(),
         )
         res = run_refresh(cfg, progress=False)
-        rate = res.rows_per_s
-        print(f"ray refresh, {actors} actor(s) x 1 CPU        {rate:>12,.0f} rows/s   {rate / plain:.2f}x")
+        where = " (S3 -> S3, loopback)" if storage else ""
+        row(f"ray refresh, {actors} actor(s) x 1 CPU{where}", res.rows_per_s)
+    if server is not None:
+        server.stop()
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

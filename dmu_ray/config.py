@@ -529,7 +529,9 @@ class EvaluateConfig(StrictModel):
         return _all_in_unit(v, "FAR")
 
     exact_max: int = Field(
-        default=200_000, ge=1, description="exact search up to this gallery size, IVF above"
+        default=2_000_000,
+        ge=1,
+        description="exact search up to this gallery size, IVF above (docs/benchmarks.md: exact is faster than IVF at 1M)",
     )
     nprobe: int = Field(default=16, ge=1)
     pq_m: int | None = Field(default=None, ge=1, description="IVF-PQ sub-quantizers (None: IVF-Flat)")

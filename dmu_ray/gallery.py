@@ -20,6 +20,7 @@ import datetime as _dt
 import io
 import json
 import posixpath
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -428,6 +429,17 @@ def norm_tolerance(dtype: str) -> float:
     return 2e-2 if dtype == "float16" else 1e-3
 
 
+def _row_norms(mat: np.ndarray) -> np.ndarray:
+    """L2 norms of the rows of a float16/float32 matrix, accumulated in float32 (torch's kernel:
+    about 2.5x numpy's cast-then-norm on float16)."""
+    import torch
+
+    with warnings.catch_warnings():  # a read-only Arrow buffer is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(np.ascontiguousarray(mat))
+    return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).numpy()
+
+
 def unstorable_rows(mat: np.ndarray, model: ModelInfo) -> tuple[np.ndarray, list[str]]:
     """Rows of an ``(n, d)`` matrix in its stored dtype that the gallery would reject: non-finite
     values (e.g. a float16 overflow) and, when ``model.normalized``, rows that are not unit-norm
@@ -437,7 +449,7 @@ def unstorable_rows(mat: np.ndarray, model: ModelInfo) -> tuple[np.ndarray, list
     zero = np.zeros(len(mat), dtype=bool)
     off = np.zeros(len(mat), dtype=bool)
     if model.normalized:
-        norms = np.linalg.norm(np.where(finite[:, None], mat, 0).astype(np.float32), axis=1)
+        norms = _row_norms(mat)  # non-finite rows get non-finite norms, masked out below
         zero = finite & (norms == 0)
         off = finite & ~zero & (np.abs(norms - 1) > norm_tolerance(model.dtype))
         lost = lost | zero | off

@@ -217,7 +217,9 @@ def test_a_min_max_pool_grows_when_files_wait(ray_local, tmp_path):
     src = make_source(str(tmp_path / "src"), None, files=12, rows=20000)
     psi = str(tmp_path / "psi.pt")
     torch.manual_seed(0)
-    save_upgrade_module(psi, UpgradeModule(DIM, 24, width=768, depth=2), {"id": "wide"})  # ~1 s a file: work waits
+    # ~2 s a file on one core: files wait while the first actor works, for longer than an actor
+    # takes to start
+    save_upgrade_module(psi, UpgradeModule(DIM, 24, width=1024, depth=3), {"id": "wide"})
     cfg = RefreshConfig(
         source=src,
         output=str(tmp_path / "out"),
@@ -227,3 +229,22 @@ def test_a_min_max_pool_grows_when_files_wait(ray_local, tmp_path):
     res = run_refresh(cfg, progress=False)
     assert res.manifest.rows == 240_000
     assert res.manifest.extra["refresh"]["last_run_actors"] == 2
+
+
+def test_the_fused_module_computes_what_the_module_computes():
+    """The refresh runs psi with BatchNorm folded into the Linear before it: the same function."""
+    torch.manual_seed(0)
+    for in_dim, out_dim in ((16, 16), (16, 24)):
+        m = UpgradeModule(in_dim, out_dim, width=32, depth=3)
+        m.train()
+        for _ in range(5):  # non-trivial running statistics and affine parameters
+            m(torch.randn(64, in_dim) * 3 + 1)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        m.eval()
+        x = torch.randn(500, in_dim)
+        fused = m.fused_for_inference()
+        assert not any(isinstance(layer, torch.nn.BatchNorm1d) for layer in fused.modules())
+        assert torch.allclose(fused(x), m(x), atol=1e-5)
+        assert m.mlp[1].training is False and isinstance(m.mlp[1], torch.nn.BatchNorm1d)  # untouched

@@ -16,7 +16,7 @@ import numpy as np
 
 @dataclass
 class SearchConfig:
-    exact_max: int = 200_000
+    exact_max: int = 2_000_000  # exact 1M x 128 with 10k queries: ~11 s on 2 cores (docs/benchmarks.md)
     nlist: int | None = None  # default: 4 * sqrt(n)
     nprobe: int = 16
     pq_m: int | None = None  # sub-quantizers for IVF-PQ (None: IVF-Flat)

@@ -69,6 +69,28 @@ class UpgradeModule(nn.Module):
         h = self.mlp[:-1](x)  # the trunk: every hidden block
         return self.skip(x) + self.mlp[-1](h), self.log_var(h).squeeze(1)
 
+    def fused_for_inference(self) -> nn.Module:
+        """A copy for inference with each Linear -> BatchNorm pair folded into one Linear (eval
+        statistics, torch's ``fuse_linear_bn_eval``): the same function as ``self.eval()`` up to
+        float rounding, one matmul per block. The refresh runs this; ``self`` is untouched."""
+        import copy
+
+        from torch.nn.utils.fusion import fuse_linear_bn_eval
+
+        mods, layers, i = [copy.deepcopy(m).eval() for m in self.mlp], [], 0
+        while i < len(mods):
+            if (
+                isinstance(mods[i], nn.Linear)
+                and i + 1 < len(mods)
+                and isinstance(mods[i + 1], nn.BatchNorm1d)
+            ):
+                layers.append(fuse_linear_bn_eval(mods[i], mods[i + 1]))
+                i += 2
+            else:
+                layers.append(mods[i])
+                i += 1
+        return _Residual(copy.deepcopy(self.skip), nn.Sequential(*layers)).eval()
+
     def config(self) -> dict[str, int | bool | str]:
         return {
             "in_dim": self.in_dim,
@@ -78,3 +100,14 @@ class UpgradeModule(nn.Module):
             "uncertainty": self.uncertainty,
             "uncertainty_from": self.uncertainty_from,
         }
+
+
+class _Residual(nn.Module):
+    """``skip(x) + mlp(x)``: the forward of an :class:`UpgradeModule` over other layers."""
+
+    def __init__(self, skip: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.skip, self.mlp = skip, mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.mlp(x)
