@@ -636,8 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="train on Ray Train: old model, new model (independent/bct/dmu/unibct), fastfill transformation",
-        description="Run one Ray Train job from a config. Re-running the same config (same name and "
-        "storage_path) resumes from the last checkpoint.",
+        description="Run one Ray Train job from a config, with an epoch/step progress bar and ETA. Re-running "
+        "the same config (same name and storage_path) resumes from the last checkpoint. Metrics per epoch go to "
+        "MLflow (default: storage_path/mlflow.db; the config's tracking section).",
     )
     _job_args(tr, "training config (YAML); see configs/train_*.yaml")
     tr.set_defaults(func=_cmd_train)
@@ -673,7 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="retrieval metrics for every query/gallery model pairing (faiss), with report and plots",
         description="Embed the query set and gallery with each model (Ray Data), search with faiss, and write "
-        "eval.json, eval.md and pairings.png to the config's output folder.",
+        "eval.json, eval.md and pairings.png to the config's output folder (and the run to MLflow, see the "
+        "config's tracking section). Several new models (new_models: bct, dmu, ...) are evaluated in one run, "
+        "each set embedded once per distinct model.",
     )
     _job_args(ev, "evaluation config (YAML); see configs/evaluate_local.yaml")
     ev.set_defaults(func=_cmd_evaluate)
