@@ -8,6 +8,7 @@ path); a finished run re-exports and returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from dmu_ray.models.artifact import (
     save_embedding_model,
 )
 from dmu_ray.models.card import CardError, check_compatible
-from dmu_ray.storage import Location, resolve
+from dmu_ray.storage import Location, redact, resolve
 from dmu_ray.tracking import Tracker, flatten
 
 EXPORT_DIR = "export"
@@ -309,9 +310,9 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         ),
         datasets={"train": build_train_dataset(plan)},
     )
-    run = _track_start(tracker, cfg, plan, info)
-    ok = False
+    run, ok = None, False
     try:
+        run = _track_start(tracker, cfg, plan, info)
         on_epoch = None if run is None else (lambda m: run.metrics(m, step=int(m["epoch"])))
         with TrainWatcher(board, cfg.name, on_epoch=on_epoch, show=progress):
             result = trainer.fit()
@@ -325,7 +326,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 run.tags({f"dmu.{k}": v for k, v in out.items() if k in ("model", "upgrade_module")})
                 run.files({"export.json": json.dumps(out, indent=2, default=str).encode()})
             run.finish(ok)
-        ray.kill(board)
+        with contextlib.suppress(Exception):  # the board is done either way
+            ray.kill(board)
     return out
 
 
@@ -334,16 +336,23 @@ def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan, inf
     (storage credentials left out), method and data as tags."""
     if tracker is None:
         return None
-    run = tracker.start(
-        cfg.name,
-        key=plan.run_uri,
-        tags={
-            "dmu.kind": "train",
-            "dmu.method": cfg.method.name,
-            "dmu.dataset": plan.data.name,
-            "dmu.run_uri": plan.run_uri,
-        },
-    )
+    try:
+        run = tracker.start(
+            cfg.name,
+            key=plan.run_uri,
+            tags={
+                "dmu.kind": "train",
+                "dmu.method": cfg.method.name,
+                "dmu.dataset": plan.data.name,
+                "dmu.run_uri": plan.run_uri,
+            },
+        )
+    except Exception as err:  # the store was opened; a failure now costs the tracking, not the run
+        print(
+            f"tracking: could not start the MLflow run ({redact(str(err))[:200]}); training goes on",
+            file=sys.stderr,
+        )
+        return None
     run.params(
         flatten(cfg.model_dump(mode="json", exclude={"storage", "tracking", "ray_address"}))
         | {"rows": plan.rows, "classes": int(sum(plan.trained_classes))}

@@ -9,6 +9,7 @@ elsewhere (Ray job logs, CI, pipes) it prints one line per epoch with the ETA.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -119,7 +120,8 @@ class TrainWatcher:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        self.poll()  # the last epoch's metrics, posted just before fit() returned
+        with contextlib.suppress(Exception):  # never hide the training's outcome behind the watcher's
+            self.poll()  # the last epoch's metrics, posted just before fit() returned
         if self._bar is not None:
             self._bar.close()
 
