@@ -90,6 +90,12 @@ def main() -> None:
     ray_sps = out["metrics"]["samples_per_s"] / args.batch
     n = read_dataset_info(data).rows["train"]
     print(f"# {args.method}, small CNN, batch {args.batch}, {n:,} glyph images, 1 worker x 1 CPU")
+    m = out["metrics"]
+    if "first_batch_s" in m:
+        print(
+            f"# Ray's last epoch: {m['seconds']:.1f} s, of which {m['first_batch_s']:.1f} s before its first batch "
+            f"(the Ray Data pipeline starting again); {m['steps']:.0f} steps"
+        )
     print(f"plain loop, pre-decoded tensors              {pre:8.2f} steps/s   1.00x")
     print(f"plain loop, decode + augment every batch     {inline:8.2f} steps/s   {inline / pre:.2f}x")
     print(

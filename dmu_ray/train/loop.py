@@ -198,7 +198,7 @@ class WorkerLoop:
             self.old_model.eval()
         self.inner.method.on_epoch_start(self.inner, epoch)
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per statistic and step
-        steps, samples, t0 = 0, 0, time.perf_counter()
+        steps, samples, t0, first_batch_s = 0, 0, time.perf_counter(), 0.0
         for batch in self.shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
             dtypes={"image": torch.float32, "label": torch.int64, "id": torch.int64},
@@ -207,6 +207,7 @@ class WorkerLoop:
             local_shuffle_buffer_size=cfg.optim.batch_size * 4,
         ):
             if steps == 0:
+                first_batch_s = time.perf_counter() - t0  # the pipeline's start within the epoch
                 _maybe_failure_drill(
                     cfg, self.config, epoch, self.rank, self.world, time.perf_counter() - self.last_report
                 )
@@ -223,6 +224,7 @@ class WorkerLoop:
             steps=steps,
             lr=self.sched.get_last_lr()[0],
             seconds=seconds,
+            first_batch_s=first_batch_s,
             samples_per_s=samples * self.world / seconds if seconds else 0.0,
             resumed_from=self.start_epoch,
             workers=self.world,
