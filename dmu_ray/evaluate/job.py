@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import posixpath
 import sys
 import time
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 
 from dmu_ray.config import EvaluateConfig
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
-from dmu_ray.evaluate.report import write_report
+from dmu_ray.evaluate.report import render_report, write_report
 from dmu_ray.evaluate.search import SearchConfig
 from dmu_ray.gallery import EMB, LABEL, Gallery, GalleryError, embedding_matrix
 from dmu_ray.models.artifact import (
@@ -126,20 +125,20 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
             except CardError as err:
                 raise EvaluationError(str(err)) from None
         arts["models"][name] = {"model": new, "psi": psi}
-    wanted: list[tuple[str, str, str, str]] = []  # (key, role, uri, field)
+    wanted: list[tuple[str, str | None, str, str, str]] = []  # (key, new model name, role, uri, field)
     if "old" in cfg.galleries:
-        wanted.append(("old", "old", cfg.galleries["old"], "galleries.old"))
+        wanted.append(("old", None, "old", cfg.galleries["old"], "galleries.old"))
     for name, spec in cfg.models().items():
-        wanted += [(f"{name}.{r}", r, u, _field(cfg, name, r)) for r, u in spec.galleries.items()]
+        wanted += [(f"{name}.{r}", name, r, u, _field(cfg, name, r)) for r, u in spec.galleries.items()]
     galleries: dict[str, Gallery] = {}
     labels: dict[str, np.ndarray] = {}  # of galleries without a label column, from the data set
     data_labels = None
-    for key, role, uri, what in wanted:
+    for key, name, role, uri, what in wanted:
         try:
             g = Gallery.open(uri, cfg.storage)
         except GalleryError as err:
             raise EvaluationError(f"{what}: {err}") from None
-        model = old if role == "old" else arts["models"][key.rsplit(".", 1)[0]]["model"]
+        model = old if name is None else arts["models"][name]["model"]
         if g.num_rows == 0:
             raise EvaluationError(f"{what}: {g.loc.uri} is empty")
         if g.model.dim != model.card.dim:
@@ -155,10 +154,9 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
             if role == "old":
                 _check_made_by(g, what, old, "old_model")
             elif role == "new":
-                _check_made_by(g, what, model, _field(cfg, key.rsplit(".", 1)[0], "model"))
+                _check_made_by(g, what, model, _field(cfg, name, "model"))
             else:
-                psi = arts["models"][key.rsplit(".", 1)[0]]["psi"]
-                _check_upgraded(g, what, role, psi, model)
+                _check_upgraded(g, what, role, arts["models"][name]["psi"], model)
         galleries[key] = g
     _check_ground_truth_ids(cfg, ground_truth, galleries)
     _check_output(cfg)
@@ -362,7 +360,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
         return key
 
     def upgraded(old_key: str, psi: Artifact) -> str:
-        key = f"{old_key}>{psi.sha256}"
+        key = f"upgraded:{old_key}>{psi.sha256}"
         if key not in vectors:
             say(f"upgrading the old gallery with {psi.uri}")
             ids, lab, x = vectors[old_key]
@@ -431,7 +429,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             "independent_model": cfg.independent_model,
             "galleries": dict(cfg.galleries),
         },
-        "embedded_sets": len([k for k in vectors if not k.startswith("stored:") and ">" not in k]),
+        "embedded_sets": sum(k.split(":", 1)[0] in parts for k in vectors),  # embedded from images
         "pairings": pairings,
         "models": models,
         "headline_metric": metric,
@@ -441,22 +439,21 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     }
     if not cfg.several:
         result["inputs"] |= {"new_model": cfg.new_model, "upgrade_module": cfg.upgrade_module}
-    result["files"] = write_report(resolve(cfg.output, cfg.storage), result)
+    rendered = render_report(result)
+    result["files"] = write_report(resolve(cfg.output, cfg.storage), result, rendered)
     if tracker is not None:
-        _track(tracker, cfg, result)
+        _track(tracker, cfg, result, {name: data for name, data in rendered.values()})
     return result
 
 
-def _track(tracker: Tracker, cfg: EvaluateConfig, result: dict[str, Any]) -> None:
+def _track(tracker: Tracker, cfg: EvaluateConfig, result: dict[str, Any], files: dict[str, bytes]) -> None:
     """One MLflow run per evaluation: every pairing's figures as ``<pairing>/<metric>``, the
     headline figures, the inputs as parameters, and eval.json, eval.md and pairings.png."""
-    from dmu_ray.storage import read_bytes
-
     run = tracker.start(cfg.title, tags={"dmu.kind": "evaluate", "dmu.output": cfg.output})
     run.params(flatten(result["inputs"]))
     figures = {f"{p}/{k}": v for p, r in result["pairings"].items() for k, v in r.items()}
     h = result["headline"]
     heads = {f"{m}/{k}": v for m, hm in h.items() for k, v in hm.items()} if cfg.several else h
     run.metrics(figures | {f"headline/{k}": v for k, v in heads.items()})
-    run.files({posixpath.basename(u): read_bytes(resolve(u, cfg.storage)) for u in result["files"].values()})
+    run.files(files)
     run.finish(True)

@@ -110,16 +110,23 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_report(out: Location, result: dict[str, Any]) -> dict[str, str]:
-    """Write ``eval.json``, ``eval.md`` and ``pairings.png`` under ``out``; returns their URIs."""
+def render_report(result: dict[str, Any]) -> dict[str, tuple[str, bytes]]:
+    """The report's files, ``{key: (name, bytes)}``: ``eval.json``, ``eval.md``, ``pairings.png``."""
     result = {"format": FORMAT, **result}
-    files = {
+    return {
         "json": ("eval.json", json.dumps(result, indent=2, sort_keys=False).encode()),
         "markdown": ("eval.md", markdown_table(result).encode()),
         "plot": ("pairings.png", plot_pairings(result)),
     }
+
+
+def write_report(
+    out: Location, result: dict[str, Any], rendered: dict[str, tuple[str, bytes]] | None = None
+) -> dict[str, str]:
+    """Write ``eval.json``, ``eval.md`` and ``pairings.png`` under ``out`` (``rendered``: those of
+    :func:`render_report`, made by the caller); returns their URIs."""
     uris = {}
-    for key, (name, data) in files.items():
+    for key, (name, data) in (rendered or render_report(result)).items():
         write_bytes_atomic(out.join(name), data)
         uris[key] = out.join(name).uri
     return uris
