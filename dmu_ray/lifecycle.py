@@ -245,18 +245,14 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
     }
     summary["verdict"] = verdict(results)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    write_bytes_atomic(
-        root.join("eval", f"lifecycle-s{lc.seed}.json"), json.dumps(summary, indent=2).encode()
-    )
-    report_md = verdict_markdown(results, summary["verdict"]).encode()
-    write_bytes_atomic(root.join("eval", f"lifecycle-s{lc.seed}.md"), report_md)
+    files = {
+        f"lifecycle-s{lc.seed}.json": json.dumps(summary, indent=2).encode(),
+        f"lifecycle-s{lc.seed}.md": verdict_markdown(results, summary["verdict"]).encode(),
+    }
+    for name, data in files.items():
+        write_bytes_atomic(root.join("eval", name), data)
     if run is not None:
-        run.metrics({f"{m}/{k}": v for m, r in results.items() for k, v in r["headline"].items()})
-        run.metrics({"seconds": summary["seconds"]})
-        run.files(
-            {
-                f"lifecycle-s{lc.seed}.json": json.dumps(summary, indent=2).encode(),
-                f"lifecycle-s{lc.seed}.md": report_md,
-            }
-        )
+        headlines = {f"{m}/{k}": v for m, r in results.items() for k, v in r["headline"].items()}
+        run.metrics(headlines | {"seconds": summary["seconds"]})
+        run.files(files)
     return summary

@@ -261,9 +261,8 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         f"train {cfg.name}: {cfg.method.name} on {plan.rows:,} images ({cfg.data.split}, {cfg.data.role}), "
         f"{_worker_desc(cfg.scaling)}, {cfg.optim.epochs} epochs -> {plan.run_uri}"
     )
-    tracker = Tracker.open(
-        cfg.tracking, resolve(cfg.storage_path, cfg.storage), say=say
-    )  # before cluster work
+    # the tracking store is opened before any cluster work: a bad tracking.uri fails here
+    tracker = Tracker.open(cfg.tracking, resolve(cfg.storage_path, cfg.storage), say=say)
     ensure_ray(cfg.ray_address)  # reachable, and room for one worker, before the run is claimed
     require_resources(
         {
@@ -312,7 +311,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     run, ok = None, False
     try:
-        run = _track_start(tracker, cfg, plan, info)
+        run = _track_start(tracker, cfg, plan)
         on_epoch = None if run is None else (lambda m: run.metrics(m, step=int(m["epoch"])))
         with TrainWatcher(board, cfg.name, on_epoch=on_epoch, show=progress):
             result = trainer.fit()
@@ -331,7 +330,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     return out
 
 
-def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan, info: dict[str, Any]):
+def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan):
     """The run's MLflow run (continued when the training resumes): its config as parameters
     (storage credentials left out), method and data as tags."""
     if tracker is None:
