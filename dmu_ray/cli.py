@@ -116,9 +116,13 @@ def _cmd_gallery_inspect(ns: argparse.Namespace) -> int:
         return 0
     files = info.pop("file_list")
     model = info.pop("model")
+    lineage = info.pop("lineage")
     for k, v in info.items():
         print(f"{k:>18}: {v}")
     print(f"{'model':>18}: " + ", ".join(f"{k}={v}" for k, v in model.items()))
+    for i, c in enumerate(lineage):
+        head = "lineage" if i == 0 else ""
+        print(f"{head:>18}: {c['rows']:,} rows in {c['space']}: {c['steps']}")
     shown = files if ns.files else files[:5]
     for f in shown:
         print(f"{'':>18}  {f['path']}" + (f"  {f['rows']:,} rows  {f['bytes']:,} B" if "rows" in f else ""))

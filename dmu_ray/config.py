@@ -114,12 +114,29 @@ class RefreshConfig(StrictModel):
     kind: Literal["refresh"] = "refresh"
     source: str = Field(description="URI of the committed old gallery prefix")
     output: str = Field(description="URI of the new gallery prefix (never the source)")
-    module: str = Field(description="URI of the exported upgrade-module artefact")
+    module: str | list[str] = Field(
+        description="URI of the exported upgrade-module artefact, or a list of them (generations: "
+        "psi_12, psi_23, ...): each row goes through the modules that lead from its lineage's space "
+        "to the last module's target space"
+    )
     dtype: Literal["float16", "float32"] = "float16"
     normalize: bool = True
     pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray_address: str | None = Field(default=None, description="Ray cluster address; default: auto/local")
+
+    @property
+    def modules(self) -> list[str]:
+        return [self.module] if isinstance(self.module, str) else list(self.module)
+
+    @field_validator("module")
+    @classmethod
+    def _some_module(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one upgrade module")
+        if len(set([v] if isinstance(v, str) else v)) != (1 if isinstance(v, str) else len(v)):
+            raise ValueError("an upgrade module is listed twice")
+        return v
 
     @field_validator("output")
     @classmethod

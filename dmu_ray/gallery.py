@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from dmu_ray import __version__
 from dmu_ray.config import StorageConfig
+from dmu_ray.lineage import Chain, chain_key, embed_step, import_step, upgrade_step
 from dmu_ray.storage import Location, StorageError, check_relative, read_bytes, resolve, write_bytes_atomic
 
 __all__ = [
@@ -93,6 +94,7 @@ class ModelInfo:
     upgrade_module: str | None = None
     source_gallery: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -108,6 +110,23 @@ class ModelInfo:
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
+
+    def with_chains(self, chains: Iterable[Chain]) -> ModelInfo:
+        """This model info declaring ``chains`` (keyed by :func:`~dmu_ray.lineage.chain_key`)."""
+        return dataclasses.replace(self, lineage={chain_key(c): list(c) for c in chains})
+
+    def chains(self) -> dict[str, Chain]:
+        """The chains of the gallery's vectors by key. A gallery written before lineage was recorded
+        gets one chain from what it does record: the embedding artefact (or model id), then the
+        upgrade module that produced it, if any."""
+        if self.lineage:
+            return self.lineage
+        art = self.extra.get("artifact") if isinstance(self.extra, dict) else None
+        if self.upgrade_module is None:
+            first = embed_step(art, None) if art else import_step(self.model_id, self.version)
+            return {chain_key([first]): [first]}
+        chain = [upgrade_step(self.upgrade_module, None, None, self.model_id)]  # its input: unrecorded
+        return {chain_key(chain): chain}
 
 
 @dataclass

@@ -36,6 +36,7 @@ from dmu_ray.gallery import (
     refuse_overlap,
     row_problems,
 )
+from dmu_ray.lineage import LINEAGE_COLUMN, chain_space, describe_chain, import_step
 from dmu_ray.storage import TMP_DIR, Location, read_bytes, resolve
 
 __all__ = ["import_vectors", "inspect_gallery", "validate_gallery", "ValidationReport"]
@@ -149,6 +150,11 @@ def import_vectors(
             missing = [c for c in (id_column, embedding_column) if c not in names]
             if missing:
                 raise GalleryError(f"{f.uri}: missing column(s) {missing} (columns: {names})")
+            if LINEAGE_COLUMN in names:
+                raise GalleryError(
+                    f"{f.uri}: has a {LINEAGE_COLUMN!r} column, which dmu-ray keeps for its own lineage "
+                    "records; an imported gallery's history is not known here: rename or drop it first"
+                )
         dim = _parquet_dim(files, schemas, embedding_column, dim, infer_dim)
 
         def tables() -> Iterator[tuple[pa.Table, str]]:
@@ -161,6 +167,7 @@ def import_vectors(
                     raise GalleryError(f"{f.uri}: not a readable Parquet file ({err})") from None
 
     model = ModelInfo(model_id=model_id, version=version, dim=dim, dtype=dtype, normalized=normalize)
+    model = model.with_chains([[import_step(model_id, version)]])
     writer = GalleryWriter(
         dest_loc,
         model,
@@ -227,17 +234,48 @@ def _parquet_dim(
     return counts.most_common(1)[0][0]
 
 
+def lineage_rows(g: Gallery) -> Counter[str]:
+    """Rows per lineage chain key: read from the per-row column when the gallery has one (a
+    dictionary-encoded string column: cheap), else every row has the gallery's one chain."""
+    chains = g.model.chains()
+    if LINEAGE_COLUMN not in g.schema().names:
+        return Counter({key: g.num_rows for key in chains}) if len(chains) == 1 else Counter()
+    counts: Counter[str] = Counter()
+    for rel in g.files:
+        col = g.parquet_file(rel).read(columns=[LINEAGE_COLUMN]).column(LINEAGE_COLUMN)
+        for item in pc.value_counts(col).to_pylist():
+            counts[item["values"]] += item["counts"]
+    return counts
+
+
 def inspect_gallery(g: Gallery) -> dict[str, Any]:
-    """A summary of a gallery: rows, dim, dtype, model, files, quarantine."""
+    """A summary of a gallery: rows, dim, dtype, model, the lineage chains with their row counts,
+    files, quarantine."""
     m = g.manifest
     model = g.model
+    chains = model.chains()
+    counts = lineage_rows(g)
     out: dict[str, Any] = {
         "uri": g.loc.uri,
         "committed": m is not None,
         "rows": g.num_rows,
         "dim": model.dim,
         "dtype": model.dtype,
-        "model": {k: v for k, v in model.__dict__.items() if v not in (None, {}, [])},
+        "model": {k: v for k, v in model.__dict__.items() if v not in (None, {}, []) and k != "lineage"},
+        "lineage": [
+            {
+                "chain": key,
+                "space": chain_space(chain),
+                "rows": counts.get(key, 0),
+                "steps": describe_chain(chain),
+            }
+            for key, chain in chains.items()
+        ]
+        + [
+            {"chain": key, "space": None, "rows": n, "steps": "NOT DECLARED in dmu.model"}
+            for key, n in counts.items()
+            if key not in chains
+        ],
         "files": len(g.files),
     }
     if m is not None:
@@ -326,7 +364,30 @@ def validate_gallery(
         say(f"checked {i + 1}/{len(g.files)} files, {rep.rows_checked:,} rows")
     if m is not None:
         _check_manifest_totals(g, m, rep)
+    _check_lineage(g, rep)
     return rep
+
+
+def _check_lineage(g: Gallery, rep: ValidationReport) -> None:
+    """Every row's chain is declared in ``dmu.model``; a gallery of several chains says per row."""
+    chains = g.model.chains()
+    try:
+        has_column = LINEAGE_COLUMN in g.schema().names
+        counts = lineage_rows(g)
+    except (pa.ArrowException, OSError, GalleryError) as err:
+        rep.problems.append(f"{g.loc.uri}: lineage column unreadable ({err})")
+        return
+    if len(chains) > 1 and not has_column:
+        rep.problems.append(
+            f"{g.loc.uri}: dmu.model declares {len(chains)} lineage chains but the files have no "
+            f"{LINEAGE_COLUMN!r} column saying which row has which"
+        )
+    undeclared = {k: n for k, n in counts.items() if k not in chains}
+    if undeclared:
+        rep.problems.append(
+            f"{g.loc.uri}: {sum(undeclared.values())} row(s) name lineage chains that dmu.model does "
+            f"not declare: {sorted(map(str, undeclared))[:5]}"
+        )
 
 
 def _check_schema(

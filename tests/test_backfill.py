@@ -4,6 +4,7 @@ digits data set) and real models, with everything on the loopback S3 server."""
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -14,9 +15,10 @@ from dmu_ray.evaluate.backfill_curve import backfill_curve
 from dmu_ray.evaluate.embed import embed_to_gallery
 from dmu_ray.evaluate.matrix import MetricsConfig, evaluate_pairing
 from dmu_ray.gallery import EMB, Gallery, embedding_matrix
-from dmu_ray.gallery_ops import validate_gallery
+from dmu_ray.gallery_ops import inspect_gallery, validate_gallery
+from dmu_ray.lineage import LINEAGE_COLUMN
 from dmu_ray.methods.fastfill import BackfillScorer, select_top
-from dmu_ray.models.artifact import save_embedding_model, save_upgrade_module
+from dmu_ray.models.artifact import load_artifact, save_embedding_model, save_upgrade_module
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.inference import embed_images
@@ -79,7 +81,7 @@ def test_backfill_and_curve_on_s3(ray_local, s3):
     n = len(ids)
     assert len(src.files) > 1 and res.manifest.rows == n
     # what the policy must have chosen, recomputed here from the old vectors
-    from dmu_ray.models.artifact import build_upgrade_module, load_artifact
+    from dmu_ray.models.artifact import build_upgrade_module
 
     psi = build_upgrade_module(load_artifact(u["module"], st))
     y, scores = BackfillScorer(["uncertainty"], psi)(ids, embedding_matrix(old.column(EMB)))
@@ -92,6 +94,15 @@ def test_backfill_and_curve_on_s3(ray_local, s3):
     prov = np.asarray(t.column("provenance").to_pylist())
     got_ids = t.column("id").to_numpy()
     assert set(got_ids[prov == "new"]) == chosen
+    # lineage (issue 14): re-embedded rows have the new model's one-step chain, the others the old
+    # gallery's chain followed by psi
+    lineage = np.asarray(pc.cast(t.column(LINEAGE_COLUMN), pa.string()).to_pylist())
+    new_art, psi_art = load_artifact(u["new"], st), load_artifact(u["module"], st)
+    (old_key,) = src.model.chains()
+    assert set(lineage[prov == "new"]) == {new_art.ident}
+    assert set(lineage[prov == "transformed"]) == {f"{old_key}>{psi_art.ident}"}
+    counts = {c["chain"]: c["rows"] for c in inspect_gallery(g)["lineage"]}
+    assert counts == {new_art.ident: len(chosen), f"{old_key}>{psi_art.ident}": n - len(chosen)}
     emb = embedding_matrix(t.column(EMB)).astype(np.float32)
     new_ids, _, new_vecs = embed_images(f"{u['data']}/gallery", u["new"], storage=st)
     new_by_id = dict(zip(new_ids.tolist(), new_vecs, strict=True))

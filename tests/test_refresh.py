@@ -214,11 +214,11 @@ def test_a_min_max_pool_grows_when_files_wait(ray_local, tmp_path):
     """The README's pool (1 to 2 actors): with files waiting while the first actor is busy, Ray Data
     starts the second one (issue 18: the default 175% threshold never let it), and the manifest says
     how many actors did this run's files."""
-    src = make_source(str(tmp_path / "src"), None, files=12, rows=20000)
+    src = make_source(str(tmp_path / "src"), None, files=12, rows=40000)
     psi = str(tmp_path / "psi.pt")
     torch.manual_seed(0)
-    # ~2 s a file on one core: files wait while the first actor works, for longer than an actor
-    # takes to start
+    # ~4 s a file on one core: files wait while the first actor works, for much longer than an
+    # actor takes to start (at ~2 s a file the second actor sometimes came too late on a busy box)
     save_upgrade_module(psi, UpgradeModule(DIM, 24, width=1024, depth=3), {"id": "wide"})
     cfg = RefreshConfig(
         source=src,
@@ -227,7 +227,7 @@ def test_a_min_max_pool_grows_when_files_wait(ray_local, tmp_path):
         pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=1, batch_size=2000),
     )
     res = run_refresh(cfg, progress=False)
-    assert res.manifest.rows == 240_000
+    assert res.manifest.rows == 480_000
     assert res.manifest.extra["refresh"]["last_run_actors"] == 2
 
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from dmu_ray.config import ActorPoolConfig, EmbedConfig, StorageConfig
 from dmu_ray.gallery import GalleryWriter, Manifest, ModelInfo, embedding_array, refuse_overlap
+from dmu_ray.lineage import embed_step
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
@@ -37,7 +38,7 @@ def embed_to_gallery(
         normalized=True,
         version=art.card.version,
         extra={"artifact": art.ident},
-    )
+    ).with_chains([[embed_step(art.ident, art.sha256)]])
     table = pa.table({"id": ids, "embedding": embedding_array(emb.astype(dtype)), "label": labels})
     writer = GalleryWriter(
         out,

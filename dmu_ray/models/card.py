@@ -124,8 +124,13 @@ class UpgradeCard(_Card):
     )
     new_model_id: str | None = None
     new_model_version: str | None = None
+    new_model: dict[str, Any] | None = Field(
+        default=None, description="{uri, id}: the exact new model (ident id@sha12) whose space psi maps to"
+    )
     method: str | None = None
-    old_model: dict[str, Any] | None = None
+    old_model: dict[str, Any] | None = Field(
+        default=None, description="{uri, id}: the old model (ident id@sha12) whose space psi maps from"
+    )
 
 
 CARDS: dict[str, type[_Card]] = {"embedding_model": EmbeddingCard, "upgrade_module": UpgradeCard}

@@ -229,6 +229,7 @@ def run_backfill(cfg: BackfillConfig, *, progress: bool = True) -> RefreshResult
         **request,
         "rows_scored": int(len(ids)),
         "rows_selected": int(len(chosen)),
+        "new_model": plan.new.ident,  # the re-embedded rows' lineage
         "selection_sha256": hashlib.sha256(np.ascontiguousarray(chosen).tobytes()).hexdigest(),
     }
     refresh = RefreshConfig(

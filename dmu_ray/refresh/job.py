@@ -37,12 +37,24 @@ from dmu_ray.gallery import (
     read_manifest,
     write_manifest,
 )
+from dmu_ray.lineage import (
+    LINEAGE_COLUMN,
+    Chain,
+    Hop,
+    LineageError,
+    chain_key,
+    chain_space,
+    embed_step,
+    plan_routes,
+    upgrade_step,
+)
 from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
 from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.refresh.upgrade_files import (
     PROVENANCE,
     FileUpgrader,
     Overrides,
+    Routing,
     entry_from_record,
     read_record,
     verify_record,
@@ -67,6 +79,8 @@ class RefreshPlan:
     pending: list[str]
     done: bool = False
     redo: dict[str, str] = field(default_factory=dict)  # commit records that did not count, and why
+    artifacts: list[Artifact] = field(default_factory=list)  # every module, in the config's order
+    routing: Routing | None = None  # which modules each lineage chain goes through
 
 
 @dataclass
@@ -120,10 +134,79 @@ def _check_source_files(src: Gallery) -> None:
         )
 
 
+def upgrade_hop(art: Artifact) -> Hop:
+    """An upgrade-module artefact as a lineage routing edge: from its old model's space (None when
+    its card does not record it) to its new model's (the ident when recorded, else the id, else
+    the module's own ident)."""
+    card = art.card
+    source = (card.old_model or {}).get("id")
+    target = (card.new_model or {}).get("id") or card.new_model_id or art.ident
+    return Hop(art.ident, source, str(target))
+
+
+def _plan_lineage(src: Gallery, arts: list[Artifact], modules: list, backfill: dict[str, Any] | None):
+    """The route of every source chain through ``arts`` to the last one's target space, the
+    output chains and the routing the upgraders follow; refuses (before any work) a gallery whose
+    rows cannot all reach the target, or whose module dims do not compose."""
+    chains = src.model.chains()
+    has_column = any(c["name"] == LINEAGE_COLUMN for c in src.manifest.columns)
+    if len(chains) > 1 and not has_column:
+        raise RefreshError(
+            f"{src.loc.uri}: its dmu.model declares {len(chains)} lineage chains but its files have no "
+            f"{LINEAGE_COLUMN!r} column saying which row has which"
+        )
+    hops = [upgrade_hop(a) for a in arts]
+    target = hops[-1].target
+    try:
+        routes = plan_routes(chains, hops, target)
+    except LineageError as err:
+        hint = ""
+        if any(s.get("op") == "import" for c in chains.values() for s in c):
+            hint = (
+                " (an imported gallery's space is the --model-id it was imported with: import it with the "
+                "old model card's id)"
+            )
+        raise RefreshError(f"{src.loc.uri}: {err}{hint}") from None
+    out_dim = modules[-1].out_dim
+    out_chains: dict[str, Chain] = {}
+    routing: dict[str, tuple[list[int], str]] = {}
+    for key, route in routes.items():
+        dim = src.model.dim
+        chain = list(chains[key])
+        for i in route:
+            if modules[i].in_dim != dim:
+                raise RefreshError(
+                    f"{arts[i].uri} takes {modules[i].in_dim}-d input but the rows of chain {key} are "
+                    f"{dim}-d at that point"
+                )
+            chain.append(upgrade_step(arts[i].ident, arts[i].sha256, chain_space(chain), hops[i].target))
+            dim = modules[i].out_dim
+        if dim != out_dim:
+            raise RefreshError(
+                f"rows of chain {key} end {dim}-d but the target space of {arts[-1].uri} is {out_dim}-d"
+            )
+        out_key = chain_key(chain)
+        out_chains[out_key] = chain
+        routing[key] = (route, out_key)
+    override_key = None
+    if backfill is not None and backfill.get("new_model"):
+        first = embed_step(backfill["new_model"], backfill.get("new_model_sha256"))
+        override_key = chain_key([first])
+        out_chains[override_key] = [first]
+    plan = Routing(
+        routing,
+        default=next(iter(chains)) if len(chains) == 1 and not has_column else None,
+        column_out=len(out_chains) > 1,
+        override_key=override_key,
+    )
+    return out_chains, plan
+
+
 def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) -> RefreshPlan:
-    """Every check that can fail before cluster work: source committed and readable, module loads
-    and fits the gallery's dim, output prefix free or holding this same job. Then the pending files.
-    ``backfill`` (a partial backfill's policy and selection) becomes part of the job's identity."""
+    """Every check that can fail before cluster work: source committed and readable, modules load,
+    every row's lineage has a path through them to the target space and the dims fit, output
+    prefix free or holding this same job. Then the pending files. ``backfill`` (a partial
+    backfill's policy and selection) becomes part of the job's identity."""
     src = Gallery.open(cfg.source, cfg.storage)
     out = resolve(cfg.output, cfg.storage)
     if out.overlaps(src.loc):
@@ -131,14 +214,19 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
             f"output {out.uri} must not be the source prefix {src.loc.uri}, inside it or hold it "
             "(refresh never writes in place)"
         )
-    art = load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE)
-    module = build_upgrade_module(art)
-    try:
-        check_compatible(psi=art.card, gallery_dim=src.model.dim, names={"psi": f"upgrade module {art.uri}"})
-    except CardError as err:
-        raise RefreshError(f"{err} (gallery {src.loc.uri}, model {src.model.model_id!r})") from None
+    arts = [load_artifact(u, cfg.storage, kind=UPGRADE_MODULE) for u in cfg.modules]
+    modules = [build_upgrade_module(a) for a in arts]
+    art = arts[-1]
+    if len(arts) == 1:
+        try:
+            check_compatible(
+                psi=art.card, gallery_dim=src.model.dim, names={"psi": f"upgrade module {art.uri}"}
+            )
+        except CardError as err:
+            raise RefreshError(f"{err} (gallery {src.loc.uri}, model {src.model.model_id!r})") from None
     if not src.files:
         raise RefreshError(f"{src.loc.uri}: the gallery has no files")
+    out_chains, routing = _plan_lineage(src, arts, modules, backfill)
     _check_source_files(src)
     if backfill is not None and any(c["name"] == PROVENANCE for c in src.manifest.columns):
         raise RefreshError(
@@ -147,19 +235,20 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
     new_model = art.card.new_model_id or f"{src.model.model_id}+{art.card.id}"
     model = ModelInfo(
         model_id=str(new_model),
-        dim=module.out_dim,
+        dim=modules[-1].out_dim,
         dtype=cfg.dtype,
         normalized=cfg.normalize,
         version=art.card.new_model_version or "1",
         upgrade_module=art.ident,
         source_gallery=src.loc.uri,
+        lineage=out_chains,
     )
     job = {
         "source": src.loc.uri,
         "source_created_at": src.manifest.created_at,
         "source_rows": src.manifest.rows,
-        "module": art.uri,
-        "module_sha256": art.sha256,
+        "module": art.uri if len(arts) == 1 else [a.uri for a in arts],
+        "module_sha256": art.sha256 if len(arts) == 1 else [a.sha256 for a in arts],
         "dtype": cfg.dtype,
         "normalize": cfg.normalize,
     }
@@ -168,7 +257,7 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
     existing = read_manifest(out)
     if existing is not None:
         if existing.extra.get("refresh", {}).get("job") == job:
-            return RefreshPlan(cfg, src, out, art, model, job, [], done=True)
+            return RefreshPlan(cfg, src, out, art, model, job, [], done=True, artifacts=arts, routing=routing)
         raise RefreshError(
             f"output {out.uri} already holds a different gallery (model {existing.model.model_id!r}, "
             f"from {existing.extra.get('refresh', {}).get('job', {}).get('source', 'elsewhere')}); "
@@ -195,7 +284,7 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
         redo = {k: v for k, v in todo.items() if v}
     else:
         pending, redo = list(src.files), {}
-    return RefreshPlan(cfg, src, out, art, model, job, pending, redo=redo)
+    return RefreshPlan(cfg, src, out, art, model, job, pending, redo=redo, artifacts=arts, routing=routing)
 
 
 def _verify_commits(out: Location, src: Gallery) -> dict[str, str | None]:
@@ -246,14 +335,15 @@ class _RefreshActor:
         import torch
 
         cfg: RefreshConfig = plan_args["cfg"]
-        art = load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE)
-        if art.sha256 != plan_args["module_sha256"]:
-            raise RefreshError(f"{art.uri} changed while the refresh was running")
+        arts = [load_artifact(u, cfg.storage, kind=UPGRADE_MODULE) for u in cfg.modules]
+        for art, sha in zip(arts, plan_args["module_sha256"], strict=True):
+            if art.sha256 != sha:
+                raise RefreshError(f"{art.uri} changed while the refresh was running")
         threads = max(1, int(round(cfg.pool.num_cpus)))
         torch.set_num_threads(threads)
         device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.upgrader = FileUpgrader(
-            build_upgrade_module(art),
+            [build_upgrade_module(a) for a in arts],
             plan_args["src"],
             plan_args["out"],
             plan_args["model"],
@@ -265,6 +355,7 @@ class _RefreshActor:
             actor=ray.get_runtime_context().get_actor_id(),
             overrides=ray.get(plan_args["overrides"]) if plan_args.get("overrides") is not None else None,
             expected=plan_args.get("expected"),
+            routing=plan_args["routing"],
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -332,7 +423,8 @@ def run_refresh(
                     "src": plan.source.loc,
                     "out": plan.out,
                     "model": plan.model,
-                    "module_sha256": plan.artifact.sha256,
+                    "module_sha256": [a.sha256 for a in plan.artifacts],
+                    "routing": plan.routing,
                     "expected": expected,
                     "fail_after_files": fail_after_files,
                     "overrides": ray.put(overrides) if overrides is not None else None,

@@ -28,11 +28,12 @@ import json
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -52,6 +53,7 @@ from dmu_ray.gallery import (
     unstorable_rows,
     write_parquet_atomic,
 )
+from dmu_ray.lineage import LINEAGE_COLUMN
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import Location, StorageError, read_bytes, write_bytes_atomic
 
@@ -145,12 +147,26 @@ def verify_record(out: Location, rel: str, rec: dict[str, Any] | None, rows_in: 
         return f"malformed record ({err})"
 
 
+@dataclass
+class Routing:
+    """Which upgrade modules each lineage chain of the source goes through (indices into the
+    upgrader's modules, in order; empty: already in the target space) and its key afterwards.
+    ``default`` is the chain of every row of a source without a per-row lineage column;
+    ``column_out`` says whether the output records a chain per row; ``override_key`` is the chain
+    of a backfill's re-embedded rows."""
+
+    routes: dict[str, tuple[list[int], str]]
+    default: str | None = None
+    column_out: bool = False
+    override_key: str | None = None
+
+
 class FileUpgrader:
-    """Holds the module on its device and upgrades whole files (see the module docstring)."""
+    """Holds the modules on their device and upgrades whole files (see the module docstring)."""
 
     def __init__(
         self,
-        module: UpgradeModule,
+        module: UpgradeModule | list[UpgradeModule],
         src: Location,
         out: Location,
         model: ModelInfo,
@@ -163,13 +179,16 @@ class FileUpgrader:
         actor: str | None = None,
         overrides: Overrides | None = None,
         expected: dict[str, FileEntry] | None = None,
+        routing: Routing | None = None,
     ) -> None:
         self.device = torch.device(device)
+        modules = module if isinstance(module, list) else [module]
         # BatchNorm folded into the Linear before it: one matmul per block (the same function)
-        self.module = module.fused_for_inference().to(self.device).eval()
+        self.modules = [m.fused_for_inference().to(self.device).eval() for m in modules]
         self.src, self.out, self.model = src, out, model
         self.normalize, self.batch_size = normalize, batch_size
-        self.in_dim = module.in_dim
+        self.in_dim = modules[0].in_dim
+        self.routing = routing or Routing({"": ([0], "")}, default="")  # one module, no lineage
         self.out_type = embedding_type(model.dim, model.dtype)
         self.np_dtype = np.dtype(model.dtype)
         self.meta = {MODEL_META_KEY: model.to_json().encode()}
@@ -210,16 +229,47 @@ class FileUpgrader:
         return pf
 
     @torch.inference_mode()
-    def upgrade_matrix(self, mat: np.ndarray) -> np.ndarray:
-        """psi over an (n, in_dim) matrix, re-normalised if asked, cast to the output dtype."""
+    def upgrade_matrix(self, mat: np.ndarray, route: list[int] | None = None) -> np.ndarray:
+        """The route's modules (default: the first module) over an (n, in_dim) matrix, each
+        output re-normalised if asked, cast to the output dtype. An empty route only normalises
+        and casts (rows already in the target space)."""
         with warnings.catch_warnings():  # a read-only Arrow buffer; psi never writes into its input
             warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(mat)
-        x = x.to(self.device, dtype=torch.float32, non_blocking=True)
-        y = self.module(x)
-        if self.normalize:
+            y = torch.from_numpy(mat)
+        y = y.to(self.device, dtype=torch.float32, non_blocking=True)
+        for i in [0] if route is None else route:
+            y = self.modules[i](y)
+            if self.normalize:
+                y = torch.nn.functional.normalize(y, dim=1)
+        if not route and route is not None and self.normalize:
             y = torch.nn.functional.normalize(y, dim=1)
         return y.to(torch.float16 if self.np_dtype == np.float16 else torch.float32).cpu().numpy()
+
+    def _route_batch(self, t: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each row of ``t`` through its chain's route: the output matrix and each row's chain key
+        afterwards. A row whose chain the refresh did not plan for fails the file, naming it."""
+        mat = embedding_matrix(t.column(EMB))
+        r = self.routing
+        if LINEAGE_COLUMN not in t.column_names:
+            if r.default is None:
+                raise SourceIntegrityError(
+                    f"{where}: no {LINEAGE_COLUMN!r} column, but the gallery has several chains"
+                )
+            route, key = r.routes[r.default]
+            return self.upgrade_matrix(mat, route), np.full(t.num_rows, key, dtype=object)
+        keys = pc.cast(t.column(LINEAGE_COLUMN), pa.string()).to_numpy(zero_copy_only=False)
+        y = np.empty((t.num_rows, self.model.dim), dtype=self.np_dtype)
+        out_keys = np.empty(t.num_rows, dtype=object)
+        for k in np.unique(keys.astype(str)):  # a null key reads "None": undeclared
+            if k not in r.routes:
+                raise SourceIntegrityError(
+                    f"{where}: rows of lineage chain {k!r}, which the gallery's dmu.model does not declare"
+                )
+            rows = np.flatnonzero(keys == k)
+            route, out_key = r.routes[k]
+            y[rows] = self.upgrade_matrix(np.ascontiguousarray(mat[rows]), route)
+            out_keys[rows] = out_key
+        return y, out_keys
 
     def upgrade_file(self, rel: str) -> dict[str, Any]:
         """Upgrade input file ``rel`` and commit it; returns its commit record."""
@@ -244,29 +294,33 @@ class FileUpgrader:
             rows_in += rb.num_rows
             if not t.num_rows:
                 continue
-            y = self.upgrade_matrix(embedding_matrix(t.column(EMB)))
+            y, keys = self._route_batch(t, src_loc.uri)
             lost, words = unstorable_rows(y, self.model)
             if lost.any():
                 why = [f"upgrade output: {w}" for w in words]
                 bad_parts.append(quarantine_table(t.filter(pa.array(lost)), why, good_idx[lost]))
                 reasons.update(why)
-                t, y = t.filter(pa.array(~lost)), y[~lost]
+                t, y, keys = t.filter(pa.array(~lost)), y[~lost], keys[~lost]
             col = t.schema.get_field_index(EMB)
             t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
             if self.overrides is not None:
-                t, hits = self._override(t, y)
+                t, hits, keys = self._override(t, y, keys)
                 rows_new += hits
-            outs.append(t)
+            outs.append(self._with_lineage(t, keys))
         q_entry = None
         if bad_parts:
             q = pa.concat_tables(bad_parts, promote_options="permissive")
             q_entry = write_parquet_atomic(self.out.join(QUARANTINE_DIR, rel), q, source=rel)
             q_entry.path = f"{QUARANTINE_DIR}/{rel}"
-        table = pa.concat_tables(outs) if outs else self._empty(pf.schema_arrow)
-        if not outs and self.overrides is not None:
-            table = table.append_column(
-                pa.field(PROVENANCE, pa.string(), nullable=False), pa.array([], pa.string())
-            )
+        if outs:
+            table = pa.concat_tables(outs)
+        else:
+            table = self._empty(pf.schema_arrow)
+            if self.overrides is not None:
+                table = table.append_column(
+                    pa.field(PROVENANCE, pa.string(), nullable=False), pa.array([], pa.string())
+                )
+            table = self._with_lineage(table, np.empty(0, dtype=object))
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.meta})
         entry = write_parquet_atomic(self.out.join(rel), table, source=rel)
         entry.path = rel
@@ -287,8 +341,9 @@ class FileUpgrader:
         self._done += 1
         return record
 
-    def _override(self, t: pa.Table, y: np.ndarray) -> tuple[pa.Table, int]:
-        """Put the new model's vector into the rows the backfill re-embedded; add provenance."""
+    def _override(self, t: pa.Table, y: np.ndarray, keys: np.ndarray) -> tuple[pa.Table, int, np.ndarray]:
+        """Put the new model's vector into the rows the backfill re-embedded; add provenance and
+        give those rows the re-embedding's lineage chain."""
         hit, pos = self.overrides.lookup(t.column("id").to_numpy())
         n = int(hit.sum())
         if n:
@@ -296,8 +351,22 @@ class FileUpgrader:
             y[hit] = self.overrides.vectors[pos[hit]].astype(y.dtype, copy=False)
             col = t.schema.get_field_index(EMB)
             t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
+            if self.routing.override_key is not None:
+                keys = keys.copy()
+                keys[hit] = self.routing.override_key
         prov = pa.array(np.where(hit, "new", "transformed"), pa.string())
-        return t.append_column(pa.field(PROVENANCE, pa.string(), nullable=False), prov), n
+        return t.append_column(pa.field(PROVENANCE, pa.string(), nullable=False), prov), n, keys
+
+    def _with_lineage(self, t: pa.Table, keys: np.ndarray) -> pa.Table:
+        """``t`` with its per-row chain column (dictionary-encoded) when the output records one,
+        else without any (the file's ``dmu.model`` then names the one chain of every row)."""
+        i = t.schema.get_field_index(LINEAGE_COLUMN)
+        if i >= 0:
+            t = t.remove_column(i)
+        if not self.routing.column_out:
+            return t
+        col = pa.array(keys.tolist(), pa.string()).dictionary_encode()
+        return t.append_column(pa.field(LINEAGE_COLUMN, col.type, nullable=False), col)
 
     def _empty(self, schema: pa.Schema) -> pa.Table:
         i = schema.get_field_index(EMB)

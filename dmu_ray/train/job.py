@@ -498,6 +498,18 @@ def _secrets(cfg: TrainConfig) -> dict[str, Any]:
     return {"storage": {**cfg.storage.model_dump(mode="json"), **raw}}
 
 
+def generations(old: Artifact | None) -> dict[str, Any]:
+    """A model's place in its line: ``generation`` (1 without an old model, else the old model's
+    + 1) and ``ancestry``, the idents of every earlier generation, oldest first (from the old
+    model's card; an imported old model starts the line)."""
+    if old is None:
+        return {"generation": 1, "ancestry": []}
+    extra = old.card.model_extra or {}
+    before = list(extra.get("ancestry") or [])
+    gen = int(extra.get("generation") or len(before) + 1)
+    return {"generation": gen + 1, "ancestry": [*before, old.ident]}
+
+
 def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """Write ``export/model.pt`` (embedding model + classifier + card) and, for DMU with
     adaptation, ``export/upgrade.pt``, from the final checkpoint (``info``: what the workers got)."""
@@ -532,8 +544,9 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
         "history": state.get("history", []),
         "config": cfg.model_dump(mode="json", exclude={"storage"}),
     }
+    card.update(generations(plan.old))
     model_uri = f"{plan.export_uri}/model.pt"
-    save_embedding_model(model_uri, trainee.model, trainee.head, card, cfg.storage)
+    model_sha = save_embedding_model(model_uri, trainee.model, trainee.head, card, cfg.storage)
     out = {
         "model": model_uri,
         "metrics": card["metrics"],
@@ -543,16 +556,17 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
     if trainee.psi is not None:
         up_uri = f"{plan.export_uri}/upgrade.pt"
         # fastfill targets an already trained model; the others the model trained here
-        target_id, target_version = (
-            (plan.new.card.id, plan.new.card.version)
+        target_id, target_version, target = (
+            (plan.new.card.id, plan.new.card.version, {"uri": plan.new.uri, "id": plan.new.ident})
             if plan.new is not None
-            else (card["id"], str(card["epochs"]))
+            else (card["id"], str(card["epochs"]), {"uri": model_uri, "id": f"{card['id']}@{model_sha[:12]}"})
         )
         psi_card = {
             "id": f"{cfg.name}-psi",
             "method": cfg.method.name,
             "new_model_id": str(target_id),
             "new_model_version": str(target_version),
+            "new_model": target,
             "old_model": card["old_model"],
             **trainee.psi.config(),
         }
