@@ -297,10 +297,18 @@ def _cmd_embed(ns: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
-    from dmu_ray.config import EvaluateConfig
+    from dmu_ray.config import EvaluateConfig, MatrixConfig, read_config_data
     from dmu_ray.evaluate.job import run_evaluation
     from dmu_ray.evaluate.report import markdown_table
 
+    if read_config_data(ns.config).get("kind") == "evaluate-matrix":
+        from dmu_ray.evaluate.generations import matrix_markdown, run_matrix
+
+        mcfg = _job_config(MatrixConfig, ns)
+        res = run_matrix(mcfg, progress=not ns.quiet)
+        print(matrix_markdown(res))
+        print("written: " + ", ".join(res["files"].values()))
+        return 0
     cfg = _job_config(EvaluateConfig, ns)
     result = run_evaluation(cfg, progress=not ns.quiet)
     print(markdown_table(result))
@@ -372,6 +380,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         "epochs_new": ns.epochs_new,
         "seed": ns.seed,
         "methods": [m.strip() for m in ns.methods.split(",") if m.strip()] if ns.methods else None,
+        "generations": ns.generations,
     }
     data = lc.model_dump() | {k: v for k, v in overrides.items() if v is not None}
     if ns.endpoint_url or ns.region:
@@ -379,6 +388,10 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     lc = parse_config(LifecycleConfig, data, "the demo's options")  # names a bad --methods entry
     summary = run_lifecycle(lc, progress=not ns.quiet)
     print(f"\ndemo finished in {summary['seconds']:.0f}s; results under {lc.root}/eval/\n")
+    if lc.generations > 1:
+        print(summary["markdown"])
+        print(f"heat map: {summary['files']['matrix.png']}")
+        return 0
     for method in lc.methods:
         print(f"{method} (mAP@100, R@1, TAR in %):\n" + markdown_table(summary[method]))
     print("What it says:")
@@ -680,7 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed the query set and gallery with each model (Ray Data), search with faiss, and write "
         "eval.json, eval.md and pairings.png to the config's output folder (and the run to MLflow, see the "
         "config's tracking section). Several new models (new_models: bct, dmu, ...) are evaluated in one run, "
-        "each set embedded once per distinct model.",
+        "each set embedded once per distinct model. A config of kind evaluate-matrix evaluates every query "
+        "model against every gallery state (generations: v1's gallery never refreshed, refreshed once or "
+        "twice, ...) and writes matrix.json, matrix.md and a heat map, matrix.png "
+        "(see configs/evaluate_generations_local.yaml).",
     )
     _job_args(ev, "evaluation config (YAML); see configs/evaluate_local.yaml")
     ev.set_defaults(func=_cmd_evaluate)
@@ -704,6 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--split",
         choices=_literal_choices(LifecycleConfig, "split"),
         help="split protocol (default extended-class; use another --storage per protocol)",
+    )
+    demo.add_argument(
+        "--generations",
+        type=int,
+        help="N > 1: a line of N generations (v1 on 30%% of the classes, then 60%%, ..., the last on all), "
+        "each trained with DMU against the one before, galleries refreshed along the chain, one "
+        "query-model x gallery-state matrix with a heat map",
     )
     demo.add_argument("--epochs-old", type=int)
     demo.add_argument("--epochs-new", type=int)

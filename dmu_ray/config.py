@@ -599,6 +599,72 @@ def parse_config(cls: type[T], data: Any, source: str = "<dict>") -> T:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+class GalleryStateSpec(StrictModel):
+    """One gallery state of a cross-generation matrix: the data set's gallery images embedded by
+    ``model`` (a name of ``query_models`` or an artefact URI) and then upgraded by each of
+    ``upgrade`` in order (in memory), or a committed gallery prefix (``gallery``) as it is stored."""
+
+    model: str | None = Field(default=None, description="a query_models name or a model artefact URI")
+    upgrade: list[str] = Field(default_factory=list, description="upgrade-module URIs applied in order")
+    gallery: str | None = Field(default=None, description="a committed gallery prefix (instead of model)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GalleryStateSpec:
+        if (self.model is None) == (self.gallery is None):
+            raise ValueError(
+                "give model (embed the gallery images, then upgrade) or gallery (a stored prefix)"
+            )
+        if self.gallery is not None and self.upgrade:
+            raise ValueError(
+                "upgrade applies to a model's vectors; refresh a stored gallery with dmu-ray refresh"
+            )
+        return self
+
+
+class MatrixConfig(StrictModel):
+    """``dmu-ray evaluate`` over generations (``kind: evaluate-matrix``): every query model against
+    every gallery state (v1's gallery never refreshed, refreshed once or twice, embedded by each
+    generation...), one retrieval evaluation per cell, a heat map of the headline metric."""
+
+    kind: Literal["evaluate-matrix"] = "evaluate-matrix"
+    data: str = Field(description="image data set whose query/ and gallery/ parts are evaluated")
+    query_models: dict[str, str] = Field(min_length=1, description="query models by name (rows), in order")
+    gallery_states: dict[str, GalleryStateSpec] = Field(min_length=1, description="gallery states (columns)")
+    output: str = Field(description="folder for matrix.json, matrix.md and matrix.png (local or s3://)")
+    title: str = "query model x gallery state"
+    metric: str = Field(default="mAP@100", description="the figure of the heat map (mAP@K or R@K)")
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    map_at: int = Field(default=100, ge=1)
+    exact_max: int = Field(default=2_000_000, ge=1, description="exact search up to this gallery size")
+    nprobe: int = Field(default=16, ge=1)
+    pq_m: int | None = Field(default=None, ge=1)
+    pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = None
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_positive(cls, v: list[int]) -> list[int]:
+        return _all_at_least_one(v, "k")
+
+    @model_validator(mode="after")
+    def _names_and_metric(self) -> MatrixConfig:
+        import re
+
+        for what, names in (("query_models", self.query_models), ("gallery_states", self.gallery_states)):
+            for n in names:
+                if not n or any(c in n for c in "/|\n"):
+                    raise ValueError(f"{what}: {n!r} is not a usable name (no '/', '|' or newline)")
+        m = re.fullmatch(r"(mAP|R)@(\d+)", self.metric)
+        if m is None:
+            raise ValueError(f"metric: {self.metric!r} is not mAP@K or R@K")
+        k = int(m.group(2))
+        if (m.group(1) == "mAP" and k != self.map_at) or (m.group(1) == "R" and k not in self.ks):
+            raise ValueError(f"metric: {self.metric} is not computed (map_at {self.map_at}, ks {self.ks})")
+        return self
+
+
 def read_config_data(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML (or JSON) config file holds, unvalidated (errors name the file)."""
     p = Path(path)

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dmu_ray.config import (
     ActorPoolConfig,
@@ -73,18 +73,51 @@ class LifecycleConfig(StrictModel):
     cpus_per_worker: float = 0.5
     upgrade_width: int = 256
     seed: int = 0
+    generations: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="1: old vs new models (the methods above); N > 1: a line of N generations, v1 on "
+        "old_fraction of the classes, v_g on min(1, g x old_fraction), the last on all, each trained with "
+        "generation_method against the one before; galleries refreshed along the chain; one matrix",
+    )
+    generation_method: Variant = Field(
+        default="dmu", description="how generations after the first are trained against the one before"
+    )
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig,
         description="MLflow: default store <root>/mlflow.db, every stage a child run",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @model_validator(mode="after")
+    def _generations_fit(self) -> LifecycleConfig:
+        if self.generations > 1 and not self.split.startswith("extended"):
+            raise ValueError(
+                f"generations: a line of generations grows its training data; split {self.split!r} gives "
+                "the new model other data than the old one (use extended-class or extended-data)"
+            )
+        return self
+
+    def generation_fractions(self) -> list[float]:
+        """The share of the classes (or rows) each generation trains on: g x old_fraction, capped at
+        1, and 1 for the last."""
+        n = self.generations
+        return [min(1.0, round(self.old_fraction * g, 6)) for g in range(1, n)] + [1.0]
+
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _train_cfg(lc: LifecycleConfig, name: str, role: str, method: dict[str, Any], epochs: int) -> TrainConfig:
+def _train_cfg(
+    lc: LifecycleConfig,
+    name: str,
+    role: str,
+    method: dict[str, Any],
+    epochs: int,
+    fraction: float | None = None,
+) -> TrainConfig:
     return TrainConfig(
         name=name,
         storage_path=f"{lc.root}/runs",
@@ -92,7 +125,7 @@ def _train_cfg(lc: LifecycleConfig, name: str, role: str, method: dict[str, Any]
             "uri": f"{lc.root}/data/{lc.dataset}",
             "split": lc.split,
             "role": role,
-            "old_fraction": lc.old_fraction,
+            "old_fraction": lc.old_fraction if fraction is None else fraction,
             "split_seed": lc.seed,
         },
         model={"backbone": lc.backbone if role == "old" else (lc.new_backbone or lc.backbone), "dim": lc.dim},
@@ -138,7 +171,8 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
         run.params(flatten(lc.model_dump(mode="json", exclude={"storage", "tracking"})))
     try:
         with parent(run):
-            summary = _stages(lc, root, progress, run)
+            stages = _stages if lc.generations == 1 else _generation_stages
+            summary = stages(lc, root, progress, run)
     except BaseException:
         if run is not None:
             run.finish(False)
@@ -148,9 +182,18 @@ def run_lifecycle(lc: LifecycleConfig, *, progress: bool = True) -> dict[str, An
     return summary
 
 
+def _import_data(lc: LifecycleConfig, data_uri: str, say) -> None:
+    from dmu_ray.data.importers import IMPORTERS
+
+    if not resolve(data_uri, lc.storage).join("_dataset.json").exists():
+        info = IMPORTERS[lc.dataset](data_uri, image_size=lc.image_size, seed=lc.seed, storage=lc.storage)
+        say(f"  {info.num_classes} classes, rows {info.rows}")
+    else:
+        say("  already there")
+
+
 def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[str, Any]:
     """The stages of :func:`run_lifecycle`, in order (each one reused when already done)."""
-    from dmu_ray.data.importers import IMPORTERS
     from dmu_ray.evaluate.embed import embed_to_gallery
     from dmu_ray.evaluate.job import run_evaluation
     from dmu_ray.gallery import read_manifest
@@ -167,11 +210,7 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
 
     data_uri = f"{lc.root}/data/{lc.dataset}"
     stage(f"data: {lc.dataset} -> {data_uri}")
-    if not resolve(data_uri, lc.storage).join("_dataset.json").exists():
-        info = IMPORTERS[lc.dataset](data_uri, image_size=lc.image_size, seed=lc.seed, storage=lc.storage)
-        say(f"  {info.num_classes} classes, rows {info.rows}")
-    else:
-        say("  already there")
+    _import_data(lc, data_uri, say)
 
     old_name = f"old-s{lc.seed}"
     stage(
@@ -256,3 +295,112 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         run.metrics(headlines | {"seconds": summary["seconds"]})
         run.files(files)
     return summary
+
+
+def _generation_stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[str, Any]:
+    """A line of generations (``lc.generations`` > 1): train v1 .. vN, each against the one before;
+    embed the gallery with each; refresh each generation's gallery along the chain of upgrade
+    modules to every later space (v1 -> v2 -> v3: a refresh of a refreshed gallery); evaluate every
+    query model against every gallery state in one matrix with a heat map."""
+    from dmu_ray.config import GalleryStateSpec, MatrixConfig
+    from dmu_ray.evaluate.embed import embed_to_gallery
+    from dmu_ray.evaluate.generations import matrix_markdown, run_matrix
+    from dmu_ray.gallery import read_manifest
+    from dmu_ray.refresh import run_refresh
+    from dmu_ray.storage import write_bytes_atomic
+    from dmu_ray.train.job import run_training
+
+    say = _say if progress else (lambda _m: None)
+    t_start = time.perf_counter()
+    n = lc.generations
+    fractions = lc.generation_fractions()
+    steps = 4 + n
+    step = iter(range(1, steps + 1))
+
+    def stage(msg: str) -> None:
+        say(f"\n[{next(step)}/{steps}] {msg}  ({time.perf_counter() - t_start:.0f}s)")
+
+    data_uri = f"{lc.root}/data/{lc.dataset}"
+    stage(f"data: {lc.dataset} -> {data_uri}")
+    _import_data(lc, data_uri, say)
+
+    gens: list[dict[str, Any]] = []
+    for g, frac in enumerate(fractions, start=1):
+        name = f"v{g}-s{lc.seed}"
+        last = frac >= 1.0
+        how = "independent" if g == 1 else f"{lc.generation_method} against v{g - 1}"
+        stage(f"generation v{g}: {how}, {'all' if last else f'{frac:.0%} of the'} {lc.split.split('-')[1]}es")
+        method = (
+            {"name": "independent"} if g == 1 else variant_method(lc, lc.generation_method, gens[-1]["model"])
+        )
+        backbone_epochs = lc.epochs_old if g == 1 else lc.epochs_new
+        cfg = _train_cfg(lc, name, "new" if last else "old", method, backbone_epochs, None if last else frac)
+        if g > 1 and lc.new_backbone:
+            cfg.model.backbone = lc.new_backbone
+        gens.append(run_training(cfg, progress=progress))
+
+    stage("embed the gallery with every generation")
+    states: dict[str, str] = {}  # gallery state name -> committed prefix
+    for g, out in enumerate(gens, start=1):
+        prefix = f"{lc.root}/galleries/v{g}-s{lc.seed}"
+        if read_manifest(resolve(prefix, lc.storage)) is None:
+            embed_to_gallery(f"{data_uri}/gallery", out["model"], prefix, storage=lc.storage, overwrite=True)
+        states[f"v{g}"] = prefix
+
+    stage("refresh each generation's gallery along the chain of upgrade modules")
+    pool = ActorPoolConfig(min_actors=1, max_actors=2)
+    for g in range(1, n):
+        name, prefix = f"v{g}", states[f"v{g}"]
+        for h in range(g + 1, n + 1):
+            psi = gens[h - 1].get("upgrade_module")
+            if psi is None:
+                say(f"  v{h} has no upgrade module ({lc.generation_method}): {name} stays in its space")
+                break
+            name = f"{name}>v{h}"
+            dest = f"{lc.root}/galleries/{name.replace('>', '-to-')}-s{lc.seed}"
+            res = run_refresh(
+                RefreshConfig(source=prefix, output=dest, module=psi, pool=pool, storage=lc.storage),
+                progress=progress,
+            )
+            say(f"  {name}: " + res.summary())
+            states[name], prefix = dest, dest
+
+    stage("evaluate every generation's queries against every gallery state (faiss)")
+    # columns grouped by the space they end in: v1 | v1>v2, v2 | v1>v2>v3, v2>v3, v3 ...
+    order = sorted(states, key=lambda s: (int(s.rsplit(">v", 1)[-1].lstrip("v")), -s.count(">")))
+    mcfg = MatrixConfig(
+        data=data_uri,
+        query_models={f"v{g}": out["model"] for g, out in enumerate(gens, start=1)},
+        gallery_states={s: GalleryStateSpec(gallery=states[s]) for s in order},
+        output=f"{lc.root}/eval/generations-s{lc.seed}",
+        title=f"{n} generations ({lc.dataset}, {lc.split}, {lc.generation_method})",
+        tracking=lc.tracking,
+        storage=lc.storage,
+    )
+    matrix = run_matrix(mcfg, progress=progress)
+    summary = {
+        "generations": n,
+        "fractions": fractions,
+        "method": lc.generation_method,
+        "metric": matrix["metric"],
+        "cells": {
+            q: {g: r.get(matrix["metric"]) for g, r in row.items()} for q, row in matrix["cells"].items()
+        },
+        "lineage": matrix["lineage"],
+        "files": matrix["files"],
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    markdown = matrix_markdown(matrix)
+    files = {
+        f"generations-s{lc.seed}.json": json.dumps(summary, indent=2).encode(),
+        f"generations-s{lc.seed}.md": markdown.encode(),
+    }
+    for fname, data in files.items():
+        write_bytes_atomic(root.join("eval", fname), data)
+    if run is not None:
+        run.metrics(
+            {f"{q}/{g}": v for q, row in summary["cells"].items() for g, v in row.items() if v is not None}
+            | {"seconds": summary["seconds"]}
+        )
+        run.files(files)
+    return summary | {"markdown": markdown}
