@@ -110,3 +110,28 @@ def test_three_generations_each_against_the_one_before(ray_local, tmp_path):
     cells = summary["cells"]
     assert all(0 < cells[q][g] <= 1 for q in ("v1", "v2", "v3") for g in states)
     assert f"- v2>v3: embed {models[1].ident} -> upgrade {psis[3].ident}" in summary["markdown"]
+
+    # a state computed in memory (v2's vectors through psi_23) scores what the stored refresh does
+    from dmu_ray.config import MatrixConfig
+    from dmu_ray.evaluate.generations import run_matrix
+
+    mem = run_matrix(
+        MatrixConfig(
+            data=str(root / "data/digits"),
+            query_models={"v3": str(root / "runs/v3-s0/export/model.pt")},
+            gallery_states={
+                "stored": {"gallery": str(root / "galleries/v2-to-v3-s0")},
+                "computed": {
+                    "model": str(root / "runs/v2-s0/export/model.pt"),
+                    "upgrade": [str(psis[3].uri)],
+                },
+            },
+            output=str(root / "eval/by-hand"),
+            tracking={"enabled": False},
+        ),
+        progress=False,
+    )
+    row = mem["cells"]["v3"]
+    assert abs(row["stored"]["mAP@100"] - row["computed"]["mAP@100"]) < 0.02  # float16 storage only
+    assert row["stored"]["mAP@100"] == cells["v3"]["v2>v3"]
+    assert mem["lineage"]["computed"][0]["steps"] == f"embed {models[1].ident} -> upgrade {psis[3].ident}"

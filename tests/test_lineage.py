@@ -198,3 +198,73 @@ def test_rows_without_a_path_are_refused_before_any_work(tmp_path):
     with pytest.raises(RefreshError, match=r"from: .*\(in space v1@1+\)"):
         run_refresh(RefreshConfig(source=str(tmp_path / "v1"), output=str(out), module=p23), progress=False)
     assert not out.exists()
+
+
+def test_validate_and_import_guard_the_lineage_column(tmp_path):
+    """A row naming a chain its dmu.model does not declare fails validation; a gallery declaring
+    several chains without the column fails too; an imported Parquet may not bring the column."""
+    from dmu_ray.gallery import GalleryError
+    from dmu_ray.gallery_ops import import_vectors
+
+    ids, vecs = _vectors(10, 0)
+    k1 = chain_key([embed_step(V1, None)])
+    model = ModelInfo(model_id="v1", dim=DIM, dtype="float16", normalized=True).with_chains(
+        [[embed_step(V1, None)], [embed_step(V2, None)]]
+    )
+    t = pa.table({"id": ids, "embedding": embedding_array(vecs)})
+    with GalleryWriter(resolve(str(tmp_path / "stray")), model) as w:
+        w.write(t.append_column(LINEAGE_COLUMN, pa.array([k1] * 9 + ["v9@999999999999"])))
+    rep = validate_gallery(Gallery.open(str(tmp_path / "stray")))
+    assert any("1 row(s) name lineage chains that dmu.model does not declare" in p for p in rep.problems)
+    with GalleryWriter(resolve(str(tmp_path / "nocol")), model) as w:
+        w.write(t)
+    rep = validate_gallery(Gallery.open(str(tmp_path / "nocol")))
+    assert any("declares 2 lineage chains but the files have no" in p for p in rep.problems)
+    import pyarrow.parquet as pq
+
+    pq.write_table(t.append_column(LINEAGE_COLUMN, pa.array([k1] * 10)), tmp_path / "foreign.parquet")
+    with pytest.raises(GalleryError, match="_dmu_lineage"):
+        import_vectors(str(tmp_path / "foreign.parquet"), str(tmp_path / "imported"), model_id="x")
+    assert not (tmp_path / "imported").exists()
+    # an import declares its one chain: the id it was imported under
+    np.save(tmp_path / "v.npy", vecs.astype(np.float32))
+    import_vectors(str(tmp_path / "v.npy"), str(tmp_path / "ok"), model_id="prod")
+    info = inspect_gallery(Gallery.open(str(tmp_path / "ok")))
+    assert info["lineage"] == [{"chain": "prod", "space": "prod", "rows": 10, "steps": "import prod"}]
+
+
+def test_generations_count_from_the_old_models_card():
+    from types import SimpleNamespace
+
+    from dmu_ray.train.job import generations
+
+    assert generations(None) == {"generation": 1, "ancestry": []}
+    imported = SimpleNamespace(card=SimpleNamespace(model_extra={}), ident="prod@aaaaaaaaaaaa")
+    assert generations(imported) == {"generation": 2, "ancestry": ["prod@aaaaaaaaaaaa"]}
+    v2 = SimpleNamespace(
+        card=SimpleNamespace(model_extra={"generation": 2, "ancestry": ["v1@x"]}), ident="v2@y"
+    )
+    assert generations(v2) == {"generation": 3, "ancestry": ["v1@x", "v2@y"]}
+
+
+def test_a_matrix_config_names_what_is_wrong():
+    from dmu_ray.config import ConfigError, MatrixConfig, parse_config
+
+    ok = {
+        "data": "d",
+        "query_models": {"v1": "m.pt"},
+        "gallery_states": {"v1": {"model": "v1"}},
+        "output": "o",
+    }
+    assert parse_config(MatrixConfig, ok, "c").gallery_states["v1"].upgrade == []
+    bad = [
+        ({"gallery_states": {"v1": {"model": "v1", "gallery": "g"}}}, "give model"),
+        ({"gallery_states": {"v1": {"gallery": "g", "upgrade": ["p.pt"]}}}, "refresh a stored gallery"),
+        ({"metric": "mAP@10"}, "is not computed"),
+        ({"metric": "NDCG@5"}, "is not mAP@K or R@K"),
+        ({"query_models": {}}, "query_models"),
+        ({"query_models": {"a/b": "m.pt"}}, "not a usable name"),
+    ]
+    for change, words in bad:
+        with pytest.raises(ConfigError, match=words):
+            parse_config(MatrixConfig, {**ok, **change}, "c")
