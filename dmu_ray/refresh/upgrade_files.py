@@ -237,11 +237,12 @@ class FileUpgrader:
             warnings.simplefilter("ignore", UserWarning)
             y = torch.from_numpy(mat)
         y = y.to(self.device, dtype=torch.float32, non_blocking=True)
-        for i in [0] if route is None else route:
+        steps = [0] if route is None else route
+        for i in steps:
             y = self.modules[i](y)
             if self.normalize:
                 y = torch.nn.functional.normalize(y, dim=1)
-        if not route and route is not None and self.normalize:
+        if not steps and self.normalize:
             y = torch.nn.functional.normalize(y, dim=1)
         return y.to(torch.float16 if self.np_dtype == np.float16 else torch.float32).cpu().numpy()
 
