@@ -29,6 +29,12 @@ def main() -> None:
     ap.add_argument("--epochs-old", type=int, default=6)
     ap.add_argument("--epochs-new", type=int, default=6)
     ap.add_argument("--report-only", action="store_true", help="only read back finished seeds")
+    ap.add_argument(
+        "--by-classes",
+        action="store_true",
+        help="also: v2 queries on v1's gallery, stored and through psi_12, split by whether v2 trained on "
+        "the query's class",
+    )
     a = ap.parse_args()
     runs = []
     for seed in a.seeds:
@@ -58,6 +64,44 @@ def main() -> None:
             x = np.array([100 * c[q][g] for c in cells])
             vals.append(f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}")
         print(f"| {q} | " + " | ".join(vals) + " |")
+    if a.by_classes:
+        by_classes(a.root, a.dataset, a.seeds)
+
+
+def by_classes(root: str, dataset: str, seeds: list[int]) -> None:
+    """mAP@100 of v2's queries on v1's gallery (stored, and refreshed through psi_12), for the
+    query classes v2 (and so psi_12) trained on and for those it never saw. In-process, no Ray."""
+    import pyarrow.parquet as pq
+
+    from dmu_ray.config import StorageConfig
+    from dmu_ray.data.images import read_dataset_info
+    from dmu_ray.evaluate.matrix import MetricsConfig, evaluate_pairing
+    from dmu_ray.gallery import Gallery, embedding_matrix
+    from dmu_ray.models.artifact import load_artifact
+    from dmu_ray.models.inference import _EmbedActor
+
+    data = f"{root}/data/{dataset}"
+    info = read_dataset_info(data)
+    queries = pq.read_table(f"{data}/query")
+    mcfg = MetricsConfig(protocols=["retrieval"])
+    print("\nv2 queries on v1's gallery, mAP@100 (%), by whether v2 / psi_12 trained on the query's class\n")
+    print("| seed | seen: stored | seen: through psi_12 | unseen: stored | unseen: through psi_12 |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for seed in seeds:
+        v2 = f"{root}/runs/v2-s{seed}/export/model.pt"
+        seen = np.asarray(load_artifact(v2).card.trained_classes)
+        q = _EmbedActor(v2, StorageConfig(), info.image_size, info.channels, threads=2, gpu=False)(queries)
+        row = []
+        for part in (seen, ~seen):
+            mask = part[q["label"]]
+            for name in (f"v1-s{seed}", f"v1-to-v2-s{seed}"):
+                t = Gallery.open(f"{root}/galleries/{name}").read(columns=["id", "label", "embedding"])
+                g = embedding_matrix(t.column("embedding")).astype(np.float32)
+                r = evaluate_pairing(
+                    name, q["embedding"][mask], q["label"][mask], g, t.column("label").to_numpy(), mcfg
+                )
+                row.append(f"{100 * r['mAP@100']:.1f}")
+        print(f"| {seed} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
