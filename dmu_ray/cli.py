@@ -297,19 +297,20 @@ def _cmd_embed(ns: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(ns: argparse.Namespace) -> int:
-    from dmu_ray.config import EvaluateConfig, MatrixConfig, read_config_data
+    from dmu_ray.config import MatrixConfig, load_evaluate_config
     from dmu_ray.evaluate.job import run_evaluation
     from dmu_ray.evaluate.report import markdown_table
 
-    if read_config_data(ns.config).get("kind") == "evaluate-matrix":
+    cfg = load_evaluate_config(ns.config)
+    if ns.ray_address:
+        cfg.ray_address = ns.ray_address
+    if isinstance(cfg, MatrixConfig):
         from dmu_ray.evaluate.generations import matrix_markdown, run_matrix
 
-        mcfg = _job_config(MatrixConfig, ns)
-        res = run_matrix(mcfg, progress=not ns.quiet)
+        res = run_matrix(cfg, progress=not ns.quiet)
         print(matrix_markdown(res))
         print("written: " + ", ".join(res["files"].values()))
         return 0
-    cfg = _job_config(EvaluateConfig, ns)
     result = run_evaluation(cfg, progress=not ns.quiet)
     print(markdown_table(result))
     print("written: " + ", ".join(result["files"].values()))

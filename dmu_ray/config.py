@@ -684,3 +684,11 @@ def read_config_data(path: str | Path) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path) -> T:
     """Load a YAML (or JSON) file as config class ``cls``; errors name the file and the field."""
     return parse_config(cls, read_config_data(path), str(path))
+
+
+def load_evaluate_config(path: str | Path) -> EvaluateConfig | MatrixConfig:
+    """An evaluate job's config: ``kind: evaluate-matrix`` (generations) is a :class:`MatrixConfig`,
+    anything else an :class:`EvaluateConfig`."""
+    data = read_config_data(path)
+    cls = MatrixConfig if isinstance(data, dict) and data.get("kind") == "evaluate-matrix" else EvaluateConfig
+    return parse_config(cls, data, str(path))

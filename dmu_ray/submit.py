@@ -21,6 +21,7 @@ from dmu_ray.config import (
     RefreshConfig,
     TrainConfig,
     load_config,
+    load_evaluate_config,
 )
 
 JOBS: dict[str, tuple[str, type | None]] = {
@@ -60,7 +61,8 @@ def submit(
     if cfg_cls is not None:
         if not config:
             raise ValueError(f"job {job!r} needs --config")
-        load_config(cfg_cls, config)  # fail on this machine, not on the cluster
+        # fail on this machine, not on the cluster (an evaluate config may be a generations matrix)
+        load_evaluate_config(config) if job == "evaluate" else load_config(cfg_cls, config)
     rel_config = None
     if config:
         try:

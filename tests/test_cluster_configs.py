@@ -10,7 +10,7 @@ import pytest
 import ray
 import yaml
 
-from dmu_ray.config import load_config
+from dmu_ray.config import load_config, load_evaluate_config
 from dmu_ray.submit import JOBS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_job_entrypoints_and_example_configs():
         assert (ROOT / script).exists(), script
     for p in sorted((ROOT / "configs").glob("*.yaml")):
         kind = p.name.split("_")[0]
-        load_config(CONFIG_CLASSES[kind], p)
+        load_evaluate_config(p) if kind == "evaluate" else load_config(CONFIG_CLASSES[kind], p)
     for p in (ROOT / "jobs").glob("*.py"):
         assert "dmu_ray.cli import main" in p.read_text() and len(p.read_text().splitlines()) < 20, p
     assert os.access(ROOT / ".ci/run", os.R_OK)
