@@ -190,7 +190,7 @@ def test_refresh_job_survives_losing_a_node_and_uses_a_joining_one(local_cluster
     node joins and the second node is killed: its actor can only be restarted on the new node."""
     local_cluster.start_head(cpus=1)
     second = local_cluster.add_node(cpus=1)
-    n_files, rows = 24, 4000
+    n_files, rows = 24, 12000  # slow enough that files remain when the third node has joined
     src = tmp_path / "old"
     rng = np.random.default_rng(0)
     with GalleryWriter(

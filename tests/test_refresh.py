@@ -224,7 +224,7 @@ def test_a_min_max_pool_grows_when_files_wait(ray_local, tmp_path):
         source=src,
         output=str(tmp_path / "out"),
         module=psi,
-        pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=1, batch_size=2000),
+        pool=ActorPoolConfig(min_actors=1, max_actors=2, num_cpus=0.5, batch_size=2000),
     )
     res = run_refresh(cfg, progress=False)
     assert res.manifest.rows == 480_000
