@@ -46,11 +46,12 @@ def _job_args(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _job_config(cls, ns: argparse.Namespace):
-    """A job's config from ``--config``, with ``--ray-address`` applied."""
+def _job_config(cls, ns: argparse.Namespace, load=None):
+    """A job's config from ``--config`` (as ``cls``, or by ``load(path)`` where the file's kind picks
+    the class), with ``--ray-address`` applied."""
     from dmu_ray.config import load_config
 
-    cfg = load_config(cls, ns.config)
+    cfg = load(ns.config) if load is not None else load_config(cls, ns.config)
     if ns.ray_address:
         cfg.ray_address = ns.ray_address
     return cfg
@@ -301,9 +302,7 @@ def _cmd_evaluate(ns: argparse.Namespace) -> int:
     from dmu_ray.evaluate.job import run_evaluation
     from dmu_ray.evaluate.report import markdown_table
 
-    cfg = load_evaluate_config(ns.config)
-    if ns.ray_address:
-        cfg.ray_address = ns.ray_address
+    cfg = _job_config(None, ns, load=load_evaluate_config)
     if isinstance(cfg, MatrixConfig):
         from dmu_ray.evaluate.generations import matrix_markdown, run_matrix
 

@@ -9,6 +9,7 @@ fails on the submitting machine before any cluster work starts.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -650,8 +651,6 @@ class MatrixConfig(StrictModel):
 
     @model_validator(mode="after")
     def _names_and_metric(self) -> MatrixConfig:
-        import re
-
         for what, names in (("query_models", self.query_models), ("gallery_states", self.gallery_states)):
             for n in names:
                 if not n or any(c in n for c in "/|\n"):

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from dmu_ray import __version__
 from dmu_ray.config import StorageConfig
-from dmu_ray.lineage import Chain, chain_key, embed_step, import_step, upgrade_step
+from dmu_ray.lineage import LINEAGE_COLUMN, Chain, chain_key, embed_step, import_step, upgrade_step
 from dmu_ray.storage import Location, StorageError, check_relative, read_bytes, resolve, write_bytes_atomic
 
 __all__ = [
@@ -772,6 +772,20 @@ class Gallery:
         if MODEL_META_KEY not in meta:
             raise GalleryError(f"{self.file_uri(self.files[0])}: no {MODEL_META_KEY.decode()} metadata")
         return ModelInfo.from_dict(json.loads(meta[MODEL_META_KEY]))
+
+    def missing_lineage_column(self) -> str | None:
+        """Why the rows' chains cannot be told apart (None when they can): ``dmu.model`` declares
+        several lineage chains but the files have no per-row ``_dmu_lineage`` column."""
+        chains = self.model.chains()
+        names = (
+            [c["name"] for c in self.manifest.columns] if self.manifest is not None else self.schema().names
+        )
+        if len(chains) > 1 and LINEAGE_COLUMN not in names:
+            return (
+                f"{self.loc.uri}: its dmu.model declares {len(chains)} lineage chains but the files have no "
+                f"{LINEAGE_COLUMN!r} column saying which row has which"
+            )
+        return None
 
     @property
     def num_rows(self) -> int:

@@ -242,10 +242,14 @@ def lineage_rows(g: Gallery) -> Counter[str]:
         return Counter({key: g.num_rows for key in chains}) if len(chains) == 1 else Counter()
     counts: Counter[str] = Counter()
     for rel in g.files:
-        col = g.parquet_file(rel).read(columns=[LINEAGE_COLUMN]).column(LINEAGE_COLUMN)
-        for item in pc.value_counts(col).to_pylist():
-            counts[item["values"]] += item["counts"]
+        counts += _chain_counts(g.parquet_file(rel))
     return counts
+
+
+def _chain_counts(pf: pq.ParquetFile) -> Counter[str]:
+    """Rows per lineage chain key in one file that has the per-row column."""
+    col = pf.read(columns=[LINEAGE_COLUMN]).column(LINEAGE_COLUMN)
+    return Counter({item["values"]: item["counts"] for item in pc.value_counts(col).to_pylist()})
 
 
 def inspect_gallery(g: Gallery) -> dict[str, Any]:
@@ -330,6 +334,7 @@ def validate_gallery(
     want_type = embedding_type(model.dim, model.dtype)
     entries = {f.path: f for f in m.files} if m else {}
     seen = IdSet()
+    chain_rows: Counter[str] = Counter()
     if m is None:
         rep.warnings.append("no _manifest.json: the prefix is not committed; checking its files anyway")
     for i, rel in enumerate(g.files):
@@ -357,6 +362,8 @@ def validate_gallery(
             continue
         try:
             _check_rows(pf, model, uri, batch_size, seen if duplicates else None, rep)
+            if LINEAGE_COLUMN in pf.schema_arrow.names:  # the file is in memory: count its chains here
+                chain_rows += _chain_counts(pf)
         except (pa.ArrowException, OSError, GalleryError) as err:
             rep.problems.append(f"{uri}: unreadable rows ({err})")
             continue
@@ -364,25 +371,17 @@ def validate_gallery(
         say(f"checked {i + 1}/{len(g.files)} files, {rep.rows_checked:,} rows")
     if m is not None:
         _check_manifest_totals(g, m, rep)
-    _check_lineage(g, rep)
+    _check_lineage(g, rep, chain_rows)
     return rep
 
 
-def _check_lineage(g: Gallery, rep: ValidationReport) -> None:
-    """Every row's chain is declared in ``dmu.model``; a gallery of several chains says per row."""
+def _check_lineage(g: Gallery, rep: ValidationReport, chain_rows: Counter[str]) -> None:
+    """Every row's chain (``chain_rows``, counted from the per-row column while the files were
+    checked) is declared in ``dmu.model``; a gallery of several chains says per row."""
     chains = g.model.chains()
-    try:
-        has_column = LINEAGE_COLUMN in g.schema().names
-        counts = lineage_rows(g)
-    except (pa.ArrowException, OSError, GalleryError) as err:
-        rep.problems.append(f"{g.loc.uri}: lineage column unreadable ({err})")
-        return
-    if len(chains) > 1 and not has_column:
-        rep.problems.append(
-            f"{g.loc.uri}: dmu.model declares {len(chains)} lineage chains but the files have no "
-            f"{LINEAGE_COLUMN!r} column saying which row has which"
-        )
-    undeclared = {k: n for k, n in counts.items() if k not in chains}
+    if (why := g.missing_lineage_column()) is not None:
+        rep.problems.append(why)
+    undeclared = {k: n for k, n in chain_rows.items() if k not in chains}
     if undeclared:
         rep.problems.append(
             f"{g.loc.uri}: {sum(undeclared.values())} row(s) name lineage chains that dmu.model does "

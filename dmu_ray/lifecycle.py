@@ -110,6 +110,20 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class _StageHeaders:
+    """Numbered stage headers (``[i/steps] msg  (elapsed s)``) and the seconds since the first."""
+
+    def __init__(self, say, steps: int) -> None:
+        self.say, self.steps, self.t0 = say, steps, time.perf_counter()
+        self._step = iter(range(1, steps + 1))
+
+    def __call__(self, msg: str) -> None:
+        self.say(f"\n[{next(self._step)}/{self.steps}] {msg}  ({self.elapsed():.0f}s)")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 def _train_cfg(
     lc: LifecycleConfig,
     name: str,
@@ -117,7 +131,10 @@ def _train_cfg(
     method: dict[str, Any],
     epochs: int,
     fraction: float | None = None,
+    backbone: str | None = None,
 ) -> TrainConfig:
+    """A stage's training config; ``backbone`` defaults by ``role`` (the old model's, else the new
+    models'), ``fraction`` to ``lc.old_fraction``."""
     return TrainConfig(
         name=name,
         storage_path=f"{lc.root}/runs",
@@ -128,7 +145,10 @@ def _train_cfg(
             "old_fraction": lc.old_fraction if fraction is None else fraction,
             "split_seed": lc.seed,
         },
-        model={"backbone": lc.backbone if role == "old" else (lc.new_backbone or lc.backbone), "dim": lc.dim},
+        model={
+            "backbone": backbone or (lc.backbone if role == "old" else (lc.new_backbone or lc.backbone)),
+            "dim": lc.dim,
+        },
         method=method,
         optim={"epochs": epochs, "batch_size": lc.batch_size, "lr": lc.lr, "warmup_epochs": 1},
         scaling={"num_workers": lc.workers, "cpus_per_worker": lc.cpus_per_worker},
@@ -201,13 +221,7 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
     from dmu_ray.train.job import run_training
 
     say = _say if progress else (lambda _m: None)
-    t_start = time.perf_counter()
-    steps = 5 + len(lc.methods)
-    step = iter(range(1, steps + 1))
-
-    def stage(msg: str) -> None:
-        say(f"\n[{next(step)}/{steps}] {msg}  ({time.perf_counter() - t_start:.0f}s)")
-
+    stage = _StageHeaders(say, 5 + len(lc.methods))
     data_uri = f"{lc.root}/data/{lc.dataset}"
     stage(f"data: {lc.dataset} -> {data_uri}")
     _import_data(lc, data_uri, say)
@@ -283,7 +297,7 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         for m, r in results.items()
     }
     summary["verdict"] = verdict(results)
-    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    summary["seconds"] = round(stage.elapsed(), 1)
     files = {
         f"lifecycle-s{lc.seed}.json": json.dumps(summary, indent=2).encode(),
         f"lifecycle-s{lc.seed}.md": verdict_markdown(results, summary["verdict"]).encode(),
@@ -311,15 +325,9 @@ def _generation_stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any)
     from dmu_ray.train.job import run_training
 
     say = _say if progress else (lambda _m: None)
-    t_start = time.perf_counter()
     n = lc.generations
     fractions = lc.generation_fractions()
-    steps = 4 + n
-    step = iter(range(1, steps + 1))
-
-    def stage(msg: str) -> None:
-        say(f"\n[{next(step)}/{steps}] {msg}  ({time.perf_counter() - t_start:.0f}s)")
-
+    stage = _StageHeaders(say, 4 + n)
     data_uri = f"{lc.root}/data/{lc.dataset}"
     stage(f"data: {lc.dataset} -> {data_uri}")
     _import_data(lc, data_uri, say)
@@ -333,10 +341,9 @@ def _generation_stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any)
         method = (
             {"name": "independent"} if g == 1 else variant_method(lc, lc.generation_method, gens[-1]["model"])
         )
-        backbone_epochs = lc.epochs_old if g == 1 else lc.epochs_new
-        cfg = _train_cfg(lc, name, "new" if last else "old", method, backbone_epochs, None if last else frac)
-        if g > 1 and lc.new_backbone:
-            cfg.model.backbone = lc.new_backbone
+        epochs, backbone = (lc.epochs_old, lc.backbone) if g == 1 else (lc.epochs_new, lc.new_backbone)
+        role, fraction = ("new", None) if last else ("old", frac)  # the data side; "old" takes `fraction`
+        cfg = _train_cfg(lc, name, role, method, epochs, fraction, backbone)
         gens.append(run_training(cfg, progress=progress))
 
     stage("embed the gallery with every generation")
@@ -388,7 +395,7 @@ def _generation_stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any)
         },
         "lineage": matrix["lineage"],
         "files": matrix["files"],
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds": round(stage.elapsed(), 1),
     }
     markdown = matrix_markdown(matrix)
     files = {

@@ -11,9 +11,10 @@ def gain_text(report):
     return next(v["text"] for v in report["verdict"] if "lifts the old gallery" in v["text"])
 
 
-def test_lifecycle_end_to_end(ray_local, tmp_path):
-    lc = LifecycleConfig(
-        root=str(tmp_path / "demo"),
+def tiny(root, **options) -> LifecycleConfig:
+    """The lifecycle at test size: digits at 16 px, 32-d, 3 epochs a model."""
+    return LifecycleConfig(
+        root=str(root),
         dataset="digits",
         image_size=16,
         dim=32,
@@ -22,8 +23,12 @@ def test_lifecycle_end_to_end(ray_local, tmp_path):
         batch_size=32,
         lr=0.05,
         upgrade_width=64,
-        methods=["dmu"],
+        **options,
     )
+
+
+def test_lifecycle_end_to_end(ray_local, tmp_path):
+    lc = tiny(tmp_path / "demo", methods=["dmu"])
     summary = run_lifecycle(lc, progress=False)
     root = tmp_path / "demo"
     # every stage left its output
@@ -70,18 +75,7 @@ def test_three_generations_each_against_the_one_before(ray_local, tmp_path):
     from dmu_ray.gallery_ops import inspect_gallery
     from dmu_ray.models.artifact import load_artifact
 
-    lc = LifecycleConfig(
-        root=str(tmp_path / "gen"),
-        dataset="digits",
-        image_size=16,
-        dim=32,
-        epochs_old=3,
-        epochs_new=3,
-        batch_size=32,
-        lr=0.05,
-        upgrade_width=64,
-        generations=3,
-    )
+    lc = tiny(tmp_path / "gen", generations=3)
     assert lc.generation_fractions() == [0.3, 0.6, 1.0]
     summary = run_lifecycle(lc, progress=False)
     root = tmp_path / "gen"

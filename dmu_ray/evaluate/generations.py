@@ -70,7 +70,7 @@ def check_matrix(cfg: MatrixConfig) -> dict[str, Any]:
             if LABEL not in g.schema().names:
                 data_labels = data_labels if data_labels is not None else _data_labels(cfg)
                 labels = _labels_by_id(g, data_labels, f"{what}.gallery")
-            states[name] = {"gallery": g, "labels": labels, "dim": g.model.dim}
+            states[name] = {"gallery": g, "labels": labels}
             continue
         model = queries.get(spec.model) or _load(spec.model, f"{what}.model", EMBEDDING_MODEL, cfg)
         mods = [_load(u, f"{what}.upgrade[{i}]", UPGRADE_MODULE, cfg) for i, u in enumerate(spec.upgrade)]
@@ -81,7 +81,7 @@ def check_matrix(cfg: MatrixConfig) -> dict[str, Any]:
                     f"{what}.upgrade[{i}]: {m.uri} takes {m.card.in_dim}-d vectors but gets {dim}-d ones"
                 )
             dim = m.card.out_dim
-        states[name] = {"model": model, "upgrade": mods, "dim": dim}
+        states[name] = {"model": model, "upgrade": mods}
     _check_output(cfg)
     return {"queries": queries, "states": states}
 
@@ -96,8 +96,14 @@ def _lineage_of(state: dict[str, Any]) -> list[dict[str, Any]]:
             {"chain": k, "rows": counts.get(k, 0), "steps": describe_chain(c)}
             for k, c in g.model.chains().items()
         ]
-    steps = [f"embed {state['model'].ident}"] + [f"upgrade {m.ident}" for m in state["upgrade"]]
-    return [{"chain": ">".join(s.split(" ", 1)[1] for s in steps), "rows": None, "steps": " -> ".join(steps)}]
+    steps = [("embed", state["model"].ident)] + [("upgrade", m.ident) for m in state["upgrade"]]
+    return [
+        {
+            "chain": ">".join(ident for _, ident in steps),
+            "rows": None,
+            "steps": " -> ".join(f"{op} {ident}" for op, ident in steps),
+        }
+    ]
 
 
 def run_matrix(cfg: MatrixConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -150,11 +150,8 @@ def _plan_lineage(src: Gallery, arts: list[Artifact], modules: list, backfill: d
     rows cannot all reach the target, or whose module dims do not compose."""
     chains = src.model.chains()
     has_column = any(c["name"] == LINEAGE_COLUMN for c in src.manifest.columns)
-    if len(chains) > 1 and not has_column:
-        raise RefreshError(
-            f"{src.loc.uri}: its dmu.model declares {len(chains)} lineage chains but its files have no "
-            f"{LINEAGE_COLUMN!r} column saying which row has which"
-        )
+    if (why := src.missing_lineage_column()) is not None:
+        raise RefreshError(why)
     hops = [upgrade_hop(a) for a in arts]
     target = hops[-1].target
     try:
