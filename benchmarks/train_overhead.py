@@ -3,12 +3,17 @@
     python benchmarks/train_overhead.py                      # DMU step, small CNN, glyphs, batch 64
     python benchmarks/train_overhead.py --method independent --epochs 4
 
-Both sides run the same Trainee (model, classifier, upgrade module, loss) with the same batch size
-and one torch thread. The plain side runs twice in one process: over tensors decoded once, and
-decoding + augmenting every batch from its Parquet rows (the data work the Ray side does every
-epoch). The Ray side is ``dmu-ray train`` with one worker (Ray Data decodes and augments in
-parallel tasks); its figure is the last epoch's samples/s. Prints the Ray loop's ratio to each:
-against the same data work, and against pre-decoded data.
+Both sides run the same Trainee (model, classifier, upgrade module, loss), the same batch size,
+one torch thread, and the same per-batch transform on the training side (``TrainTransform``:
+random resized crop + normalisation as one batched op). Two pairs, measured in one run:
+
+- pre-decoded: the plain loop draws batches from pixels decoded once; the Ray loop trains with
+  ``data.cache: memory`` (decoded once by Ray Data, kept in the object store between epochs);
+- same data work: the plain loop decodes every batch from its Parquet rows; the Ray loop trains
+  with ``data.cache: off`` (Ray Data reads and decodes every epoch, in tasks beside the worker).
+
+The Ray figure is the mean samples/s of the epochs after the first (the first includes the pool's
+and the process group's start). Prints each Ray loop's ratio to its plain counterpart.
 """
 
 from __future__ import annotations
@@ -18,28 +23,31 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from dmu_ray.config import TrainConfig
-from dmu_ray.data.images import DecodeBatch, read_dataset_info
+from dmu_ray.data.images import TrainTransform, decode_images, read_dataset_info
 from dmu_ray.data.importers import import_glyphs
 from dmu_ray.train.job import plan_training, run_training
 from dmu_ray.train.loop import build_trainee, train_step
 
 
 def plain_steps_per_s(cfg: TrainConfig, steps: int, *, decode_every_step: bool) -> float:
-    """Steps/s of the same Trainee in one process. ``decode_every_step``: each batch is decoded and
-    augmented from its Parquet rows before the step (the data work the Ray side does every epoch,
-    done inline); else batches are drawn from tensors decoded once."""
+    """Steps/s of the same Trainee in one process. ``decode_every_step``: each batch is decoded
+    from its Parquet rows before the step; else batches are drawn from pixels decoded once. Both
+    then apply the training transform the Ray worker applies."""
     plan = plan_training(cfg)
     info = {"num_classes": plan.data.num_classes, "channels": plan.data.channels, "rows": plan.rows}
     trainee, old_model = build_trainee(cfg, info)
     t = pq.read_table(plan.train_loc.path, filesystem=plan.train_loc.fs, columns=["id", "image", "label"])
-    decode = DecodeBatch(plan.data.image_size, plan.data.channels, augment=True, mean=plan.mean, std=plan.std)
+    size, ch = plan.data.image_size, plan.data.channels
+    c = cfg.data
+    transform = TrainTransform(c.augment, c.flip, c.crop_scale, plan.mean, plan.std, seed=0)
     if not decode_every_step:
-        batch = decode(t)
-        x_all, y_all = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+        px_all = torch.from_numpy(decode_images(t.column("image").to_pylist(), size, ch, np.uint8))
+        y_all = torch.from_numpy(t.column("label").to_numpy())
     opt = torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=cfg.optim.lr, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     bs = cfg.optim.batch_size
@@ -51,12 +59,21 @@ def plain_steps_per_s(cfg: TrainConfig, steps: int, *, decode_every_step: bool) 
             t0 = time.perf_counter()  # after warm-up
         idx = torch.randint(0, t.num_rows, (bs,), generator=gen)
         if decode_every_step:
-            b = decode(t.take(idx.numpy()))
-            x, y = torch.from_numpy(b["image"]), torch.from_numpy(b["label"])
+            b = t.take(idx.numpy())
+            px = torch.from_numpy(decode_images(b.column("image").to_pylist(), size, ch, np.uint8))
+            y = torch.from_numpy(b.column("label").to_numpy())
         else:
-            x, y = x_all[idx], y_all[idx]
-        train_step(trainee, old_model, x, y, opt, scaler, amp=False)
+            px, y = px_all[idx], y_all[idx]
+        train_step(trainee, old_model, transform(px), y, opt, scaler, amp=False)
     return steps / (time.perf_counter() - t0)
+
+
+def ray_steps_per_s(out: dict, batch: int) -> tuple[float, float]:
+    """Mean steps/s of the epochs after the first, and their mean seconds before the first batch."""
+    hist = out["history"][1:] or out["history"]
+    return float(np.mean([h["samples_per_s"] for h in hist])) / batch, float(
+        np.mean([h["first_batch_s"] for h in hist])
+    )
 
 
 def main() -> None:
@@ -83,24 +100,28 @@ def main() -> None:
             progress=False,
         )
         old_uri = old["model"]
-    cfg = TrainConfig(name="bench", method={"name": args.method, "old_model": old_uri}, **base)
+    method = {"name": args.method, "old_model": old_uri}
+    cfg = TrainConfig(name="plain", method=method, **base)
     pre = plain_steps_per_s(cfg, steps=60, decode_every_step=False)
     inline = plain_steps_per_s(cfg, steps=60, decode_every_step=True)
-    out = run_training(cfg, progress=False)
-    ray_sps = out["metrics"]["samples_per_s"] / args.batch
-    n = read_dataset_info(data).rows["train"]
-    print(f"# {args.method}, small CNN, batch {args.batch}, {n:,} glyph images, 1 worker x 1 CPU")
-    m = out["metrics"]
-    if "first_batch_s" in m:
-        print(
-            f"# Ray's last epoch: {m['seconds']:.1f} s, of which {m['first_batch_s']:.1f} s before its first batch "
-            f"(the Ray Data pipeline starting again); {m['steps']:.0f} steps"
+    ray = {}
+    for cache in ("memory", "off"):
+        rc = TrainConfig(
+            name=f"ray-{cache}", method=method, **{**base, "data": {"uri": data, "cache": cache}}
         )
-    print(f"plain loop, pre-decoded tensors              {pre:8.2f} steps/s   1.00x")
-    print(f"plain loop, decode + augment every batch     {inline:8.2f} steps/s   {inline / pre:.2f}x")
+        ray[cache] = ray_steps_per_s(run_training(rc, progress=False), args.batch)
+    n = read_dataset_info(data).rows["train"]
     print(
-        f"Ray Train loop, Ray Data decode + augment    {ray_sps:8.2f} steps/s   {ray_sps / pre:.2f}x pre-decoded, "
-        f"{ray_sps / inline:.2f}x same data work"
+        f"# {args.method}, small CNN, batch {args.batch}, {n:,} glyph images, 1 worker x 1 CPU, {args.epochs} epochs"
+    )
+    for cache, (_, wait) in ray.items():
+        print(f"# Ray, data.cache {cache}: {wait:.2f} s per epoch before its first batch")
+    print(f"plain loop, pre-decoded pixels               {pre:8.2f} steps/s   1.00x")
+    print(f"plain loop, decode every batch               {inline:8.2f} steps/s   {inline / pre:.2f}x")
+    m, o = ray["memory"][0], ray["off"][0]
+    print(f"Ray loop, data.cache memory (decoded once)   {m:8.2f} steps/s   {m / pre:.2f}x pre-decoded plain")
+    print(
+        f"Ray loop, data.cache off (decode each epoch) {o:8.2f} steps/s   {o / inline:.2f}x same data work plain"
     )
 
 

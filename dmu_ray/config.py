@@ -255,6 +255,11 @@ class DataConfig(StrictModel):
     )
     crop_scale: tuple[float, float] = (0.6, 1.0)
     decode_cpus: float = Field(default=0.5, gt=0, description="CPUs per decode task (leave room for workers)")
+    cache: Literal["auto", "memory", "off"] = Field(
+        default="auto",
+        description="keep the decoded training images between epochs in the object store: auto (when "
+        "they take at most 30% of it), memory (always; Ray spills to disk past it), off (decode every epoch)",
+    )
 
 
 class ModelConfig(StrictModel):

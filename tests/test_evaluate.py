@@ -116,9 +116,9 @@ def test_bad_inputs_are_named(tmp_path):
     ):
         check_inputs(cfg)
     write_image_part(resolve(str(data / "gallery")), [b"x", b"y"], np.array([4, 5]), np.array([1, 2]))
-    from dmu_ray.evaluate.job import _gallery_vectors
+    from dmu_ray.evaluate.galleries import gallery_vectors
 
-    ids, labels, _ = _gallery_vectors(
+    ids, labels, _ = gallery_vectors(
         Gallery.open(str(tmp_path / "nolabel")), check_inputs(cfg)["labels"]["old"]
     )
     assert labels.tolist() == [4, 5] and ids.tolist() == [1, 2]

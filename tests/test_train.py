@@ -131,8 +131,10 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
 def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, digits):
     runs = str(tmp_path / "runs")
     split = {"split": "open-class", "old_fraction": 0.4}
+    # the old model trains without the decoded-image cache (decoding every epoch), the rest with it
     old = run_training(
-        config("old", runs, digits, data={**split, "role": "old"}, optim={"epochs": 1}), progress=False
+        config("old", runs, digits, data={**split, "role": "old", "cache": "off"}, optim={"epochs": 1}),
+        progress=False,
     )
     # UniBCT: the new model sees only classes the old one never did; BCT's loss would be empty here.
     # Its prototypes are rebuilt at epoch 1 from both workers' new features of epoch 0 (gathered).
@@ -184,3 +186,42 @@ def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, dig
                 method={"name": "fastfill", "old_model": old["model"], "new_model": uni["model"]},
             )
         )
+
+
+def test_decoded_training_set_cached_once_and_whole_every_epoch(ray_local, tmp_path, digits):
+    """``data.cache``: the decoded set (this run's side of the split, as uint8 pixels) is
+    materialised once; every pass over it yields every row exactly once, in a new block order;
+    without the cache each pass decodes again and yields the same rows."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from dmu_ray.data.images import decode_images
+    from dmu_ray.data.splits import split_mask
+    from dmu_ray.train.job import build_train_dataset, cache_decision
+
+    for cache, split in ((True, "all"), (False, "extended-class")):
+        plan = plan_training(config("c", str(tmp_path), digits, data={"split": split, "role": "old"}))
+        raw = pq.read_table(f"{digits}/train")
+        keep = split_mask(split, "old", raw["id"].to_numpy(), raw["label"].to_numpy(), 0.3, 0)
+        want = {int(i): raw["image"][k].as_py() for k, i in enumerate(raw["id"].to_numpy()) if keep[k]}
+        ds = build_train_dataset(plan, cache)
+        orders = []
+        for _ in range(2):  # two epochs
+            ids, pixels = [], []
+            for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
+                ids.append(b["id"])
+                pixels.append(b["image"])
+            ids, pixels = np.concatenate(ids), np.concatenate(pixels)
+            assert sorted(ids.tolist()) == sorted(want) and pixels.dtype == np.uint8
+            k = np.argsort(ids)[:5]
+            np.testing.assert_array_equal(
+                pixels[k], decode_images([want[int(i)] for i in ids[k]], 16, 1, np.uint8)
+            )
+            orders.append(ids)
+        if cache:  # 1,258 rows in blocks of 4 batches of 32: ten blocks, in a new order each epoch
+            assert not np.array_equal(*orders)
+    # auto keeps the set when it is small against the object store; off and memory are obeyed
+    assert cache_decision(plan, 1e9)[0] and not cache_decision(plan, 1e3)[0]
+    off = plan_training(config("c", str(tmp_path), digits, data={"cache": "off"}))
+    forced = plan_training(config("c", str(tmp_path), digits, data={"cache": "memory"}))
+    assert not cache_decision(off, 1e12)[0] and cache_decision(forced, 1e3)[0]

@@ -3,17 +3,19 @@ optional ``group`` (the instance source: typeface, writer...) and passthrough co
 
 A data set is a folder with one sub-folder per part (``train/``, ``query/``, ``gallery/``) of
 Parquet files and ``_dataset.json`` (classes, image size, channels, rows per part, provenance).
-Ray Data reads the parts; :func:`decode_batch` turns a batch into float tensors (with the
-augmentation of the training config) inside ``map_batches``.
+Ray Data reads the parts; :class:`DecodeBatch` turns a batch into model inputs inside
+``map_batches`` (embedding); training decodes to pixels there and augments on the worker
+(:class:`TrainTransform`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,9 @@ from PIL import Image
 from dmu_ray.config import StorageConfig
 from dmu_ray.gallery import GalleryError, write_parquet_atomic
 from dmu_ray.storage import Location, read_bytes, resolve, write_bytes_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 DATASET_META = "_dataset.json"
 PARTS = ("train", "query", "gallery")
@@ -104,81 +109,114 @@ def fit_square(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_images(blobs: list[bytes] | np.ndarray, size: int, channels: int) -> np.ndarray:
-    """Encoded images (any format PIL reads) -> float32 (N, C, size, size) in [0, 1]; an image of
-    another size is fitted with :func:`fit_square` (a square one is simply resized)."""
-    out = np.empty((len(blobs), channels, size, size), dtype=np.float32)
+def decode_images(
+    blobs: list[bytes] | np.ndarray, size: int, channels: int, dtype: type = np.float32
+) -> np.ndarray:
+    """Encoded images (any format PIL reads) -> (N, C, size, size): float32 in [0, 1], or the
+    pixels themselves with ``dtype=np.uint8`` (a quarter of the memory: what training caches). An
+    image of another size is fitted with :func:`fit_square` (a square one is simply resized)."""
+    out = np.empty((len(blobs), channels, size, size), dtype=np.uint8)
     mode = "L" if channels == 1 else "RGB"
     for i, b in enumerate(blobs):
-        img = fit_square(Image.open(io.BytesIO(b)).convert(mode), size)
-        a = np.asarray(img, dtype=np.float32) / 255.0
+        a = np.asarray(fit_square(Image.open(io.BytesIO(b)).convert(mode), size))
         out[i] = a[None] if channels == 1 else a.transpose(2, 0, 1)
-    return out
+    if dtype == np.uint8:
+        return out
+    return out.astype(np.float32) / np.float32(255.0)
 
 
 def random_resized_crop(
-    x: np.ndarray,
-    rng: np.random.Generator,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
     scale: tuple[float, float] = (0.6, 1.0),
     ratio: tuple[float, float] = (0.8, 1.25),
-) -> np.ndarray:
-    """Per-image random resized crop of a (N, C, H, W) batch, bilinear, in one vectorised call
-    (each crop box becomes an affine sampling grid)."""
+) -> torch.Tensor:
+    """Per-image random resized crop of a float (N, C, H, W) batch, bilinear, as one batched op on
+    the batch's device (each crop box becomes an affine sampling grid); ``generator`` lives on that
+    device."""
     import torch
     import torch.nn.functional as F
 
     n, c, h, w = x.shape
-    area = rng.uniform(*scale, n)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), n))
-    cw = np.clip(np.sqrt(area * aspect), 0.05, 1.0)  # crop size as a fraction of the image
-    ch = np.clip(np.sqrt(area / aspect), 0.05, 1.0)
-    cx = rng.uniform(-(1 - cw), 1 - cw)  # crop centre in [-1, 1] coordinates
-    cy = rng.uniform(-(1 - ch), 1 - ch)
-    theta = np.zeros((n, 2, 3), dtype=np.float32)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator, device=x.device)
+
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw = torch.sqrt(area * aspect).clamp(0.05, 1.0)  # crop size as a fraction of the image
+    ch = torch.sqrt(area / aspect).clamp(0.05, 1.0)
+    cx = (1 - cw) * (2 * torch.rand(n, generator=generator, device=x.device) - 1)  # centre in [-1, 1]
+    cy = (1 - ch) * (2 * torch.rand(n, generator=generator, device=x.device) - 1)
+    theta = torch.zeros((n, 2, 3), dtype=x.dtype, device=x.device)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw, cx, ch, cy
-    grid = F.affine_grid(torch.from_numpy(theta), [n, c, h, w], align_corners=False)
-    return F.grid_sample(torch.from_numpy(x), grid, mode="bilinear", align_corners=False).numpy()
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
+
+
+class TrainTransform:
+    """On the training worker, per batch: uint8 pixels (N, C, H, W) -> float in [0, 1] -> random
+    resized crop (and a horizontal flip when ``flip``: off by default because it changes the class
+    of characters such as b/d) -> ``(x - mean) / std``. Each is one batched op on the batch's device
+    (the GPU on GPU workers), so the data pipeline only decodes, and decoded images can be cached
+    between epochs. Seeded: the same seed gives the same crops."""
+
+    def __init__(
+        self,
+        augment: bool,
+        flip: bool = False,
+        crop_scale: tuple[float, float] = (0.6, 1.0),
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+        seed: int = 0,
+    ) -> None:
+        self.augment, self.flip, self.crop_scale, self.seed = augment, flip, tuple(crop_scale), seed
+        self.mean, self.std = list(mean), list(std)
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        x = pixels.float().div_(255.0)
+        if self.augment:
+            if self.generator is None or self.generator.device != x.device:
+                self.generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            x = random_resized_crop(x, self.generator, self.crop_scale)
+            if self.flip:
+                m = torch.rand(len(x), generator=self.generator, device=x.device) < 0.5
+                x = torch.where(m[:, None, None, None], x.flip(-1), x)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
 
 
 class DecodeBatch:
-    """``map_batches`` callable: Arrow batch of images -> {"image": (N,C,S,S) float32, "label": int64}.
-
-    Training batches get a random resized crop (and a horizontal flip when ``flip``: off by default
-    because it changes the class of characters such as b/d). Pixels in [0, 1] are then normalised
-    per channel, ``(x - mean) / std`` (a model card's preprocessing; dmu-ray's models use 0.5/0.5).
-    """
+    """``map_batches`` callable for embedding: Arrow batch of images -> {"image": (N,C,S,S) float32,
+    "label", "id": int64}, pixels in [0, 1] resized to ``out_size`` when given (the model's input
+    size) and normalised per channel, ``(x - mean) / std`` (a model card's preprocessing; dmu-ray's
+    models use 0.5/0.5). Training decodes to pixels and transforms on the worker
+    (:class:`TrainTransform`)."""
 
     def __init__(
         self,
         size: int,
         channels: int,
-        augment: bool = False,
-        flip: bool = False,
-        crop_scale: tuple[float, float] = (0.6, 1.0),
-        seed: int | None = None,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
         out_size: int | None = None,
     ) -> None:
         self.out_size = out_size if out_size != size else None
-        self.size, self.channels, self.augment, self.flip = size, channels, augment, flip
-        self.crop_scale = crop_scale
+        self.size, self.channels = size, channels
         self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-        self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         x = decode_images(batch.column("image").to_pylist(), self.size, self.channels)
-        if self.augment:
-            x = random_resized_crop(x, self.rng, self.crop_scale)
-            if self.flip:
-                m = self.rng.random(len(x)) < 0.5
-                x[m] = x[m][..., ::-1]
         if self.out_size is not None:  # the model's input size (its card), e.g. 224 for ImageNet models
             import torch
 
             xt = torch.nn.functional.interpolate(
-                torch.from_numpy(np.ascontiguousarray(x)),
+                torch.from_numpy(x),
                 size=(self.out_size, self.out_size),
                 mode="bilinear",
                 align_corners=False,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dmu_ray.config import MatrixConfig
-from dmu_ray.evaluate.job import _check_output, _data_labels, _gallery_vectors, _labels_by_id
+from dmu_ray.evaluate.galleries import Embedded, check_output, data_labels, gallery_vectors, labels_by_id
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing
 from dmu_ray.evaluate.report import figure_png
 from dmu_ray.evaluate.search import SearchConfig
@@ -40,7 +40,6 @@ from dmu_ray.storage import resolve, write_bytes_atomic
 from dmu_ray.tracking import Tracker, flatten
 
 FORMAT = "dmu-ray.matrix/1"
-Embedded = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _load(uri: str, what: str, kind: str, cfg: MatrixConfig) -> Artifact:
@@ -56,7 +55,7 @@ def check_matrix(cfg: MatrixConfig) -> dict[str, Any]:
     from the data set), the output can be written. Returns the artefacts and galleries."""
     queries = {n: _load(u, f"query_models.{n}", EMBEDDING_MODEL, cfg) for n, u in cfg.query_models.items()}
     states: dict[str, dict[str, Any]] = {}
-    data_labels = None
+    by_id = None  # the data set's gallery labels, read once when a gallery has no label column
     for name, spec in cfg.gallery_states.items():
         what = f"gallery_states.{name}"
         if spec.gallery is not None:
@@ -68,8 +67,8 @@ def check_matrix(cfg: MatrixConfig) -> dict[str, Any]:
                 raise EvaluationError(f"{what}.gallery: {g.loc.uri} is empty")
             labels = None
             if LABEL not in g.schema().names:
-                data_labels = data_labels if data_labels is not None else _data_labels(cfg)
-                labels = _labels_by_id(g, data_labels, f"{what}.gallery")
+                by_id = by_id if by_id is not None else data_labels(cfg.data, cfg.storage)
+                labels = labels_by_id(g, by_id, f"{what}.gallery")
             states[name] = {"gallery": g, "labels": labels}
             continue
         model = queries.get(spec.model) or _load(spec.model, f"{what}.model", EMBEDDING_MODEL, cfg)
@@ -82,7 +81,7 @@ def check_matrix(cfg: MatrixConfig) -> dict[str, Any]:
                 )
             dim = m.card.out_dim
         states[name] = {"model": model, "upgrade": mods}
-    _check_output(cfg)
+    check_output(cfg.output, cfg.storage)
     return {"queries": queries, "states": states}
 
 
@@ -130,7 +129,7 @@ def run_matrix(cfg: MatrixConfig, *, progress: bool = True) -> dict[str, Any]:
     g_vecs: dict[str, Embedded] = {}
     for name, st in states.items():
         if "gallery" in st:
-            g_vecs[name] = _gallery_vectors(st["gallery"], st["labels"])
+            g_vecs[name] = gallery_vectors(st["gallery"], st["labels"])
             continue
         ids, labels, x = embed("gallery", st["model"])
         y = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))

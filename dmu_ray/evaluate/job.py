@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import sys
 import time
 from typing import Any
@@ -13,10 +12,11 @@ import numpy as np
 import torch
 
 from dmu_ray.config import EvaluateConfig
+from dmu_ray.evaluate.galleries import Embedded, check_output, data_labels, gallery_vectors, labels_by_id
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.report import render_report, write_report
 from dmu_ray.evaluate.search import SearchConfig
-from dmu_ray.gallery import EMB, LABEL, Gallery, GalleryError, embedding_matrix
+from dmu_ray.gallery import LABEL, Gallery, GalleryError
 from dmu_ray.models.artifact import (
     EMBEDDING_MODEL,
     UPGRADE_MODULE,
@@ -28,8 +28,6 @@ from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import embed_images
 from dmu_ray.storage import resolve
 from dmu_ray.tracking import Tracker, flatten
-
-Embedded = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids, labels, vectors)
 
 
 def _load(uri: str, what: str, kind: str, cfg: EvaluateConfig) -> Artifact:
@@ -132,7 +130,7 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
         wanted += [(f"{name}.{r}", name, r, u, _field(cfg, name, r)) for r, u in spec.galleries.items()]
     galleries: dict[str, Gallery] = {}
     labels: dict[str, np.ndarray] = {}  # of galleries without a label column, from the data set
-    data_labels = None
+    by_id = None  # the data set's gallery labels, read once when a gallery has no label column
     for key, name, role, uri, what in wanted:
         try:
             g = Gallery.open(uri, cfg.storage)
@@ -147,9 +145,9 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 f"{'old' if role == 'old' else 'new'} model's space is {model.card.dim}-d"
             )
         if LABEL not in g.schema().names:
-            if data_labels is None:
-                data_labels = _data_labels(cfg)
-            labels[key] = _labels_by_id(g, data_labels, what)  # every id has one
+            if by_id is None:
+                by_id = data_labels(cfg.data, cfg.storage)
+            labels[key] = labels_by_id(g, by_id, what)  # every id has one
         if cfg.check_gallery_models:
             if role == "old":
                 _check_made_by(g, what, old, "old_model")
@@ -159,7 +157,7 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 _check_upgraded(g, what, role, arts["models"][name]["psi"], model)
         galleries[key] = g
     _check_ground_truth_ids(cfg, ground_truth, galleries)
-    _check_output(cfg)
+    check_output(cfg.output, cfg.storage)
     cards = {"old_model": old.card} | {n: a["model"].card for n, a in arts["models"].items()}
     return {
         "arts": arts,
@@ -233,71 +231,6 @@ def _check_ground_truth_ids(
                 raise EvaluationError(str(err)) from None
 
 
-def _check_output(cfg: EvaluateConfig) -> None:
-    """The output folder can be written (checked, nothing created): not a file, its bucket exists,
-    and on local disk its nearest existing ancestor is a folder this process may write into."""
-    try:
-        out = resolve(cfg.output, cfg.storage)
-    except ValueError as err:
-        raise EvaluationError(f"output: {err}") from None
-    if out.missing_bucket():
-        raise EvaluationError(f"output: {out.describe_missing()}")
-    if out.is_file():
-        raise EvaluationError(f"output: {out.uri} is a file; give a folder for the report")
-    if not out.is_s3:
-        path = out.path
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
-        if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-            raise EvaluationError(f"output: cannot create {out.uri} ({path} is not a writable folder)")
-
-
-def _data_labels(cfg: EvaluateConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ids and their labels of the data set's gallery part (no image bytes read)."""
-    import pyarrow.parquet as pq
-
-    loc = resolve(cfg.data, cfg.storage).join("gallery")
-    try:
-        t = pq.read_table(loc.path, filesystem=loc.fs, columns=["id", LABEL])
-    except (OSError, ValueError) as err:
-        raise EvaluationError(f"data: cannot read the labels of {loc.uri} ({err})") from None
-    ids, labels = t.column("id").to_numpy(), t.column(LABEL).to_numpy()
-    order = np.argsort(ids, kind="stable")
-    return ids[order], labels[order]
-
-
-def _labels_by_id(g: Gallery, data: tuple[np.ndarray, np.ndarray], what: str) -> np.ndarray:
-    """Labels of a gallery without a label column: those of the data set's gallery images with the
-    same ids (a production gallery keyed by its images' ids); every id must have one."""
-    ids = g.read(columns=["id"]).column("id").to_numpy(zero_copy_only=False)
-    data_ids, data_labels = data
-    if ids.dtype.kind not in "iu":
-        raise EvaluationError(
-            f"{what}: {g.loc.uri} has no 'label' column and {ids.dtype} ids; its labels come from the data set's "
-            "gallery images by id, which are integers"
-        )
-    pos = np.clip(np.searchsorted(data_ids, ids), 0, max(0, len(data_ids) - 1))
-    found = (pos < len(data_ids)) & (data_ids[pos] == ids) if len(data_ids) else np.zeros(len(ids), bool)
-    if not found.all():
-        raise EvaluationError(
-            f"{what}: {g.loc.uri} has no 'label' column and {int((~found).sum())} of its {len(ids)} ids have no "
-            f"image in the data set's gallery part (e.g. {ids[~found][:5].tolist()}), so they cannot be labelled"
-        )
-    return data_labels[pos]
-
-
-def _gallery_vectors(g: Gallery, labels: np.ndarray | None = None) -> Embedded:
-    """Ids, labels and vectors of a gallery: its label column, or ``labels`` (row order) when it
-    has none."""
-    if labels is None:
-        t = g.read(columns=["id", LABEL, EMB])
-        labels = t.column(LABEL).to_numpy()
-    else:
-        t = g.read(columns=["id", EMB])
-    ids = t.column("id").to_numpy(zero_copy_only=False)
-    return ids, labels, embedding_matrix(t.column(EMB)).astype(np.float32)
-
-
 PLAN = (
     ("old/old", "old", "old"),
     ("new/new", "new", "new"),
@@ -356,7 +289,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     def stored(gkey: str) -> str:
         key = f"stored:{opened[gkey].loc.uri}"
         if key not in vectors:
-            vectors[key] = _gallery_vectors(opened[gkey], labels.get(gkey))
+            vectors[key] = gallery_vectors(opened[gkey], labels.get(gkey))
         return key
 
     def upgraded(old_key: str, psi: Artifact) -> str:

@@ -37,9 +37,7 @@ class _EmbedActor:
         art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
         self.model = build_embedding_model(art)[0].to(self.device)
         pre = art.card.preprocessing  # the model embeds as it does in production
-        self.decode = DecodeBatch(
-            size, channels, augment=False, mean=pre.mean, std=pre.std, out_size=pre.size
-        )
+        self.decode = DecodeBatch(size, channels, mean=pre.mean, std=pre.std, out_size=pre.size)
         self.only_ids = pa.array(only_ids) if only_ids is not None else None
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:

@@ -196,32 +196,63 @@ def decode_split_batch(
     seed: int,
     size: int,
     channels: int,
-    augment: bool,
-    flip: bool,
-    crop_scale: tuple[float, float],
-    mean: list[float],
-    std: list[float],
-):
-    """Ray Data UDF: keep this run's side of the split, decode, augment and normalise the images."""
+) -> dict[str, np.ndarray]:
+    """Ray Data UDF: keep this run's side of the split and decode its images to uint8 pixels
+    (augmentation and normalisation happen on the training worker, :class:`TrainTransform`)."""
     import pyarrow as pa
 
-    from dmu_ray.data.images import DecodeBatch
+    from dmu_ray.data.images import decode_images
 
     m = split_mask(
         protocol, role, batch.column("id").to_numpy(), batch.column("label").to_numpy(), old_fraction, seed
     )
-    return DecodeBatch(size, channels, augment, flip, crop_scale, mean=mean, std=std)(
-        batch.filter(pa.array(m))
+    batch = batch.filter(pa.array(m))
+    return {
+        "image": decode_images(batch.column("image").to_pylist(), size, channels, dtype=np.uint8),
+        "label": batch.column("label").to_numpy().astype(np.int64),
+        "id": batch.column("id").to_numpy().astype(np.int64),
+    }
+
+
+#: ``data.cache: auto`` keeps the decoded set in the object store when it takes at most this share
+#: of the cluster's object store memory
+CACHE_SHARE = 0.3
+
+
+def decoded_bytes(plan: TrainPlan) -> int:
+    """Bytes of this run's training images decoded to uint8 pixels."""
+    return plan.rows * plan.data.channels * plan.data.image_size**2
+
+
+def cache_decision(plan: TrainPlan, object_store_bytes: float) -> tuple[bool, str]:
+    """Whether to keep the decoded training set between epochs (``data.cache``), and why, in words."""
+    mode, need = plan.cfg.data.cache, decoded_bytes(plan)
+    size = f"{need / 2**20:,.0f} MiB decoded"
+    if mode == "off":
+        return False, f"decoding every epoch (data.cache: off; {size})"
+    if mode == "memory":
+        return True, f"decoded once, kept in the object store ({size}; data.cache: memory)"
+    if need <= CACHE_SHARE * object_store_bytes:
+        return True, f"decoded once, kept in the object store ({size})"
+    return False, (
+        f"decoding every epoch: {size} is over {CACHE_SHARE:.0%} of the object store "
+        f"({object_store_bytes / 2**30:,.1f} GiB; data.cache: memory forces the cache)"
     )
 
 
-def build_train_dataset(plan: TrainPlan):
+def build_train_dataset(plan: TrainPlan, cache: bool):
+    """Read -> this run's split -> decode to pixels; with ``cache`` the decoded set is materialised
+    once (the object store, spilling to local disk if it must) in blocks of four batches, and every
+    epoch starts from it, its blocks in a new random order; otherwise every epoch reads and decodes
+    again."""
     import ray.data
 
     c = plan.cfg.data
     ds = ray.data.read_parquet(plan.train_loc.path, filesystem=plan.train_loc.fs, file_extensions=["parquet"])
     ds = ds.select_columns(["id", "image", "label"])
-    return ds.randomize_block_order().map_batches(
+    if not cache:
+        ds = ds.randomize_block_order()
+    ds = ds.map_batches(
         decode_split_batch,
         fn_kwargs=dict(
             protocol=c.split,
@@ -230,16 +261,17 @@ def build_train_dataset(plan: TrainPlan):
             seed=c.split_seed,
             size=plan.data.image_size,
             channels=plan.data.channels,
-            augment=c.augment,
-            flip=c.flip,
-            crop_scale=tuple(c.crop_scale),
-            mean=plan.mean,
-            std=plan.std,
         ),
         batch_format="pyarrow",
         batch_size=256,
         num_cpus=c.decode_cpus,
     )
+    if not cache:
+        return ds
+    # blocks of a few batches each, so that a new block order every epoch shuffles the set well
+    # (a file decodes to one block otherwise); the local shuffle buffer mixes within and across them
+    ds = ds.repartition(target_num_rows_per_block=4 * plan.cfg.optim.batch_size)
+    return ds.materialize().randomize_block_order()
 
 
 def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -280,6 +312,9 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         storage_loc.fs.create_dir(storage_loc.path, recursive=True)
     info = plan.info()
     info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
+    cache, why = cache_decision(plan, ray.cluster_resources().get("object_store_memory", 0.0))
+    say(f"  training images: {why}")
+    dataset = build_train_dataset(plan, cache)
     cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
     board = ProgressBoard.remote()
     trainer = TorchTrainer(
@@ -307,7 +342,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": build_train_dataset(plan)},
+        datasets={"train": dataset},
     )
     run, ok = None, False
     try:
@@ -427,7 +462,8 @@ def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
     finished run is continued) may change."""
     d = cfg.model_dump(mode="json", exclude=OPERATIONAL, exclude_defaults=True)
     d.get("optim", {}).pop("epochs", None)
-    d.get("data", {}).pop("decode_cpus", None)
+    for k in ("decode_cpus", "cache"):
+        d.get("data", {}).pop(k, None)
     return d
 
 

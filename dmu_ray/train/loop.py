@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dmu_ray.config import OptimConfig, TrainConfig
+from dmu_ray.data.images import TrainTransform
 from dmu_ray.train.progress import Poster
 from dmu_ray.train.trainee import Trainee
 
@@ -34,7 +35,8 @@ __all__ = [
 
 STATE_FILE = "state.pt"
 #: per-epoch metrics kept in the run's history (checkpoint and exported card): the losses, the
-#: share of samples under the compatibility constraint, DMU's distribution of d, the worker count
+#: share of samples under the compatibility constraint, DMU's distribution of d, the worker count,
+#: the epoch's seconds, throughput and wait before its first batch
 HISTORY_KEYS = (
     "epoch",
     "loss",
@@ -51,6 +53,9 @@ HISTORY_KEYS = (
     "proto_rebuilds",
     "resumed_from",
     "workers",
+    "seconds",
+    "samples_per_s",
+    "first_batch_s",
 )
 DRILL_WAIT_S = 6.0  # > 2 of Ray Train's default 2 s health-check polls
 
@@ -172,13 +177,23 @@ class WorkerLoop:
         self.amp = o.amp and self.cuda
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.shard = ray.train.get_dataset_shard("train")
+        c, info = cfg.data, self.info
+        # crops differ per worker and per (re)start: a resumed run does not replay epoch 0's crops
+        self.transform = TrainTransform(
+            c.augment,
+            c.flip,
+            c.crop_scale,
+            info["mean"],
+            info["std"],
+            seed=_seed(cfg.seed, self.rank, self.start_epoch),
+        )
 
     def step(self, batch: dict[str, torch.Tensor], epoch: int, steps: int) -> tuple[torch.Tensor, dict]:
         """One optimisation step and the LR schedule's; a non-finite loss stops the run."""
         loss, stats = train_step(
             self.trainee,
             self.old_model,
-            batch["image"],
+            self.transform(batch["image"]),
             batch["label"],
             self.opt,
             self.scaler,
@@ -201,10 +216,11 @@ class WorkerLoop:
         steps, samples, t0, first_batch_s = 0, 0, time.perf_counter(), 0.0
         for batch in self.shard.iter_torch_batches(
             batch_size=cfg.optim.batch_size,
-            dtypes={"image": torch.float32, "label": torch.int64, "id": torch.int64},
-            device=self.device,
+            dtypes={"image": torch.uint8, "label": torch.int64, "id": torch.int64},
+            device=self.device,  # pixels cross to the GPU as uint8; TrainTransform runs there
             drop_last=True,
             local_shuffle_buffer_size=cfg.optim.batch_size * 4,
+            prefetch_batches=2,
         ):
             if steps == 0:
                 first_batch_s = time.perf_counter() - t0  # the pipeline's start within the epoch
@@ -263,6 +279,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: resume if a checkpoint exists, train the remaining epochs, report
     metrics and a checkpoint after every epoch (:class:`WorkerLoop`)."""
     WorkerLoop(config).run()
+
+
+def _seed(seed: int, rank: int, start_epoch: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + start_epoch) % 2**63
 
 
 def _maybe_failure_drill(
