@@ -524,6 +524,80 @@ def write_parquet_atomic(
     )
 
 
+class ChunkedParquetWriter:
+    """One Parquet file written chunk by chunk, published atomically on :meth:`commit`, like
+    :func:`write_parquet_atomic` (same options, in memory, one PUT or rename).
+
+    Each chunk is encoded on a background thread (pyarrow releases the GIL), so the caller can
+    compute the next chunk meanwhile; at most one chunk waits to be encoded. ``metadata`` goes into
+    the file's schema. Use as a context manager: leaving it without :meth:`commit` publishes nothing.
+    """
+
+    def __init__(
+        self,
+        loc: Location,
+        *,
+        row_group_rows: int = 65536,
+        source: str | None = None,
+        compression: str = "zstd",
+        metadata: dict[bytes, bytes] | None = None,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.loc, self.source, self.compression = loc, source, compression
+        self.row_group_rows, self.metadata = row_group_rows, metadata or {}
+        self.rows = 0
+        self._sink = pa.BufferOutputStream()
+        self._writer: pq.ParquetWriter | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
+        self._pending = None
+
+    def __enter__(self) -> ChunkedParquetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def write(self, table: pa.Table) -> None:
+        """Queue ``table`` (all chunks share one schema) for encoding; returns once the chunk
+        before it is encoded (an encoding error surfaces here or at commit)."""
+        self._wait()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+        self._pending = self._pool.submit(self._encode, table)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _encode(self, table: pa.Table) -> None:
+        if self._writer is None:
+            opts = parquet_write_options(table.schema, self.compression)
+            self._writer = pq.ParquetWriter(self._sink, table.schema, **opts)
+        self._writer.write_table(table, row_group_size=self.row_group_rows)
+        self.rows += table.num_rows
+
+    def commit(self, empty_schema: pa.Schema) -> FileEntry:
+        """Finish the file (``empty_schema`` when no chunk came) and publish it; its entry."""
+        self._wait()
+        if self._writer is None:
+            self._encode(
+                empty_schema.empty_table().replace_schema_metadata(
+                    {**(empty_schema.metadata or {}), **self.metadata}
+                )
+            )
+        self._writer.close()
+        buf = self._sink.getvalue()
+        digest = write_bytes_atomic(self.loc, buf)
+        return FileEntry(
+            path=posixpath.basename(self.loc.path),
+            rows=self.rows,
+            bytes=buf.size,
+            sha256=digest,
+            source=self.source,
+        )
+
+
 def open_parquet(loc: Location, missing: str = "") -> pq.ParquetFile:
     """Open one Parquet file; any failure (missing, not Parquet, truncated) names the file
     (``missing`` words the case of an absent file; default "no such file")."""

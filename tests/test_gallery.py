@@ -264,3 +264,45 @@ def test_import_npy_and_parquet(root, tmp_path):
     assert m2.rows == 2 and m2.quarantine_reasons == {"wrong dimension 3 (expected 2)": 1}
     t2 = Gallery.open(root.uri("from-pq"), root.storage).read()
     assert t2.column("id").to_pylist() == ["a", "b"] and t2.column("extra").to_pylist() == [1, 2]
+
+
+def test_chunked_writer_publishes_one_file_on_commit_only(tmp_path):
+    """Chunks encoded on a background thread become one Parquet file, published whole on commit
+    with the metadata and an entry that matches the bytes; leaving without commit writes nothing."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dmu_ray.gallery import ChunkedParquetWriter, embedding_array
+    from dmu_ray.storage import resolve
+
+    loc = resolve(str(tmp_path / "out" / "part-0.parquet"))
+    chunks = [
+        pa.table(
+            {
+                "id": np.arange(k * 10, k * 10 + 10),
+                "embedding": embedding_array(np.full((10, 4), k, np.float16)),
+            }
+        )
+        for k in range(3)
+    ]
+    with ChunkedParquetWriter(loc, source="src.parquet", metadata={b"dmu.model": b"{}"}) as w:
+        for c in chunks:
+            w.write(c)
+    assert not (tmp_path / "out" / "part-0.parquet").exists()  # no commit: nothing published
+    with ChunkedParquetWriter(
+        loc, source="src.parquet", row_group_rows=10, metadata={b"dmu.model": b"{}"}
+    ) as w:
+        for c in chunks:
+            w.write(c)
+        entry = w.commit(chunks[0].schema)
+    data = (tmp_path / "out" / "part-0.parquet").read_bytes()
+    assert entry.rows == 30 and entry.bytes == len(data) and entry.sha256 == hashlib.sha256(data).hexdigest()
+    t = pq.read_table(loc.path)
+    assert t["id"].to_pylist() == list(range(30)) and t.schema.metadata[b"dmu.model"] == b"{}"
+    assert pq.ParquetFile(loc.path).metadata.num_row_groups == 3
+    empty = resolve(str(tmp_path / "out" / "empty.parquet"))
+    with ChunkedParquetWriter(empty) as w:
+        assert w.commit(chunks[0].schema).rows == 0
+    assert pq.read_table(empty.path).schema.names == ["id", "embedding"]

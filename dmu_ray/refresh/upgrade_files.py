@@ -28,6 +28,8 @@ import json
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,6 +44,7 @@ from dmu_ray.gallery import (
     EMB,
     MODEL_META_KEY,
     QUARANTINE_DIR,
+    ChunkedParquetWriter,
     FileEntry,
     GalleryError,
     ModelInfo,
@@ -200,33 +203,43 @@ class FileUpgrader:
         self.overrides = overrides
         self.expected = expected  # the source manifest's entries: each file is verified before use
 
-    def open_source(self, rel: str) -> pq.ParquetFile:
-        """The source file ``rel``, verified against its manifest entry (bytes, sha256, rows)
-        when one was given; the whole file is read into memory once for that."""
+    def open_source(
+        self, rel: str, pool: ThreadPoolExecutor | None = None
+    ) -> tuple[pq.ParquetFile, Callable[[], None]]:
+        """The source file ``rel`` and a check that raises :class:`SourceIntegrityError` unless it
+        is what its manifest entry says (bytes, sha256, rows; when one was given). The whole file is
+        read into memory once; size and rows are checked here, the sha256 is computed on ``pool``
+        (beside the decoding) when one is given. Call the check before publishing anything."""
         loc = self.src.join(rel)
         want = self.expected.get(rel) if self.expected is not None else None
         if self.expected is not None and want is None:
             raise SourceIntegrityError(f"{loc.uri}: not listed in the source gallery's manifest")
         try:
             if want is None:
-                return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+                return pq.ParquetFile(loc.fs.open_input_file(loc.path)), lambda: None
             data = read_bytes(loc)
         except FileNotFoundError:
             raise SourceIntegrityError(f"{loc.uri}: listed in the source manifest but missing") from None
         changed = f"{loc.uri} changed after its gallery was committed"
         if len(data) != want.bytes:
             raise SourceIntegrityError(f"{changed}: {len(data)} bytes, the manifest says {want.bytes}")
-        if hashlib.sha256(data).hexdigest() != want.sha256:
-            raise SourceIntegrityError(f"{changed}: its sha256 differs from the manifest's")
+        digest = pool.submit(_sha256, data) if pool is not None else None
+
+        def check() -> None:
+            got = digest.result() if digest is not None else _sha256(data)
+            if got != want.sha256:
+                raise SourceIntegrityError(f"{changed}: its sha256 differs from the manifest's")
+
         try:
             pf = pq.ParquetFile(pa.BufferReader(data))
         except (pa.ArrowException, OSError) as err:
+            check()  # a file that changed says so rather than "not Parquet"
             raise SourceIntegrityError(f"{loc.uri}: not a readable Parquet file ({err})") from None
         if pf.metadata.num_rows != want.rows:
             raise SourceIntegrityError(
                 f"{changed}: {pf.metadata.num_rows} rows, the manifest says {want.rows}"
             )
-        return pf
+        return pf, check
 
     @torch.inference_mode()
     def upgrade_matrix(self, mat: np.ndarray, route: list[int] | None = None) -> np.ndarray:
@@ -273,57 +286,33 @@ class FileUpgrader:
         return y, out_keys
 
     def upgrade_file(self, rel: str) -> dict[str, Any]:
-        """Upgrade input file ``rel`` and commit it; returns its commit record."""
+        """Upgrade input file ``rel`` and commit it; returns its commit record.
+
+        Three stages overlap: a reader thread hashes the source and decodes its next batch, the
+        module runs on this thread (on the actor's device), and a writer thread encodes the
+        previous batch's output; so a GPU does not wait on Parquet."""
         if self._fail_after is not None and self._done >= self._fail_after:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
         t0 = time.perf_counter()
         src_loc = self.src.join(rel)
-        pf = self.open_source(rel)
-        outs: list[pa.Table] = []
-        bad_parts: list[pa.Table] = []
-        reasons: Counter[str] = Counter()
-        rows_in = rows_new = 0
-        for rb in pf.iter_batches(batch_size=self.batch_size):
-            t = pa.Table.from_batches([rb])
-            bad, why = row_problems(t, self.in_dim, where=src_loc.uri)
-            if bad.any():
-                idx = np.flatnonzero(bad)
-                bad_parts.append(quarantine_table(t.take(pa.array(idx)), why, idx + rows_in))
-                reasons.update(why)
-                t = t.filter(pa.array(~bad))
-            good_idx = np.flatnonzero(~bad) + rows_in
-            rows_in += rb.num_rows
-            if not t.num_rows:
-                continue
-            y, keys = self._route_batch(t, src_loc.uri)
-            lost, words = unstorable_rows(y, self.model)
-            if lost.any():
-                why = [f"upgrade output: {w}" for w in words]
-                bad_parts.append(quarantine_table(t.filter(pa.array(lost)), why, good_idx[lost]))
-                reasons.update(why)
-                t, y, keys = t.filter(pa.array(~lost)), y[~lost], keys[~lost]
-            col = t.schema.get_field_index(EMB)
-            t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
-            if self.overrides is not None:
-                t, hits, keys = self._override(t, y, keys)
-                rows_new += hits
-            outs.append(self._with_lineage(t, keys))
-        q_entry = None
-        if bad_parts:
-            q = pa.concat_tables(bad_parts, promote_options="permissive")
-            q_entry = write_parquet_atomic(self.out.join(QUARANTINE_DIR, rel), q, source=rel)
-            q_entry.path = f"{QUARANTINE_DIR}/{rel}"
-        if outs:
-            table = pa.concat_tables(outs)
-        else:
-            table = self._empty(pf.schema_arrow)
-            if self.overrides is not None:
-                table = table.append_column(
-                    pa.field(PROVENANCE, pa.string(), nullable=False), pa.array([], pa.string())
-                )
-            table = self._with_lineage(table, np.empty(0, dtype=object))
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.meta})
-        entry = write_parquet_atomic(self.out.join(rel), table, source=rel)
+        with ThreadPoolExecutor(1, thread_name_prefix="parquet-read") as reader:
+            pf, check_source = self.open_source(rel, reader)
+            writer = ChunkedParquetWriter(self.out.join(rel), source=rel, metadata=self.meta)
+            with writer:
+                try:
+                    rows_in, rows_new, bad_parts, reasons = self._upgrade_batches(
+                        _prefetched(pf.iter_batches(batch_size=self.batch_size), reader), src_loc.uri, writer
+                    )
+                except (SourceIntegrityError, RuntimeError, ValueError, pa.ArrowException, OSError):
+                    check_source()  # a source that changed is named as such
+                    raise
+                check_source()  # nothing is published for a source that changed
+                q_entry = None
+                if bad_parts:
+                    q = pa.concat_tables(bad_parts, promote_options="permissive")
+                    q_entry = write_parquet_atomic(self.out.join(QUARANTINE_DIR, rel), q, source=rel)
+                    q_entry.path = f"{QUARANTINE_DIR}/{rel}"
+                entry = writer.commit(self._empty_output(pf.schema_arrow).schema)
         entry.path = rel
         record = {
             "source": rel,
@@ -341,6 +330,52 @@ class FileUpgrader:
         write_bytes_atomic(self.out.join(record_name(rel)), json.dumps(record).encode())
         self._done += 1
         return record
+
+    def _upgrade_batches(
+        self, batches: Iterator[pa.RecordBatch], where: str, writer: ChunkedParquetWriter
+    ) -> tuple[int, int, list[pa.Table], Counter[str]]:
+        """Check, route and upgrade each batch, handing good rows to ``writer``; returns rows in,
+        rows taken from the overrides, the quarantined rows and their reasons."""
+        bad_parts: list[pa.Table] = []
+        reasons: Counter[str] = Counter()
+        rows_in = rows_new = 0
+        for rb in batches:
+            t = pa.Table.from_batches([rb])
+            bad, why = row_problems(t, self.in_dim, where=where)
+            if bad.any():
+                idx = np.flatnonzero(bad)
+                bad_parts.append(quarantine_table(t.take(pa.array(idx)), why, idx + rows_in))
+                reasons.update(why)
+                t = t.filter(pa.array(~bad))
+            good_idx = np.flatnonzero(~bad) + rows_in
+            rows_in += rb.num_rows
+            if not t.num_rows:
+                continue
+            y, keys = self._route_batch(t, where)
+            lost, words = unstorable_rows(y, self.model)
+            if lost.any():
+                why = [f"upgrade output: {w}" for w in words]
+                bad_parts.append(quarantine_table(t.filter(pa.array(lost)), why, good_idx[lost]))
+                reasons.update(why)
+                t, y, keys = t.filter(pa.array(~lost)), y[~lost], keys[~lost]
+            col = t.schema.get_field_index(EMB)
+            t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
+            if self.overrides is not None:
+                t, hits, keys = self._override(t, y, keys)
+                rows_new += hits
+            if t.num_rows:
+                writer.write(self._with_lineage(t, keys))
+        return rows_in, rows_new, bad_parts, reasons
+
+    def _empty_output(self, schema: pa.Schema) -> pa.Table:
+        """An output table with no rows: the schema of a file whose every row was quarantined."""
+        i = schema.get_field_index(EMB)
+        table = schema.set(i, pa.field(EMB, self.out_type, nullable=False)).empty_table()
+        if self.overrides is not None:
+            table = table.append_column(
+                pa.field(PROVENANCE, pa.string(), nullable=False), pa.array([], pa.string())
+            )
+        return self._with_lineage(table, np.empty(0, dtype=object))
 
     def _override(self, t: pa.Table, y: np.ndarray, keys: np.ndarray) -> tuple[pa.Table, int, np.ndarray]:
         """Put the new model's vector into the rows the backfill re-embedded; add provenance and
@@ -369,9 +404,18 @@ class FileUpgrader:
         col = pa.array(keys.tolist(), pa.string()).dictionary_encode()
         return t.append_column(pa.field(LINEAGE_COLUMN, col.type, nullable=False), col)
 
-    def _empty(self, schema: pa.Schema) -> pa.Table:
-        i = schema.get_field_index(EMB)
-        return schema.set(i, pa.field(EMB, self.out_type, nullable=False)).empty_table()
+
+def _sha256(data: pa.Buffer | bytes) -> str:
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def _prefetched(it: Iterator[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
+    """``it``'s items, the next one produced on ``pool`` while the caller works on the current."""
+    end = object()
+    ahead = pool.submit(next, it, end)
+    while (item := ahead.result()) is not end:
+        ahead = pool.submit(next, it, end)
+        yield item
 
 
 def entry_from_record(d: dict[str, Any] | None) -> FileEntry | None:
