@@ -2,7 +2,7 @@
 spread over seeds (docs/results.md, issue 14).
 
     python benchmarks/generations.py --seeds 0 1 2 --root out/gen3-glyphs            # ~5 min a seed
-    python benchmarks/generations.py --dataset fonts --seeds 0 --root out/gen3-fonts  # many-class set
+    python benchmarks/generations.py --dataset fonts --seeds 0 1 2 --root out/gen3-fonts  # ~25 min a seed
 
 Each seed is ``dmu-ray demo --generations N`` (re-running reuses finished stages); the table is
 read back from each seed's ``eval/generations-s<seed>.json``.
