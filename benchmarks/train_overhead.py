@@ -2,6 +2,7 @@
 
     python benchmarks/train_overhead.py                      # DMU step, small CNN, glyphs, batch 64
     python benchmarks/train_overhead.py --method independent --epochs 4
+    python benchmarks/train_overhead.py --train-instances 16   # longer epochs (~36 s)
 
 Both sides run the same Trainee (model, classifier, upgrade module, loss), the same batch size,
 one torch thread, and the same per-batch transform on the training side (``TrainTransform``:
@@ -81,11 +82,17 @@ def main() -> None:
     ap.add_argument("--method", choices=["independent", "dmu"], default="dmu")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument(
+        "--train-instances",
+        type=int,
+        default=4,
+        help="glyph images per (char, face): 4 gives 5,736 images (~9 s epochs), 16 about four times that",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = tempfile.mkdtemp(prefix="dmu-train-bench-")
     data = os.path.join(work, "glyphs")
-    import_glyphs(data)
+    import_glyphs(data, train_instances=args.train_instances)
     base = {
         "storage_path": os.path.join(work, "runs"),
         "data": {"uri": data},

@@ -125,6 +125,31 @@ def decode_images(
     return out.astype(np.float32) / np.float32(255.0)
 
 
+def decode_split_batch(
+    batch: pa.Table,
+    *,
+    protocol: str,
+    role: str,
+    old_fraction: float,
+    seed: int,
+    size: int,
+    channels: int,
+) -> dict[str, np.ndarray]:
+    """Ray Data UDF: keep this run's side of the split and decode its images to uint8 pixels
+    (augmentation and normalisation happen on the training worker, :class:`TrainTransform`)."""
+    from dmu_ray.data.splits import split_mask
+
+    m = split_mask(
+        protocol, role, batch.column("id").to_numpy(), batch.column("label").to_numpy(), old_fraction, seed
+    )
+    batch = batch.filter(pa.array(m))
+    return {
+        "image": decode_images(batch.column("image").to_pylist(), size, channels, dtype=np.uint8),
+        "label": batch.column("label").to_numpy().astype(np.int64),
+        "id": batch.column("id").to_numpy().astype(np.int64),
+    }
+
+
 def random_resized_crop(
     x: torch.Tensor,
     generator: torch.Generator | None = None,

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dmu_ray.config import ConfigError, ScalingSection, TrainConfig
-from dmu_ray.data.images import DatasetInfo, read_dataset_info
+from dmu_ray.data.images import DatasetInfo, decode_split_batch, read_dataset_info
 from dmu_ray.data.splits import split_mask
 from dmu_ray.methods.base import UpgradeModuleFields
 from dmu_ray.methods.registry import method_from_saved
@@ -187,33 +187,6 @@ def _fits_data(role: str, art: Artifact, data: DatasetInfo) -> None:
         raise ConfigError(str(err)) from None
 
 
-def decode_split_batch(
-    batch,
-    *,
-    protocol: str,
-    role: str,
-    old_fraction: float,
-    seed: int,
-    size: int,
-    channels: int,
-) -> dict[str, np.ndarray]:
-    """Ray Data UDF: keep this run's side of the split and decode its images to uint8 pixels
-    (augmentation and normalisation happen on the training worker, :class:`TrainTransform`)."""
-    import pyarrow as pa
-
-    from dmu_ray.data.images import decode_images
-
-    m = split_mask(
-        protocol, role, batch.column("id").to_numpy(), batch.column("label").to_numpy(), old_fraction, seed
-    )
-    batch = batch.filter(pa.array(m))
-    return {
-        "image": decode_images(batch.column("image").to_pylist(), size, channels, dtype=np.uint8),
-        "label": batch.column("label").to_numpy().astype(np.int64),
-        "id": batch.column("id").to_numpy().astype(np.int64),
-    }
-
-
 #: ``data.cache: auto`` keeps the decoded set in the object store when it takes at most this share
 #: of the cluster's object store memory
 CACHE_SHARE = 0.3
@@ -242,9 +215,9 @@ def cache_decision(plan: TrainPlan, object_store_bytes: float) -> tuple[bool, st
 
 def build_train_dataset(plan: TrainPlan, cache: bool):
     """Read -> this run's split -> decode to pixels; with ``cache`` the decoded set is materialised
-    once (the object store, spilling to local disk if it must) in blocks of four batches, and every
-    epoch starts from it, its blocks in a new random order; otherwise every epoch reads and decodes
-    again."""
+    once (the object store, spilling to local disk if it must) in blocks of about four batches,
+    and every epoch starts from it, its blocks in a new random order; otherwise every epoch reads
+    and decodes again."""
     import ray.data
 
     c = plan.cfg.data
@@ -253,7 +226,7 @@ def build_train_dataset(plan: TrainPlan, cache: bool):
     if not cache:
         ds = ds.randomize_block_order()
     ds = ds.map_batches(
-        decode_split_batch,
+        decode_split_batch,  # in a module without torch: a decode task's process starts fast
         fn_kwargs=dict(
             protocol=c.split,
             role=c.role,
