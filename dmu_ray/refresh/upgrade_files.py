@@ -295,7 +295,8 @@ class FileUpgrader:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
         t0 = time.perf_counter()
         src_loc = self.src.join(rel)
-        with ThreadPoolExecutor(1, thread_name_prefix="parquet-read") as reader:
+        # two threads: the source's sha256 beside the decoding of its first batches
+        with ThreadPoolExecutor(2, thread_name_prefix="parquet-read") as reader:
             pf, check_source = self.open_source(rel, reader)
             writer = ChunkedParquetWriter(self.out.join(rel), source=rel, metadata=self.meta)
             with writer:
