@@ -517,10 +517,14 @@ def write_parquet_atomic(
     pq.write_table(
         table, sink, row_group_size=row_group_rows, **parquet_write_options(table.schema, compression)
     )
-    buf = sink.getvalue()
+    return _publish_parquet(loc, sink.getvalue(), table.num_rows, source)
+
+
+def _publish_parquet(loc: Location, buf: pa.Buffer, rows: int, source: str | None) -> FileEntry:
+    """Publish an encoded Parquet file at ``loc`` atomically; its manifest entry."""
     digest = write_bytes_atomic(loc, buf)
     return FileEntry(
-        path=posixpath.basename(loc.path), rows=table.num_rows, bytes=buf.size, sha256=digest, source=source
+        path=posixpath.basename(loc.path), rows=rows, bytes=buf.size, sha256=digest, source=source
     )
 
 
@@ -562,7 +566,6 @@ class ChunkedParquetWriter:
         """Queue ``table`` (all chunks share one schema) for encoding; returns once the chunk
         before it is encoded (an encoding error surfaces here or at commit)."""
         self._wait()
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
         self._pending = self._pool.submit(self._encode, table)
 
     def _wait(self) -> None:
@@ -571,6 +574,7 @@ class ChunkedParquetWriter:
             pending.result()
 
     def _encode(self, table: pa.Table) -> None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
         if self._writer is None:
             opts = parquet_write_options(table.schema, self.compression)
             self._writer = pq.ParquetWriter(self._sink, table.schema, **opts)
@@ -581,21 +585,9 @@ class ChunkedParquetWriter:
         """Finish the file (``empty_schema`` when no chunk came) and publish it; its entry."""
         self._wait()
         if self._writer is None:
-            self._encode(
-                empty_schema.empty_table().replace_schema_metadata(
-                    {**(empty_schema.metadata or {}), **self.metadata}
-                )
-            )
+            self._encode(empty_schema.empty_table())
         self._writer.close()
-        buf = self._sink.getvalue()
-        digest = write_bytes_atomic(self.loc, buf)
-        return FileEntry(
-            path=posixpath.basename(self.loc.path),
-            rows=self.rows,
-            bytes=buf.size,
-            sha256=digest,
-            source=self.source,
-        )
+        return _publish_parquet(self.loc, self._sink.getvalue(), self.rows, self.source)
 
 
 def open_parquet(loc: Location, missing: str = "") -> pq.ParquetFile:

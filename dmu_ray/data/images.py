@@ -198,6 +198,7 @@ class TrainTransform:
         self.augment, self.flip, self.crop_scale, self.seed = augment, flip, tuple(crop_scale), seed
         self.mean, self.std = list(mean), list(std)
         self.generator: torch.Generator | None = None
+        self._norm: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std on the batches' device
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         import torch
@@ -210,8 +211,12 @@ class TrainTransform:
             if self.flip:
                 m = torch.rand(len(x), generator=self.generator, device=x.device) < 0.5
                 x = torch.where(m[:, None, None, None], x.flip(-1), x)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        if self._norm is None or self._norm[0].device != x.device:  # made once, not a copy per step
+            self._norm = (
+                torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
+                torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1),
+            )
+        mean, std = self._norm
         return (x - mean) / std
 
 

@@ -298,8 +298,7 @@ class FileUpgrader:
         # two threads: the source's sha256 beside the decoding of its first batches
         with ThreadPoolExecutor(2, thread_name_prefix="parquet-read") as reader:
             pf, check_source = self.open_source(rel, reader)
-            writer = ChunkedParquetWriter(self.out.join(rel), source=rel, metadata=self.meta)
-            with writer:
+            with ChunkedParquetWriter(self.out.join(rel), source=rel, metadata=self.meta) as writer:
                 try:
                     rows_in, rows_new, bad_parts, reasons = self._upgrade_batches(
                         _prefetched(pf.iter_batches(batch_size=self.batch_size), reader), src_loc.uri, writer
