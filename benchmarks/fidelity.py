@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,12 +118,19 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", help="only these variants (default: each protocol's list)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cpus-per-worker", type=float, default=0.5)
+    ap.add_argument("--report", action="store_true", help="only print the tables of <root>/fidelity.json")
     args = ap.parse_args()
+
+    # Results accumulate: each run adds its protocols and seeds to what earlier runs measured.
+    path = Path(args.root) / "fidelity.json"
+    out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if args.report:
+        report(out)
+        return
 
     from dmu_ray.data.importers import import_fonts
     from dmu_ray.storage import resolve
 
-    out: dict[str, Any] = {}
     for name in args.protocols:
         proto = PROTOCOLS[name]
         root = f"{args.root}/{name}"
@@ -130,7 +138,7 @@ def main() -> None:
         if not resolve(data).join("_dataset.json").exists():
             info = import_fonts(data, hangul=args.hangul, image_size=args.image_size, seed=0)
             print(f"{name}: {info.num_classes} classes, rows {info.rows}", flush=True)
-        out[name] = {}
+        out.setdefault(name, {})
         for seed in args.seeds:
             lc = LifecycleConfig(
                 root=root,
@@ -152,15 +160,14 @@ def main() -> None:
                     "area": curve["area"],
                     "uncertainty_error_spearman": curve["uncertainty_error_spearman"],
                 }
-            out[name][seed] = res
-        with open(f"{args.root}/fidelity.json", "w") as f:
-            json.dump(out, f, indent=2)
+            out[name][str(seed)] = res
+            path.write_text(json.dumps(out, indent=2))
     report(out)
 
 
 def report(out: dict[str, Any]) -> None:
     for name, by_seed in out.items():
-        seeds = sorted(by_seed)
+        seeds = sorted(by_seed, key=int)
         methods = [m for m in PROTOCOLS[name]["methods"] if m in by_seed[seeds[0]]]
         print(f"\n### {name}: mAP@100 (%), mean +- std over seeds {seeds}\n")
         print("| method | " + " | ".join(PAIRINGS) + " |")
