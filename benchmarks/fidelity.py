@@ -102,6 +102,22 @@ def fastfill_curve(root: str, seed: int, lc: LifecycleConfig, epochs: int) -> di
     )
 
 
+D_KEYS = ("constrained", "old_d", "d_q10", "d_q50", "d_q90", "d_near0", "d_near1", "w_max")
+
+
+def add_d_stats(out: dict[str, Any], root: str) -> None:
+    """DMU's discriminativeness over the new training images in its last epoch (from the run card's
+    history), for every protocol and seed with a DMU run that lacks it."""
+    from dmu_ray.models.artifact import load_artifact
+
+    for name, by_seed in out.items():
+        for seed, res in by_seed.items():
+            model = Path(root) / name / "runs" / f"dmu-s{seed}" / "export" / "model.pt"
+            if "dmu" in res and "dmu_d" not in res and model.exists():
+                last = load_artifact(str(model)).card.history[-1]
+                res["dmu_d"] = {k: last[k] for k in D_KEYS if k in last}
+
+
 def mean_std(vals: list[float]) -> str:
     return f"{np.mean(vals):.2f} +- {np.std(vals):.2f}" if vals else "-"
 
@@ -125,6 +141,7 @@ def main() -> None:
     path = Path(args.root) / "fidelity.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.report:
+        add_d_stats(out, args.root)
         report(out)
         return
 
@@ -161,6 +178,7 @@ def main() -> None:
                     "uncertainty_error_spearman": curve["uncertainty_error_spearman"],
                 }
             out[name][str(seed)] = res
+            add_d_stats(out, args.root)
             path.write_text(json.dumps(out, indent=2))
     report(out)
 
@@ -203,6 +221,12 @@ def report(out: dict[str, Any]) -> None:
                 )
             rho = [by_seed[s]["fastfill"]["uncertainty_error_spearman"] for s in seeds]
             print(f"rank correlation of uncertainty with realised error: {np.round(rho, 3).tolist()}")
+        d = [by_seed[s]["dmu_d"] for s in seeds if "dmu_d" in by_seed[s]]
+        if d:
+            print(
+                "DMU's d in its last epoch (mean over seeds): "
+                + ", ".join(f"{k} {np.mean([x[k] for x in d]):.3f}" for k in D_KEYS if k in d[0])
+            )
 
 
 if __name__ == "__main__":
