@@ -105,9 +105,10 @@ def fastfill_curve(root: str, seed: int, lc: LifecycleConfig, epochs: int) -> di
 D_KEYS = ("constrained", "old_d", "d_q10", "d_q50", "d_q90", "d_near0", "d_near1", "w_max")
 
 
-def add_d_stats(out: dict[str, Any], root: str) -> None:
-    """DMU's discriminativeness over the new training images in its last epoch (from the run card's
-    history), for every protocol and seed with a DMU run that lacks it."""
+def add_details(out: dict[str, Any], root: str) -> None:
+    """What the lifecycle summary lacks, read from the files of each protocol and seed: DMU's
+    discriminativeness over the new training images in its last epoch (the run card's history) and
+    the FastFill curves' points (the curve's JSON)."""
     from dmu_ray.models.artifact import load_artifact
 
     for name, by_seed in out.items():
@@ -116,6 +117,10 @@ def add_d_stats(out: dict[str, Any], root: str) -> None:
             if "dmu" in res and "dmu_d" not in res and model.exists():
                 last = load_artifact(str(model)).card.history[-1]
                 res["dmu_d"] = {k: last[k] for k in D_KEYS if k in last}
+            curve = Path(root) / name / "eval" / f"backfill-curve-s{seed}" / "backfill_curve.json"
+            if "fastfill" in res and "curves" not in res["fastfill"] and curve.exists():
+                c = json.loads(curve.read_text())
+                res["fastfill"] |= {"fractions": c["fractions"], "curves": c["curves"]}
 
 
 def mean_std(vals: list[float]) -> str:
@@ -141,7 +146,7 @@ def main() -> None:
     path = Path(args.root) / "fidelity.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.report:
-        add_d_stats(out, args.root)
+        add_details(out, args.root)
         report(out)
         return
 
@@ -178,7 +183,7 @@ def main() -> None:
                     "uncertainty_error_spearman": curve["uncertainty_error_spearman"],
                 }
             out[name][str(seed)] = res
-            add_d_stats(out, args.root)
+            add_details(out, args.root)
             path.write_text(json.dumps(out, indent=2))
     report(out)
 
@@ -214,6 +219,18 @@ def report(out: dict[str, Any]) -> None:
                 f"DMU's: {mean_std(list(dmu_loss))} (per seed BCT {np.round(bct_loss, 2).tolist()}, "
                 f"DMU {np.round(dmu_loss, 2).tolist()})"
             )
+        ff = [by_seed[s]["fastfill"] for s in seeds if "curves" in by_seed[s].get("fastfill", {})]
+        if ff:
+            fr = ff[0]["fractions"]
+            print(
+                f"\nFastFill backfill curve, mAP@100 (%) of new queries vs the mixed gallery, mean over {len(ff)} seed(s)\n"
+            )
+            print("| order | " + " | ".join(f"{100 * f:.0f}%" for f in fr) + " |")
+            print("| --- |" + " ---: |" * len(fr))
+            for pol in ff[0]["curves"]:
+                vals = np.mean([x["curves"][pol] for x in ff], axis=0)
+                print(f"| {pol} | " + " | ".join(f"{100 * v:.2f}" for v in vals) + " |")
+            print()
         if "fastfill" in by_seed[seeds[0]]:
             for pol in ("uncertainty", "random", "oracle"):
                 print(
