@@ -494,15 +494,18 @@ class EvaluateConfig(StrictModel):
                     "entry of the new model they belong to"
                 )
             for name in self.new_models:
-                if (
-                    not name
-                    or not all(c.isalnum() or c in "-_." for c in name)
-                    or name in ("old", "independent")
-                ):
+                if not name or not all(c.isalnum() or c in "-_." for c in name) or name == "old":
                     raise ValueError(
-                        f"new_models: {name!r} is not a usable name (letters, digits, '-', '_', '.'; "
-                        "not 'old' or 'independent')"
+                        f"new_models: {name!r} is not a usable name (letters, digits, '-', '_', '.'; not 'old')"
                     )
+            # a new model may be named 'independent' (the lifecycle evaluates the independent model's
+            # new/old beside the others); it must then be the independent model itself
+            ind = self.new_models.get("independent")
+            if ind is not None and self.independent_model is not None and ind.model != self.independent_model:
+                raise ValueError(
+                    f"new_models.independent: {ind.model} is not independent_model ({self.independent_model}); "
+                    "the model named 'independent' must be the independent model"
+                )
         return self
 
     def models(self) -> dict[str, NewModelSpec]:

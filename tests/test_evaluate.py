@@ -183,6 +183,7 @@ def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp
             "bct": {"model": paths["bct"]},
             "dmu": {"model": paths["dmu"], "upgrade_module": psi},
             "dmu-again": {"model": paths["dmu"]},
+            "independent": {"model": str(tmp_path / "bct-copy.pt")},  # as the lifecycle names it
         },
         independent_model=str(tmp_path / "bct-copy.pt"),
         output=str(tmp_path / "eval"),
@@ -206,7 +207,9 @@ def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp
     assert all(r["seconds"] >= 0 for r in p.values())
     # each model's own matrix, with the shared pairings in it, and its headline
     assert result["models"]["dmu"]["pairings"]["old/old"] == p["old/old"]
-    assert set(result["headline"]) == {"bct", "dmu", "dmu-again"}
+    assert set(result["headline"]) == {"bct", "dmu", "dmu-again", "independent"}
+    assert p["independent:new/new"] == p["independent/independent"]  # one search
+    assert p["independent:new/old"]["mAP@100"] == p["bct:new/old"]["mAP@100"]  # same bytes as bct
     assert result["headline"]["dmu"]["compatibility"] == pytest.approx(
         p["dmu:new/old"]["mAP@100"] - p["old/old"]["mAP@100"]
     )
@@ -226,6 +229,7 @@ def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp
         ({"upgrade_module": psi}, "each model's upgrade_module"),
         ({"galleries": {"upgraded": "x"}}, "only the old gallery is shared"),
         ({"new_models": {"old": {"model": paths["dmu"]}}}, "'old' is not a usable name"),
+        ({"new_models": {"independent": {"model": paths["dmu"]}}}, "must be the independent model"),
     ):
         with pytest.raises(ConfigError, match=match):
             parse_config(EvaluateConfig, {**cfg.model_dump(), **bad})
