@@ -227,6 +227,14 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
     _import_data(lc, data_uri, say)
 
     old_name = f"old-s{lc.seed}"
+    # the evaluation's config, checked now with the models' planned paths: an error stops the run
+    # here, not after every model has trained
+    evaluate_config(
+        lc,
+        f"{lc.root}/runs/{old_name}/export/model.pt",
+        {m: f"{lc.root}/runs/{m}-s{lc.seed}/export/model.pt" for m in lc.methods},
+        {},
+    )
     stage(
         f"old model: {lc.backbone}, {lc.split} split, {lc.old_fraction:.0%} old side, {lc.epochs_old} epochs"
     )
@@ -270,23 +278,7 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         refreshed[method] = dest
 
     stage("evaluate every pairing (faiss), every new model in one run")
-    new_models: dict[str, dict[str, Any]] = {}
-    for method, out in new.items():
-        spec: dict[str, Any] = {"model": out["model"]}
-        if method in refreshed:
-            spec["galleries"] = {"upgraded": refreshed[method]}
-        new_models[method] = spec
-    cfg = EvaluateConfig(
-        data=data_uri,
-        old_model=old["model"],
-        new_models=new_models,
-        independent_model=new["independent"]["model"] if "independent" in new else None,
-        galleries={"old": old_gallery},
-        output=f"{lc.root}/eval/matrix-s{lc.seed}",
-        title=f"{', '.join(new)} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
-        tracking=lc.tracking,
-        storage=lc.storage,
-    )
+    cfg = evaluate_config(lc, old["model"], {m: out["model"] for m, out in new.items()}, refreshed)
     evaluated = run_evaluation(cfg, progress=progress)
     results: dict[str, Any] = evaluated["models"]
     from dmu_ray.evaluate.verdict import verdict, verdict_markdown
@@ -309,6 +301,30 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         run.metrics(headlines | {"seconds": summary["seconds"]})
         run.files(files)
     return summary
+
+
+def evaluate_config(
+    lc: LifecycleConfig, old_model: str, models: dict[str, str], refreshed: dict[str, str]
+) -> EvaluateConfig:
+    """The lifecycle's evaluation: every new model (by variant name) against the old model and
+    its gallery, each with the old gallery refreshed by its upgrade module where it has one."""
+    new_models: dict[str, dict[str, Any]] = {}
+    for method, model in models.items():
+        spec: dict[str, Any] = {"model": model}
+        if method in refreshed:
+            spec["galleries"] = {"upgraded": refreshed[method]}
+        new_models[method] = spec
+    return EvaluateConfig(
+        data=f"{lc.root}/data/{lc.dataset}",
+        old_model=old_model,
+        new_models=new_models,
+        independent_model=models.get("independent"),
+        galleries={"old": f"{lc.root}/galleries/old-s{lc.seed}"},
+        output=f"{lc.root}/eval/matrix-s{lc.seed}",
+        title=f"{', '.join(models)} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
+        tracking=lc.tracking,
+        storage=lc.storage,
+    )
 
 
 def _generation_stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[str, Any]:

@@ -129,3 +129,16 @@ def test_three_generations_each_against_the_one_before(ray_local, tmp_path):
     assert abs(row["stored"]["mAP@100"] - row["computed"]["mAP@100"]) < 0.02  # float16 storage only
     assert row["stored"]["mAP@100"] == cells["v3"]["v2>v3"]
     assert mem["lineage"]["computed"][0]["steps"] == f"embed {models[1].ident} -> upgrade {psis[3].ident}"
+
+
+def test_every_variant_can_be_evaluated_together(tmp_path):
+    """The evaluation the lifecycle runs after all its training accepts every variant it offers
+    (independent among them: it was refused as a model name, after an hour of training)."""
+    from dmu_ray.lifecycle import VARIANTS, evaluate_config
+
+    lc = tiny(tmp_path, methods=list(VARIANTS))
+    models = {m: f"{tmp_path}/runs/{m}/export/model.pt" for m in lc.methods}
+    cfg = evaluate_config(lc, f"{tmp_path}/runs/old/export/model.pt", models, {"dmu": f"{tmp_path}/up"})
+    assert set(cfg.models()) == set(VARIANTS)
+    assert cfg.independent_model == models["independent"]
+    assert cfg.models()["dmu"].galleries == {"upgraded": f"{tmp_path}/up"}
