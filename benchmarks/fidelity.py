@@ -191,25 +191,37 @@ def main() -> None:
 def report(out: dict[str, Any]) -> None:
     for name, by_seed in out.items():
         seeds = sorted(by_seed, key=int)
-        methods = [m for m in PROTOCOLS[name]["methods"] if m in by_seed[seeds[0]]]
-        print(f"\n### {name}: mAP@100 (%), mean +- std over seeds {seeds}\n")
-        print("| method | " + " | ".join(PAIRINGS) + " |")
-        print("| --- |" + " ---: |" * len(PAIRINGS))
+        methods = [m for m in PROTOCOLS[name]["methods"] if any(m in by_seed[s] for s in seeds)]
+        print(f"\n### {name}: mAP@100 (%), mean +- std over seeds {', '.join(seeds)}\n")
+        print("| method | seeds | " + " | ".join(PAIRINGS) + " |")
+        print("| --- | --- |" + " ---: |" * len(PAIRINGS))
         for m in methods:
+            have = [s for s in seeds if m in by_seed[s]]
             cells = [
                 mean_std(
                     [
                         100 * by_seed[s][m]["pairings"][p]["mAP@100"]
-                        for s in seeds
+                        for s in have
                         if p in by_seed[s][m]["pairings"]
                     ]
                 )
                 for p in PAIRINGS
             ]
+            print(f"| {m} | {', '.join(have)} | " + " | ".join(cells) + " |")
+        print("\nPer seed, new/old and new/new (mAP@100, %):\n")
+        print("| method | " + " | ".join(f"seed {s} new/old | seed {s} new/new" for s in seeds) + " |")
+        print("| --- |" + " ---: |" * (2 * len(seeds)))
+        for m in methods:
+            cells = [
+                f"{100 * by_seed[s][m]['pairings'][p]['mAP@100']:.2f}" if m in by_seed[s] else "-"
+                for s in seeds
+                for p in ("new/old", "new/new")
+            ]
             print(f"| {m} | " + " | ".join(cells) + " |")
-        if {"independent", "bct", "dmu"} <= set(methods):
+        both = [s for s in seeds if {"independent", "bct", "dmu"} <= set(by_seed[s])]
+        if both:
             nn = {
-                m: [100 * by_seed[s][m]["pairings"]["new/new"]["mAP@100"] for s in seeds]
+                m: [100 * by_seed[s][m]["pairings"]["new/new"]["mAP@100"] for s in both]
                 for m in ("independent", "bct", "dmu")
             }
             bct_loss = np.subtract(nn["independent"], nn["bct"])
@@ -231,12 +243,12 @@ def report(out: dict[str, Any]) -> None:
                 vals = np.mean([x["curves"][pol] for x in ff], axis=0)
                 print(f"| {pol} | " + " | ".join(f"{100 * v:.2f}" for v in vals) + " |")
             print()
-        if "fastfill" in by_seed[seeds[0]]:
-            for pol in ("uncertainty", "random", "oracle"):
+            for pol in ff[0]["curves"]:
+                areas = [100 * x["area"][pol] for x in ff]
                 print(
-                    f"FastFill curve area, {pol}: {mean_std([100 * by_seed[s]['fastfill']['area'][pol] for s in seeds])}"
+                    f"FastFill curve area, {pol}: {mean_std(areas)} (per seed {np.round(areas, 2).tolist()})"
                 )
-            rho = [by_seed[s]["fastfill"]["uncertainty_error_spearman"] for s in seeds]
+            rho = [x["uncertainty_error_spearman"] for x in ff]
             print(f"rank correlation of uncertainty with realised error: {np.round(rho, 3).tolist()}")
         d = [by_seed[s]["dmu_d"] for s in seeds if "dmu_d" in by_seed[s]]
         if d:
