@@ -120,6 +120,13 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
     _claim_run(
         plan_training(config("same-name", claimed, digits, optim={"epochs": 5}))
     )  # more epochs: same run
+    # where metrics are logged is not what is trained: a run from before MLflow tracking resumes
+    tracked = {"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    _claim_run(plan_training(config("same-name", claimed, digits, **tracked)))
+    from dmu_ray.train.job import _same_config
+
+    saved = plan_training(config("same-name", claimed, digits)).cfg.model_dump(mode="json")
+    assert _same_config(saved, plan_training(config("same-name", claimed, digits, **tracked)).cfg)
     with pytest.raises(ConfigError, match="holds a run of a different config"):
         run_training(config("same-name", claimed, digits, model={"dim": 16}), progress=False)
     with pytest.raises(ConfigError, match="fewer than one batch per worker"):

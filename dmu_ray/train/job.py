@@ -426,7 +426,15 @@ RUN_CONFIG = "_config.json"
 METHOD_REVISION = 2
 
 
-OPERATIONAL = {"storage", "ray_address", "scaling", "embed_pool", "max_failures", "failure_drill_epoch"}
+OPERATIONAL = {
+    "storage",
+    "ray_address",
+    "scaling",
+    "embed_pool",
+    "max_failures",
+    "failure_drill_epoch",
+    "tracking",  # where metrics are logged: a run trained before MLflow tracking (or with another store) resumes
+}
 
 
 def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
@@ -482,8 +490,9 @@ def _same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
         then = _saved_config(saved)
     except ValidationError:
         return False
-    return then.model_dump(mode="json", exclude={"storage"}, exclude_defaults=True) == cfg.model_dump(
-        mode="json", exclude={"storage"}, exclude_defaults=True
+    where = {"storage", "tracking"}  # where it is stored and logged is not what was trained
+    return then.model_dump(mode="json", exclude=where, exclude_defaults=True) == cfg.model_dump(
+        mode="json", exclude=where, exclude_defaults=True
     )
 
 
