@@ -105,10 +105,9 @@ def fastfill_curve(root: str, seed: int, lc: LifecycleConfig, epochs: int) -> di
 D_KEYS = ("constrained", "old_d", "d_q10", "d_q50", "d_q90", "d_near0", "d_near1", "w_max")
 
 
-def add_details(out: dict[str, Any], root: str) -> None:
-    """What the lifecycle summary lacks, read from the files of each protocol and seed: DMU's
-    discriminativeness over the new training images in its last epoch (the run card's history) and
-    the FastFill curves' points (the curve's JSON)."""
+def add_d_stats(out: dict[str, Any], root: str) -> None:
+    """DMU's discriminativeness over the new training images in its last epoch, from the run
+    card's history (the lifecycle summary lacks it), for every protocol and seed without it."""
     from dmu_ray.models.artifact import load_artifact
 
     for name, by_seed in out.items():
@@ -117,10 +116,6 @@ def add_details(out: dict[str, Any], root: str) -> None:
             if "dmu" in res and "dmu_d" not in res and model.exists():
                 last = load_artifact(str(model)).card.history[-1]
                 res["dmu_d"] = {k: last[k] for k in D_KEYS if k in last}
-            curve = Path(root) / name / "eval" / f"backfill-curve-s{seed}" / "backfill_curve.json"
-            if "fastfill" in res and "curves" not in res["fastfill"] and curve.exists():
-                c = json.loads(curve.read_text())
-                res["fastfill"] |= {"fractions": c["fractions"], "curves": c["curves"]}
 
 
 def mean_std(vals: list[float]) -> str:
@@ -146,7 +141,7 @@ def main() -> None:
     path = Path(args.root) / "fidelity.json"
     out: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.report:
-        add_details(out, args.root)
+        add_d_stats(out, args.root)
         report(out)
         return
 
@@ -178,12 +173,10 @@ def main() -> None:
             res = run_lifecycle(lc, progress=True)
             if "dmu" in lc.methods and "independent" in lc.methods:
                 curve = fastfill_curve(root, seed, lc, args.epochs_new)
-                res["fastfill"] = {
-                    "area": curve["area"],
-                    "uncertainty_error_spearman": curve["uncertainty_error_spearman"],
-                }
+                keep = ("area", "uncertainty_error_spearman", "fractions", "curves")
+                res["fastfill"] = {k: curve[k] for k in keep}
             out[name][str(seed)] = res
-            add_details(out, args.root)
+            add_d_stats(out, args.root)
             path.write_text(json.dumps(out, indent=2))
     report(out)
 

@@ -223,18 +223,21 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
     say = _say if progress else (lambda _m: None)
     stage = _StageHeaders(say, 5 + len(lc.methods))
     data_uri = f"{lc.root}/data/{lc.dataset}"
-    stage(f"data: {lc.dataset} -> {data_uri}")
-    _import_data(lc, data_uri, say)
-
     old_name = f"old-s{lc.seed}"
-    # the evaluation's config, checked now with the models' planned paths: an error stops the run
-    # here, not after every model has trained
+    old_gallery = f"{lc.root}/galleries/{old_name}"
+    # the evaluation's config, checked first with the models' planned paths: an error stops the
+    # run here, not after the import and every model's training
     evaluate_config(
         lc,
+        data_uri,
+        old_gallery,
         f"{lc.root}/runs/{old_name}/export/model.pt",
         {m: f"{lc.root}/runs/{m}-s{lc.seed}/export/model.pt" for m in lc.methods},
         {},
     )
+    stage(f"data: {lc.dataset} -> {data_uri}")
+    _import_data(lc, data_uri, say)
+
     stage(
         f"old model: {lc.backbone}, {lc.split} split, {lc.old_fraction:.0%} old side, {lc.epochs_old} epochs"
     )
@@ -250,7 +253,6 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
             _train_cfg(lc, f"{method}-s{lc.seed}", "new", m, lc.epochs_new), progress=progress
         )
 
-    old_gallery = f"{lc.root}/galleries/{old_name}"
     stage(f"embed the gallery with the old model -> {old_gallery}")
     if read_manifest(resolve(old_gallery, lc.storage)) is None:
         embed_to_gallery(f"{data_uri}/gallery", old["model"], old_gallery, storage=lc.storage, overwrite=True)
@@ -278,7 +280,9 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         refreshed[method] = dest
 
     stage("evaluate every pairing (faiss), every new model in one run")
-    cfg = evaluate_config(lc, old["model"], {m: out["model"] for m, out in new.items()}, refreshed)
+    cfg = evaluate_config(
+        lc, data_uri, old_gallery, old["model"], {m: out["model"] for m, out in new.items()}, refreshed
+    )
     evaluated = run_evaluation(cfg, progress=progress)
     results: dict[str, Any] = evaluated["models"]
     from dmu_ray.evaluate.verdict import verdict, verdict_markdown
@@ -304,10 +308,15 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
 
 
 def evaluate_config(
-    lc: LifecycleConfig, old_model: str, models: dict[str, str], refreshed: dict[str, str]
+    lc: LifecycleConfig,
+    data: str,
+    old_gallery: str,
+    old_model: str,
+    models: dict[str, str],
+    refreshed: dict[str, str],
 ) -> EvaluateConfig:
-    """The lifecycle's evaluation: every new model (by variant name) against the old model and
-    its gallery, each with the old gallery refreshed by its upgrade module where it has one."""
+    """The lifecycle's evaluation of ``data``: every new model (by variant name) against the old
+    model and its gallery, each with the old gallery refreshed by its upgrade module where it has one."""
     new_models: dict[str, dict[str, Any]] = {}
     for method, model in models.items():
         spec: dict[str, Any] = {"model": model}
@@ -315,11 +324,11 @@ def evaluate_config(
             spec["galleries"] = {"upgraded": refreshed[method]}
         new_models[method] = spec
     return EvaluateConfig(
-        data=f"{lc.root}/data/{lc.dataset}",
+        data=data,
         old_model=old_model,
         new_models=new_models,
         independent_model=models.get("independent"),
-        galleries={"old": f"{lc.root}/galleries/old-s{lc.seed}"},
+        galleries={"old": old_gallery},
         output=f"{lc.root}/eval/matrix-s{lc.seed}",
         title=f"{', '.join(models)} vs old ({lc.dataset}, {lc.split} {lc.old_fraction:.0%})",
         tracking=lc.tracking,

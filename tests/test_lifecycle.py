@@ -138,7 +138,14 @@ def test_every_variant_can_be_evaluated_together(tmp_path):
 
     lc = tiny(tmp_path, methods=list(VARIANTS))
     models = {m: f"{tmp_path}/runs/{m}/export/model.pt" for m in lc.methods}
-    cfg = evaluate_config(lc, f"{tmp_path}/runs/old/export/model.pt", models, {"dmu": f"{tmp_path}/up"})
+    cfg = evaluate_config(
+        lc,
+        f"{tmp_path}/data",
+        f"{tmp_path}/old",
+        f"{tmp_path}/runs/old/export/model.pt",
+        models,
+        {"dmu": f"{tmp_path}/up"},
+    )
     assert set(cfg.models()) == set(VARIANTS)
     assert cfg.independent_model == models["independent"]
     assert cfg.models()["dmu"].galleries == {"upgraded": f"{tmp_path}/up"}
