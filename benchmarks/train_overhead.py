@@ -11,7 +11,8 @@ random resized crop + normalisation as one batched op). Two pairs, measured in o
 - pre-decoded: the plain loop draws batches from pixels decoded once; the Ray loop trains with
   ``data.cache: memory`` (decoded once by Ray Data, kept in the object store between epochs);
 - same data work: the plain loop decodes every batch from its Parquet rows; the Ray loop trains
-  with ``data.cache: off`` (Ray Data reads and decodes every epoch, in tasks beside the worker).
+  with ``data.cache: off`` (Ray Data reads and decodes every epoch, in tasks beside the worker,
+  one stream over the run's epochs).
 
 The Ray figure is the mean samples/s of the epochs after the first (the first includes the pool's
 and the process group's start). Prints each Ray loop's ratio to its plain counterpart.

@@ -35,8 +35,13 @@ def config(name, storage_path, data_uri, storage=None, **over) -> TrainConfig:
 def test_train_recover_resume_and_dmu_on_s3(ray_local, s3, digits):
     runs = f"s3://{s3.bucket}/runs"
     storage = s3.storage.model_dump()
-    # 1. two workers; one is killed during epoch 1 and the run recovers from epoch 0's checkpoint
-    first = run_training(config("old", runs, digits, storage, failure_drill_epoch=1), progress=False)
+    # 1. two workers; one is killed during epoch 1 and the run recovers from epoch 0's checkpoint.
+    # Decoding every epoch (one stream over the run's epochs, read from S3), so the recovered and
+    # the resumed worker groups take their remaining epochs from a new stream
+    off = {"cache": "off"}
+    first = run_training(
+        config("old", runs, digits, storage, data=off, failure_drill_epoch=1), progress=False
+    )
     hist = first["history"]
     assert [h["epoch"] for h in hist] == [0, 1]
     assert hist[1]["resumed_from"] == 1  # the recovered worker group started at epoch 1
@@ -44,8 +49,9 @@ def test_train_recover_resume_and_dmu_on_s3(ray_local, s3, digits):
     assert any("checkpoint_" in k and k.endswith("state.pt") for k in keys), keys
     assert "runs/old/export/model.pt" in keys
     # 2. the same run submitted again with more epochs resumes at the right epoch
-    again = run_training(config("old", runs, digits, storage, optim={"epochs": 3}), progress=False)
+    again = run_training(config("old", runs, digits, storage, data=off, optim={"epochs": 3}), progress=False)
     assert [h["epoch"] for h in again["history"]] == [0, 1, 2]
+    assert again["metrics"]["steps"] == plan_training(config("old", runs, digits, storage)).rows // 64
     assert again["history"][-1]["resumed_from"] == 2
     assert again["history"][-1]["loss"] < again["history"][0]["loss"]  # it learns
     model, head = build_embedding_model(load_artifact(again["model"], s3.storage))
@@ -212,21 +218,27 @@ def test_decoded_training_set_cached_once_and_whole_every_epoch(ray_local, tmp_p
         keep = split_mask(split, "old", raw["id"].to_numpy(), raw["label"].to_numpy(), 0.3, 0)
         want = {int(i): raw["image"][k].as_py() for k, i in enumerate(raw["id"].to_numpy()) if keep[k]}
         ds = build_train_dataset(plan, cache)
-        orders = []
-        for _ in range(2):  # two epochs
+        passes = []
+        for _ in range(2 if cache else 1):  # cached: two epochs; not cached: one stream of both
             ids, pixels = [], []
             for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
                 ids.append(b["id"])
                 pixels.append(b["image"])
             ids, pixels = np.concatenate(ids), np.concatenate(pixels)
-            assert sorted(ids.tolist()) == sorted(want) and pixels.dtype == np.uint8
             k = np.argsort(ids)[:5]
             np.testing.assert_array_equal(
                 pixels[k], decode_images([want[int(i)] for i in ids[k]], 16, 1, np.uint8)
             )
-            orders.append(ids)
+            assert pixels.dtype == np.uint8
+            passes.append(ids)
         if cache:  # 1,258 rows in blocks of 4 batches of 32: ten blocks, in a new order each epoch
-            assert not np.array_equal(*orders)
+            assert all(sorted(p.tolist()) == sorted(want) for p in passes)
+            assert not np.array_equal(*passes)
+        else:  # every row once per epoch of the run (2), each epoch reading the files in its order
+            ids = passes[0]
+            assert len(ids) == 2 * len(want)
+            assert np.unique(ids, return_counts=True)[1].tolist() == [2] * len(want)
+            assert set(ids.tolist()) == set(want)
     # auto keeps the set when it is small against the object store; off and memory are obeyed
     assert cache_decision(plan, 1e9)[0] and not cache_decision(plan, 1e3)[0]
     off = plan_training(config("c", str(tmp_path), digits, data={"cache": "off"}))

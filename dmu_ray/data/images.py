@@ -150,6 +150,42 @@ def decode_split_batch(
     }
 
 
+def epoch_file_order(num_files: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch of a decoded-every-epoch stream reads the training files: a
+    permutation drawn from (seed, epoch), the same wherever it is computed."""
+    return np.random.default_rng([seed, epoch]).permutation(num_files)
+
+
+def decode_epoch_stream(
+    batch: dict[str, np.ndarray],
+    *,
+    files: list[str],
+    filesystem: Any,
+    order_seed: int,
+    rows_per_batch: int = 256,
+    **split: Any,
+):
+    """Ray Data UDF over positions of a stream of epochs (``id`` = epoch x files + position):
+    read the file at that position of its epoch's order (:func:`epoch_file_order`) in record
+    batches, keep this run's side of the split and decode (:func:`decode_split_batch`); yields
+    one batch of pixels per record batch. One continuous execution covers every epoch, so an
+    epoch's first batches are decoded while the previous epoch's last ones train."""
+    import pyarrow.parquet as pq
+
+    n = len(files)
+    orders: dict[int, np.ndarray] = {}
+    for pos in batch["id"].tolist():
+        epoch, k = divmod(int(pos), n)
+        if epoch not in orders:
+            orders[epoch] = epoch_file_order(n, order_seed, epoch)
+        with filesystem.open_input_file(files[orders[epoch][k]]) as f:
+            reader = pq.ParquetFile(f)
+            for rb in reader.iter_batches(batch_size=rows_per_batch, columns=["id", "image", "label"]):
+                out = decode_split_batch(pa.Table.from_batches([rb]), **split)
+                if len(out["id"]):
+                    yield out
+
+
 def random_resized_crop(
     x: torch.Tensor,
     generator: torch.Generator | None = None,

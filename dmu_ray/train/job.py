@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dmu_ray.config import ConfigError, ScalingSection, TrainConfig
-from dmu_ray.data.images import DatasetInfo, decode_split_batch, read_dataset_info
+from dmu_ray.data.images import DatasetInfo, decode_epoch_stream, decode_split_batch, read_dataset_info
 from dmu_ray.data.splits import split_mask
 from dmu_ray.methods.base import UpgradeModuleFields
 from dmu_ray.methods.registry import method_from_saved
@@ -213,34 +213,49 @@ def cache_decision(plan: TrainPlan, object_store_bytes: float) -> tuple[bool, st
     )
 
 
+#: a decoded-every-epoch stream reads at most this many blocks of files per epoch (one file per
+#: block on smaller sets): enough decode tasks in flight to feed the workers, a bounded plan
+STREAM_BLOCKS_PER_EPOCH = 256
+
+
 def build_train_dataset(plan: TrainPlan, cache: bool):
-    """Read -> this run's split -> decode to pixels; with ``cache`` the decoded set is materialised
-    once (the object store, spilling to local disk if it must) in blocks of about four batches,
-    and every epoch starts from it, its blocks in a new random order; otherwise every epoch reads
-    and decodes again."""
+    """This run's side of the split, decoded to uint8 pixels.
+
+    With ``cache`` the set is read and decoded once and materialised (the object store, spilling
+    to local disk if it must) in blocks of about four batches; every epoch iterates it again, its
+    blocks in a new random order. Without it the dataset is one stream of every epoch of the run
+    (:func:`~dmu_ray.data.images.decode_epoch_stream`: each epoch reads the files in its own
+    order and decodes again), executed once: the worker takes an epoch's steps from it in turn,
+    and the next epoch's decoding overlaps the last steps of the one before (a new execution per
+    epoch cost seconds before its first batch)."""
     import ray.data
 
     c = plan.cfg.data
-    ds = ray.data.read_parquet(plan.train_loc.path, filesystem=plan.train_loc.fs, file_extensions=["parquet"])
-    ds = ds.select_columns(["id", "image", "label"])
-    if not cache:
-        ds = ds.randomize_block_order()
-    ds = ds.map_batches(
-        decode_split_batch,  # in a module without torch: a decode task's process starts fast
-        fn_kwargs=dict(
-            protocol=c.split,
-            role=c.role,
-            old_fraction=c.old_fraction,
-            seed=c.split_seed,
-            size=plan.data.image_size,
-            channels=plan.data.channels,
-        ),
-        batch_format="pyarrow",
-        batch_size=256,
-        num_cpus=c.decode_cpus,
+    split = dict(
+        protocol=c.split,
+        role=c.role,
+        old_fraction=c.old_fraction,
+        seed=c.split_seed,
+        size=plan.data.image_size,
+        channels=plan.data.channels,
     )
     if not cache:
-        return ds
+        loc = plan.train_loc
+        files = [loc.join(name).path for name in loc.list_files(".parquet")]
+        epochs = plan.cfg.optim.epochs
+        ds = ray.data.range(
+            epochs * len(files), override_num_blocks=epochs * min(len(files), STREAM_BLOCKS_PER_EPOCH)
+        )
+        return ds.map_batches(
+            decode_epoch_stream,  # in a module without torch: a decode task's process starts fast
+            fn_kwargs=dict(files=files, filesystem=loc.fs, order_seed=plan.cfg.seed, **split),
+            batch_size=None,
+            num_cpus=c.decode_cpus,
+        )
+    ds = ray.data.read_parquet(plan.train_loc.path, filesystem=plan.train_loc.fs, file_extensions=["parquet"])
+    ds = ds.select_columns(["id", "image", "label"]).map_batches(
+        decode_split_batch, fn_kwargs=split, batch_format="pyarrow", batch_size=256, num_cpus=c.decode_cpus
+    )
     # blocks of a few batches each, so that a new block order every epoch shuffles the set well
     # (a file decodes to one block otherwise); the local shuffle buffer mixes within and across them
     ds = ds.repartition(target_num_rows_per_block=4 * plan.cfg.optim.batch_size)
@@ -296,6 +311,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             "cfg": cfg.model_dump(mode="json", round_trip=True) | _secrets(cfg),
             "info": info,
             "run_uri": plan.run_uri,
+            "stream_epochs": not cache,  # one stream of every epoch: WorkerLoop takes an epoch at a time
             "progress": board,
         },
         scaling_config=ray.train.ScalingConfig(

@@ -9,10 +9,12 @@ synchronises all of it; the method (``cfg.method``, from the registry) builds it
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -167,7 +169,7 @@ class WorkerLoop:
         params = [p for p in self.inner.parameters() if p.requires_grad]
         o = cfg.optim
         self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        steps_per_epoch = max(1, self.info["rows"] // (o.batch_size * self.world))
+        self.steps_per_epoch = steps_per_epoch = max(1, self.info["rows"] // (o.batch_size * self.world))
         self.sched = run_scheduler(self.opt, o, steps_per_epoch, self.start_epoch)
         self.poster.begin(self.start_epoch, o.epochs, steps_per_epoch)
         if state is not None:
@@ -177,6 +179,7 @@ class WorkerLoop:
         self.amp = o.amp and self.cuda
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.shard = ray.train.get_dataset_shard("train")
+        self.stream: Iterator[dict[str, torch.Tensor]] | None = None
         c, info = cfg.data, self.info
         # crops differ per worker and per (re)start: a resumed run does not replay epoch 0's crops
         self.transform = TrainTransform(
@@ -205,6 +208,25 @@ class WorkerLoop:
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {steps}; lower optim.lr")
         return loss, stats
 
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch's batches of this worker's shard. Where the shard is a stream of every epoch
+        (``stream_epochs``: the set is decoded every epoch), its next ``steps_per_epoch`` batches
+        from the one iteration that runs through the whole run; otherwise a new pass."""
+        it = self.stream
+        if it is None:
+            it = self.shard.iter_torch_batches(
+                batch_size=self.cfg.optim.batch_size,
+                dtypes={"image": torch.uint8, "label": torch.int64, "id": torch.int64},
+                device=self.device,  # pixels cross to the GPU as uint8; TrainTransform runs there
+                drop_last=True,
+                local_shuffle_buffer_size=self.cfg.optim.batch_size * 4,
+                prefetch_batches=2,
+            )
+            if not self.config.get("stream_epochs"):
+                return iter(it)
+            it = self.stream = iter(it)
+        return itertools.islice(it, self.steps_per_epoch)
+
     def epoch(self, epoch: int) -> dict[str, Any]:
         """Train one pass over this worker's shard; returns the epoch's metrics."""
         cfg = self.cfg
@@ -214,14 +236,7 @@ class WorkerLoop:
         self.inner.method.on_epoch_start(self.inner, epoch)
         sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per statistic and step
         steps, samples, t0, first_batch_s = 0, 0, time.perf_counter(), 0.0
-        for batch in self.shard.iter_torch_batches(
-            batch_size=cfg.optim.batch_size,
-            dtypes={"image": torch.uint8, "label": torch.int64, "id": torch.int64},
-            device=self.device,  # pixels cross to the GPU as uint8; TrainTransform runs there
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.optim.batch_size * 4,
-            prefetch_batches=2,
-        ):
+        for batch in self.batches():
             if steps == 0:
                 first_batch_s = time.perf_counter() - t0  # the pipeline's start within the epoch
                 _maybe_failure_drill(
