@@ -228,7 +228,7 @@ class WorkerLoop:
         return itertools.islice(it, self.steps_per_epoch)
 
     def epoch(self, epoch: int) -> dict[str, Any]:
-        """Train one pass over this worker's shard; returns the epoch's metrics."""
+        """Train one epoch of this worker's shard; returns the epoch's metrics."""
         cfg = self.cfg
         self.trainee.train()
         if self.old_model is not None:
@@ -249,6 +249,11 @@ class WorkerLoop:
             samples += len(batch["label"])
             self.poster.step(epoch, steps, loss)
         seconds = time.perf_counter() - t0
+        if steps == 0:  # the plan checked that every worker gets a batch: the data changed or ran out
+            raise RuntimeError(
+                f"epoch {epoch}: worker {self.rank} got no batch of {cfg.optim.batch_size} from its shard "
+                f"(planned {self.steps_per_epoch} steps over {self.info['rows']} rows)"
+            )
         metrics = {k: float(v) / max(1, steps) for k, v in sums.items()}
         metrics.update(
             epoch=epoch,
