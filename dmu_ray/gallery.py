@@ -463,15 +463,21 @@ def unstorable_rows(mat: np.ndarray, model: ModelInfo) -> tuple[np.ndarray, list
     """Rows of an ``(n, d)`` matrix in its stored dtype that the gallery would reject: non-finite
     values (e.g. a float16 overflow) and, when ``model.normalized``, rows that are not unit-norm
     (a zero vector cannot be normalised). Returns a mask and one reason per masked row."""
-    finite = np.isfinite(mat).all(axis=1)
-    lost = ~finite
     zero = np.zeros(len(mat), dtype=bool)
     off = np.zeros(len(mat), dtype=bool)
     if model.normalized:
-        norms = _row_norms(mat)  # non-finite rows get non-finite norms, masked out below
+        # a row with a non-finite value has a non-finite norm: only those rows are scanned again
+        # (a finite row whose float32 sum of squares overflows is not unit-norm either way)
+        norms = _row_norms(mat)
+        finite = np.isfinite(norms)
+        if not finite.all():
+            finite[~finite] = np.isfinite(mat[~finite]).all(axis=1)
         zero = finite & (norms == 0)
         off = finite & ~zero & (np.abs(norms - 1) > norm_tolerance(model.dtype))
-        lost = lost | zero | off
+        lost = ~finite | zero | off
+    else:
+        finite = np.isfinite(mat).all(axis=1)
+        lost = ~finite
     words = []
     for i in np.flatnonzero(lost):
         if not finite[i]:

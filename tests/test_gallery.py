@@ -306,3 +306,27 @@ def test_chunked_writer_publishes_one_file_on_commit_only(tmp_path):
     with ChunkedParquetWriter(empty) as w:
         assert w.commit(chunks[0].schema).rows == 0
     assert pq.read_table(empty.path).schema.names == ["id", "embedding"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_unstorable_rows_names_each_kind(dtype):
+    """The output check of a refresh: non-finite values, zero vectors and rows off unit norm are
+    found and worded, whichever the row's norm says (a float32 row whose sum of squares
+    overflows is finite but not unit-norm); an unnormalised gallery only refuses non-finite rows."""
+    from dmu_ray.gallery import unstorable_rows
+
+    m = np.zeros((7, 4), dtype=dtype)
+    m[0] = [1, 0, 0, 0]
+    m[1] = [0.6, 0.8, 0, 0]
+    m[2] = 0  # zero vector
+    m[3] = [np.nan, 0, 0, 0]
+    m[4] = [np.inf, 0, 0, 0]
+    m[5] = [0.5, 0, 0, 0]  # not unit-norm
+    m[6] = [3e38, 3e38, 0, 0] if dtype == "float32" else [60000, 60000, 0, 0]
+    lost, words = unstorable_rows(m, ModelInfo(model_id="m", dim=4, dtype=dtype, normalized=True))
+    assert np.flatnonzero(lost).tolist() == [2, 3, 4, 5, 6]
+    out_of_range = f"value out of {dtype} range (NaN/Inf once stored)"
+    off = "not unit-norm but the gallery is declared normalized"
+    assert words == ["zero vector (cannot be L2-normalised)", out_of_range, out_of_range, off, off]
+    lost, words = unstorable_rows(m, ModelInfo(model_id="m", dim=4, dtype=dtype, normalized=False))
+    assert np.flatnonzero(lost).tolist() == [3, 4] and words == [out_of_range] * 2
