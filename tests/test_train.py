@@ -204,7 +204,11 @@ def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, dig
 def test_decoded_training_set_cached_once_and_whole_every_epoch(ray_local, tmp_path, digits):
     """``data.cache``: the decoded set (this run's side of the split, as uint8 pixels) is
     materialised once; every pass over it yields every row exactly once, in a new block order;
-    without the cache each pass decodes again and yields the same rows."""
+    without the cache one stream holds every epoch, each decoding the same rows again. Files
+    that Parquet discovery skips (a hidden partial upload, an unfinished write) are skipped by
+    both, as by the plan that counted the rows."""
+    import shutil
+
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -212,8 +216,14 @@ def test_decoded_training_set_cached_once_and_whole_every_epoch(ray_local, tmp_p
     from dmu_ray.data.splits import split_mask
     from dmu_ray.train.job import build_train_dataset, cache_decision
 
+    data = tmp_path / "digits"
+    shutil.copytree(digits, data)
+    first = sorted((data / "train").glob("*.parquet"))[0]
+    shutil.copy(first, data / "train" / ".partial-upload.parquet")
+    (data / "train" / "_tmp").mkdir(exist_ok=True)
+    shutil.copy(first, data / "train" / "_tmp" / "unfinished.parquet")
     for cache, split in ((True, "all"), (False, "extended-class")):
-        plan = plan_training(config("c", str(tmp_path), digits, data={"split": split, "role": "old"}))
+        plan = plan_training(config("c", str(tmp_path), str(data), data={"split": split, "role": "old"}))
         raw = pq.read_table(f"{digits}/train")
         keep = split_mask(split, "old", raw["id"].to_numpy(), raw["label"].to_numpy(), 0.3, 0)
         want = {int(i): raw["image"][k].as_py() for k, i in enumerate(raw["id"].to_numpy()) if keep[k]}
