@@ -143,6 +143,10 @@ def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
     (out / "_parts" / committed[1]).unlink()
     res = run_refresh(cfg, progress=False)
     assert res.files_done_now == 5 and res.skipped_files == 1
+    run = res.manifest.extra["refresh"]
+    # the pool's start is timed from this run's own files (the kept file's record is older)
+    assert 0 < run["last_run_pool_start_s"] < run["last_run_seconds"]
+    assert res.extra["pool_start_s"] == run["last_run_pool_start_s"]
     keep = committed[0][:-5]
     assert (out / keep).stat().st_mtime_ns == before[keep]  # committed work untouched
     ids = Gallery.open(str(out)).read(columns=["id"]).column("id").to_pylist()

@@ -398,7 +398,7 @@ def run_refresh(
     say(
         f"refresh {plan.source.loc.uri} -> {plan.out.uri}: {len(plan.pending)} file(s) to upgrade, {skipped} already committed"
     )
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     rows_now = 0
     if plan.pending:
         ctx = ray.data.DataContext.get_current()
@@ -440,11 +440,13 @@ def run_refresh(
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows_now += sum(batch.column("rows_in").to_pylist())
     seconds = time.perf_counter() - t0
-    manifest = _commit(plan, seconds, rows_now)
-    return RefreshResult(manifest, len(plan.pending), rows_now, seconds, skipped)
+    manifest = _commit(plan, seconds, rows_now, t0_wall)
+    startup = manifest.extra["refresh"].get("last_run_pool_start_s")
+    extra = {} if startup is None else {"pool_start_s": startup}
+    return RefreshResult(manifest, len(plan.pending), rows_now, seconds, skipped, extra)
 
 
-def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
+def _commit(plan: RefreshPlan, seconds: float, rows_now: int, t0_wall: float) -> Manifest:
     """Collect every file's commit record and write the manifest last."""
 
     def load(rel: str) -> dict[str, Any]:
@@ -466,6 +468,8 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
     with ThreadPoolExecutor(max_workers=16) as pool:
         records = list(pool.map(load, plan.source.files))
     pending = set(plan.pending)
+    ran_now = [r for r in records if r["source"] in pending]
+    starts = [r["started_at"] for r in ran_now if isinstance(r.get("started_at"), (int, float))]
     reasons: Counter[str] = Counter()
     for r in records:
         reasons.update(r["reasons"])
@@ -485,12 +489,12 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int) -> Manifest:
                 "last_run_seconds": round(seconds, 3),
                 "last_run_rows": rows_now,
                 # distinct pool actors that upgraded this run's files: how far the pool grew
-                "last_run_actors": len(
-                    {r.get("actor") for r in records if r["source"] in pending and r.get("actor")}
-                ),
+                "last_run_actors": len({r.get("actor") for r in ran_now if r.get("actor")}),
             }
         },
     )
+    if starts:  # from the job's start to its first file's: the pool's start-up (fixed cost)
+        manifest.extra["refresh"]["last_run_pool_start_s"] = round(max(0.0, min(starts) - t0_wall), 3)
     if "backfill" in plan.job:
         rows_new = sum(r.get("rows_new", 0) for r in records)
         if rows_new != plan.job["backfill"]["rows_selected"]:

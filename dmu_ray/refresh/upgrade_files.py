@@ -293,7 +293,7 @@ class FileUpgrader:
         previous batch's output; so a GPU does not wait on Parquet."""
         if self._fail_after is not None and self._done >= self._fail_after:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         src_loc = self.src.join(rel)
         # two threads: the source's sha256 beside the decoding of its first batches
         with ThreadPoolExecutor(2, thread_name_prefix="parquet-read") as reader:
@@ -322,6 +322,7 @@ class FileUpgrader:
             "reasons": dict(reasons),
             "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
+            "started_at": round(started_at, 3),  # wall clock (epoch s): when the pool got going
             "worker": self.worker,
             "actor": self.actor,
         }
