@@ -322,7 +322,7 @@ class FileUpgrader:
             "reasons": dict(reasons),
             "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
-            "started_at": round(started_at, 3),  # wall clock (epoch s): when the pool got going
+            "started_at": round(started_at, 3),  # wall clock (epoch s): the job times its pool's start by it
             "worker": self.worker,
             "actor": self.actor,
         }
