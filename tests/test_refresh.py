@@ -147,6 +147,7 @@ def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
     # the pool's start is timed from this run's own files (the kept file's record is older)
     assert 0 < run["last_run_pool_start_s"] < run["last_run_seconds"]
     assert res.extra["pool_start_s"] == run["last_run_pool_start_s"]
+    assert f"{run['last_run_pool_start_s']:.1f} s of" in res.summary()
     keep = committed[0][:-5]
     assert (out / keep).stat().st_mtime_ns == before[keep]  # committed work untouched
     ids = Gallery.open(str(out)).read(columns=["id"]).column("id").to_pylist()

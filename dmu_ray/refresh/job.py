@@ -98,10 +98,12 @@ class RefreshResult:
 
     def summary(self) -> str:
         m = self.manifest
+        start = self.extra.get("pool_start_s")
+        pool = f" ({start:.1f} s of {self.seconds:.1f} s starting the pool)" if start is not None else ""
         return (
             f"refresh committed: {m.rows:,} rows in {len(m.files)} files "
             f"({self.files_done_now} upgraded now, {self.skipped_files} already committed), "
-            f"{self.rows_per_s:,.0f} rows/s, {m.quarantined_rows:,} quarantined"
+            f"{self.rows_per_s:,.0f} rows/s{pool}, {m.quarantined_rows:,} quarantined"
         )
 
 
