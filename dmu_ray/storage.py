@@ -137,9 +137,10 @@ class Location:
     def is_file(self) -> bool:
         return self.fs.get_file_info(self.path).type == pafs.FileType.File
 
-    def list_files(self, suffix: str = "", recursive: bool = False) -> list[str]:
+    def list_files(self, suffix: str = "", recursive: bool = False, data_only: bool = False) -> list[str]:
         """Names (relative to this location) of the files below it, sorted; hidden/underscore
-        folders are skipped when recursive."""
+        folders are skipped when recursive. ``data_only`` also skips hidden/underscore file names:
+        what pyarrow's dataset discovery reads (not a partial upload, not ``_manifest.json``)."""
         sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive)
         out = []
         base = self.path.rstrip("/") + "/"
@@ -147,7 +148,8 @@ class Location:
             if info.type != pafs.FileType.File or not info.path.endswith(suffix):
                 continue
             rel = info.path[len(base) :] if info.path.startswith(base) else info.base_name
-            if any(part.startswith(("_", ".")) for part in rel.split("/")[:-1]):
+            parts = rel.split("/")
+            if any(part.startswith(("_", ".")) for part in (parts if data_only else parts[:-1])):
                 continue
             out.append(rel)
         return sorted(out)

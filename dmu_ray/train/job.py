@@ -241,10 +241,8 @@ def build_train_dataset(plan: TrainPlan, cache: bool):
     )
     if not cache:
         loc = plan.train_loc
-        # the files pyarrow's discovery reads for the plan's row count (below hidden and _ names)
-        names = loc.list_files(".parquet", recursive=True)
-        names = [n for n in names if not n.rsplit("/", 1)[-1].startswith(("_", "."))]
-        files = [loc.join(name).path for name in names]
+        # the files pyarrow's discovery reads for the plan's row count
+        files = [loc.join(name).path for name in loc.list_files(".parquet", recursive=True, data_only=True)]
         epochs = plan.cfg.optim.epochs
         ds = ray.data.range(
             epochs * len(files), override_num_blocks=epochs * min(len(files), STREAM_BLOCKS_PER_EPOCH)
