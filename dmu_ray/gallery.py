@@ -810,7 +810,8 @@ class GalleryWriter:
 
 class Gallery:
     """A gallery prefix opened for reading. ``Gallery.open`` refuses prefixes without a manifest
-    unless ``allow_uncommitted=True`` (then every ``*.parquet`` file below the prefix is read)."""
+    unless ``allow_uncommitted=True`` (then every ``*.parquet`` file below the prefix is read, but for
+    hidden or ``_``-prefixed names, as pyarrow's dataset discovery skips them: partial uploads)."""
 
     def __init__(self, loc: Location, manifest: Manifest | None, files: list[str]) -> None:
         self.loc, self.manifest, self.files = loc, manifest, files
@@ -830,7 +831,7 @@ class Gallery:
                 f"{loc.uri} has no {MANIFEST_NAME}: it is not a committed gallery (a writer may still "
                 "be running or may have died)"
             )
-        files = loc.list_files(suffix=".parquet", recursive=True)
+        files = loc.list_files(suffix=".parquet", recursive=True, data_only=True)
         if not files:
             raise GalleryError(f"{loc.uri}: no Parquet files found")
         return cls(loc, None, files)

@@ -66,9 +66,11 @@ def _load_1d(uri: str, storage: StorageConfig | None, what: str, n: int) -> np.n
 
 
 def _parquet_sources(loc: Location) -> list[Location]:
+    """The file itself, or the data files below a folder (hidden/``_`` names skipped, as pyarrow's
+    dataset discovery does: a partial upload or a sidecar is not read as vectors)."""
     if loc.is_file():
         return [loc]
-    files = loc.list_files(suffix=".parquet", recursive=True)
+    files = loc.list_files(suffix=".parquet", recursive=True, data_only=True)
     if not files:
         raise GalleryError(f"{loc.uri}: no .parquet files found")
     return [loc.join(f) for f in files]

@@ -88,12 +88,15 @@ def test_uncommitted_prefix_is_refused(root):
     w.write(make_table(25, 8))  # two files written, no manifest yet (the writer "crashed")
     with pytest.raises(UncommittedGalleryError, match="no _manifest.json"):
         Gallery.open(uri, root.storage)
+    # a partial upload beside the files (hidden name) is not read as gallery rows
+    loc = resolve(uri, root.storage)
+    pq.write_table(make_table(7, 8, start=500), loc.join(".part-9.parquet").path, filesystem=loc.fs)
     g = Gallery.open(uri, root.storage, allow_uncommitted=True)
-    assert g.num_rows == 20 and g.manifest is None
+    assert g.num_rows == 20 and g.manifest is None and not any("/." in "/" + f for f in g.files)
     with pytest.raises(UncommittedGalleryError, match="does not exist"):
         Gallery.open(root.uri("never-written"), root.storage)
     # a new writer will not silently mix with leftovers
-    with pytest.raises(GalleryError, match="already holds 2 file"):
+    with pytest.raises(GalleryError, match="already holds 3 file"):
         GalleryWriter(resolve(uri, root.storage), ModelInfo(model_id="m", dim=8))
 
 
@@ -264,6 +267,20 @@ def test_import_npy_and_parquet(root, tmp_path):
     assert m2.rows == 2 and m2.quarantine_reasons == {"wrong dimension 3 (expected 2)": 1}
     t2 = Gallery.open(root.uri("from-pq"), root.storage).read()
     assert t2.column("id").to_pylist() == ["a", "b"] and t2.column("extra").to_pylist() == [1, 2]
+
+
+def test_import_from_a_folder_reads_data_files_only(root, tmp_path):
+    """A Parquet folder's hidden and ``_`` files (a partial upload, a sidecar) are not imported as
+    vectors: the same files pyarrow's dataset discovery would read."""
+    src = tmp_path / "export"
+    (src / "day=1").mkdir(parents=True)
+    pq.write_table(make_table(30, 4, start=0), src / "day=1" / "a.parquet")
+    pq.write_table(make_table(20, 4, start=100), src / "b.parquet")
+    pq.write_table(make_table(5, 4, start=900), src / ".b.parquet.partial.parquet")
+    pq.write_table(make_table(6, 4, start=950), src / "_unfinished.parquet")
+    m = import_vectors(str(src), root.uri("from-folder"), model_id="old", storage=root.storage)
+    ids = sorted(Gallery.open(root.uri("from-folder"), root.storage).read().column("id").to_pylist())
+    assert m.rows == 50 and ids == list(range(30)) + list(range(100, 120))
 
 
 def test_chunked_writer_publishes_one_file_on_commit_only(tmp_path):
