@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 from dmu_ray.methods.registry import METHODS, MethodConfig, make_method
-from dmu_ray.schema import ConfigError, StrictModel
+from dmu_ray.schema import LOCATION, ConfigError, StrictModel
 
 T = TypeVar("T", bound="StrictModel")
 
@@ -240,7 +240,7 @@ SPLITS = ("all", "extended-data", "extended-class", "open-data", "open-class")
 class DataConfig(StrictModel):
     """Training images and the split protocol that picks the old or new model's share of them."""
 
-    uri: str = Field(description="image data set root (holds _dataset.json and train/)")
+    uri: Annotated[str, LOCATION] = Field(description="image data set root (holds _dataset.json and train/)")
     split: Literal[SPLITS] = "all"  # type: ignore[valid-type]
     role: Literal["old", "new"] = Field(
         default="new", description="which side of the split this run trains on"
@@ -277,7 +277,7 @@ class ModelConfig(StrictModel):
         description="a torchvision:/timm: backbone's library weights, fetched by the library on the cluster: "
         "'default', or a torchvision weights name such as ResNet50_Weights.IMAGENET1K_V2",
     )
-    weights: str | None = Field(
+    weights: Annotated[str | None, LOCATION] = Field(
         default=None, description="URI (local or s3://) of a state-dict file for the backbone"
     )
     mean: list[float] | None = Field(
@@ -367,7 +367,9 @@ class TrainConfig(StrictModel):
 
     kind: Literal["train"] = "train"
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name; same name resumes")
-    storage_path: str = Field(description="where runs live (local path or s3://bucket/prefix)")
+    storage_path: Annotated[str, LOCATION] = Field(
+        description="where runs live (local path or s3://bucket/prefix)"
+    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(

@@ -4,9 +4,20 @@ sections without importing the job configs that collect them)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlparse
+
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ConfigError", "StrictModel"]
+__all__ = [
+    "ConfigError",
+    "StrictModel",
+    "LOCATION",
+    "canonical_location",
+    "with_canonical_locations",
+    "comparable_dump",
+]
 
 
 class ConfigError(ValueError):
@@ -17,3 +28,67 @@ class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class _LocationField:
+    """Marks a config field that names a storage location: ``Annotated[str, LOCATION]``."""
+
+    def __repr__(self) -> str:
+        return "LOCATION"
+
+
+#: metadata of a config field naming a storage location (local path, ``file://`` or ``s3://``):
+#: such fields are compared by the location they name (:func:`with_canonical_locations`)
+LOCATION = _LocationField()
+
+
+def canonical_location(uri: str) -> str:
+    """The location a URI names, spelled one way: an absolute local path (``file://`` and ``~``
+    expanded, relative paths taken from the working directory) or ``s3://bucket/key``; no trailing
+    slash. Other schemes come back as given."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme == "s3":
+        return "s3://" + (parsed.netloc + parsed.path).rstrip("/")
+    if scheme == "file":
+        path = os.path.abspath(parsed.path)
+    elif scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        path = os.path.abspath(os.path.expanduser(uri))
+    else:
+        return uri
+    return path.rstrip("/") or "/"
+
+
+def with_canonical_locations(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
+    """``dump`` (a ``model_dump`` of ``model``, possibly with fields left out) with every
+    ``LOCATION`` field spelled by :func:`canonical_location`, in place; sections are walked."""
+    for name, field in type(model).model_fields.items():
+        if name not in dump:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and isinstance(dump[name], dict):
+            with_canonical_locations(value, dump[name])
+        elif isinstance(value, str) and any(m is LOCATION for m in field.metadata):
+            dump[name] = canonical_location(value)
+    return dump
+
+
+def _with_tags(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
+    """Put back the one-value ``Literal`` fields (a section's tag, e.g. a method's ``name``) that
+    ``exclude_defaults`` left out: at its default the tag still says which kind of section it is."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel) and isinstance(dump.get(name), dict):
+            _with_tags(value, dump[name])
+        elif get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
+            dump[name] = value
+    return dump
+
+
+def comparable_dump(model: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
+    """What a config means, for comparing two of them: its fields without the defaults (an option
+    added later at its default changes nothing) but with every section's tag (``bct`` and ``dmu``
+    at their defaults are different methods), locations spelled one way (``out/runs`` from the
+    working directory and its absolute path are one location)."""
+    dump = model.model_dump(mode="json", exclude=exclude, exclude_defaults=True)
+    return with_canonical_locations(model, _with_tags(model, dump))

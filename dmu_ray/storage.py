@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from dmu_ray.config import StorageConfig
+from dmu_ray.schema import canonical_location
 
 __all__ = [
     "Location",
@@ -217,15 +218,12 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
         path = (parsed.netloc + parsed.path).rstrip("/")
         storage = storage or StorageConfig()
         return Location(_s3_filesystem(storage), path, "s3://" + path, storage)
-    if scheme == "file":
-        path = os.path.abspath(parsed.path)
-    elif scheme in ("",) or (len(scheme) == 1 and os.name == "nt"):
-        path = os.path.abspath(os.path.expanduser(uri))
-    else:
+    if scheme not in ("file", "") and not (len(scheme) == 1 and os.name == "nt"):
         raise StorageError(
             f"{redact(uri)!r}: unsupported URI scheme {scheme!r} (use a local path, file:// or s3://)"
         )
-    return Location(pafs.LocalFileSystem(), path.rstrip("/") or "/", path.rstrip("/") or "/", storage)
+    path = canonical_location(uri)
+    return Location(pafs.LocalFileSystem(), path, path, storage)
 
 
 def write_bytes_atomic(loc: Location, data: bytes | pa.Buffer | memoryview) -> str:

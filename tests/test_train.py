@@ -135,6 +135,19 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
     assert _same_config(saved, plan_training(config("same-name", claimed, digits, **tracked)).cfg)
     with pytest.raises(ConfigError, match="holds a run of a different config"):
         run_training(config("same-name", claimed, digits, model={"dim": 16}), progress=False)
+    # locations compare by what they name: a relative spelling, a trailing slash, file://
+    import os
+
+    respelled = config("same-name", os.path.relpath(claimed) + "/", "file://" + digits)
+    _claim_run(plan_training(respelled))
+    assert _same_config(saved, plan_training(respelled).cfg)
+    # two methods at their defaults are two configs (the method's name is not a default to drop)
+    bct = config("methods", claimed, digits, model={"dim": 64}, method={"name": "bct", "old_model": old_uri})
+    dmu = config("methods", claimed, digits, model={"dim": 64}, method={"name": "dmu", "old_model": old_uri})
+    _claim_run(plan_training(bct))
+    assert not _same_config(bct.model_dump(mode="json"), dmu)
+    with pytest.raises(ConfigError, match="holds a run of a different config"):
+        _claim_run(plan_training(dmu))
     with pytest.raises(ConfigError, match="fewer than one batch per worker"):
         plan_training(config("n", str(tmp_path), digits, optim={"batch_size": 4096}))
     with pytest.raises(ValueError, match="not an image data set"):

@@ -19,11 +19,11 @@ and the catalog import torch lazily, so loading a config stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from dmu_ray.schema import StrictModel
+from dmu_ray.schema import LOCATION, StrictModel
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,9 @@ class Method(StrictModel):
     differs; the defaults describe a method that trains a new model against the frozen old one."""
 
     name: str
-    old_model: str | None = Field(default=None, description="URI of the old model artefact")
+    old_model: Annotated[str | None, LOCATION] = Field(
+        default=None, description="URI of the old model artefact"
+    )
 
     #: the old model artefact must be given (and is checked against the data)
     needs_old_model: ClassVar[bool] = True

@@ -31,6 +31,7 @@ from dmu_ray.models.artifact import (
     save_embedding_model,
 )
 from dmu_ray.models.card import CardError, check_compatible
+from dmu_ray.schema import comparable_dump, with_canonical_locations
 from dmu_ray.storage import Location, redact, resolve
 from dmu_ray.tracking import Tracker, flatten
 
@@ -458,7 +459,7 @@ def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
     """What must not change between a run and its resumption: what is trained and how. Where it
     runs (storage, cluster, workers, failure handling) and the epoch count (more epochs is how a
     finished run is continued) may change."""
-    d = cfg.model_dump(mode="json", exclude=OPERATIONAL, exclude_defaults=True)
+    d = comparable_dump(cfg, exclude=OPERATIONAL)
     d.get("optim", {}).pop("epochs", None)
     for k in ("decode_cpus", "cache"):
         d.get("data", {}).pop(k, None)
@@ -468,8 +469,6 @@ def _resumable_view(cfg: TrainConfig) -> dict[str, Any]:
 def _claim_run(plan: TrainPlan) -> None:
     """Ray Train resumes any run with this name and storage path; refuse when the run folder holds
     a run of a different config (its checkpoint would be resumed as if it were this one)."""
-    import json
-
     from dmu_ray.storage import read_bytes, write_bytes_atomic
 
     loc = resolve(plan.run_uri, plan.cfg.storage).join(RUN_CONFIG)
@@ -485,7 +484,7 @@ def _claim_run(plan: TrainPlan) -> None:
                 "use another name, or the same config to resume it"
             )
         return
-    write_bytes_atomic(loc, plan.cfg.model_dump_json(exclude={"storage"}).encode())
+    write_bytes_atomic(loc, json.dumps(_saved_view(plan.cfg)).encode())
 
 
 def _saved_config(saved: dict[str, Any]) -> TrainConfig:
@@ -508,9 +507,13 @@ def _same_config(saved: dict[str, Any] | None, cfg: TrainConfig) -> bool:
     except ValidationError:
         return False
     where = {"storage", "tracking"}  # where it is stored and logged is not what was trained
-    return then.model_dump(mode="json", exclude=where, exclude_defaults=True) == cfg.model_dump(
-        mode="json", exclude=where, exclude_defaults=True
-    )
+    return comparable_dump(then, exclude=where) == comparable_dump(cfg, exclude=where)
+
+
+def _saved_view(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as a run and its export record it: without credentials, local paths absolute
+    (so a resumption from another working directory compares the locations, not their spelling)."""
+    return with_canonical_locations(cfg, cfg.model_dump(mode="json", exclude={"storage"}))
 
 
 def _train_entry(config: dict[str, Any]) -> None:
@@ -577,7 +580,7 @@ def export_run(plan: TrainPlan, checkpoint, metrics: dict[str, Any], info: dict[
         "epochs": int(state["epoch"]) + 1,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         "history": state.get("history", []),
-        "config": cfg.model_dump(mode="json", exclude={"storage"}),
+        "config": _saved_view(cfg),
     }
     card.update(generations(plan.old))
     model_uri = f"{plan.export_uri}/model.pt"

@@ -5,11 +5,12 @@ classifier do not move. The transformation's uncertainty orders a partial backfi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from dmu_ray.methods.base import Method, UpgradeModuleFields, register_method
+from dmu_ray.schema import LOCATION
 
 
 @register_method
@@ -17,7 +18,7 @@ class FastFill(Method, UpgradeModuleFields):
     """Transformation with uncertainty; the model section describes the frozen new model."""
 
     name: Literal["fastfill"] = "fastfill"
-    new_model: str | None = Field(
+    new_model: Annotated[str | None, LOCATION] = Field(
         default=None, description="URI of the trained new model the transformation targets"
     )
     transform_ce_weight: float = Field(
