@@ -14,6 +14,16 @@ def test_resolve_local_forms(tmp_path):
         assert loc.path == str(tmp_path)
     rel = resolve("some/rel")
     assert rel.path == os.path.abspath("some/rel")
+    # one spelling per location, shared with the configs' comparisons
+    from dmu_ray.schema import canonical_location
+
+    assert {
+        canonical_location(u) for u in (str(tmp_path), f"file://{tmp_path}/", os.path.relpath(tmp_path))
+    } == {resolve(str(tmp_path)).uri}
+    assert (
+        canonical_location("s3://bucket/a/b/") == canonical_location("s3://bucket/a/b") == "s3://bucket/a/b"
+    )
+    assert canonical_location("hdfs://x/y") == "hdfs://x/y"  # not ours to spell
 
 
 @pytest.mark.parametrize(
