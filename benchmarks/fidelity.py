@@ -45,7 +45,7 @@ PROTOCOLS = {
     "architecture": {
         "split": "extended-data",
         "new_backbone": "resnet18",
-        "methods": ["independent", "bct", "dmu"],
+        "methods": ["independent", "bct", "dmu", "dmu-no-selection", "dmu-no-adaptation"],
     },
     "open-class": {
         "split": "open-class",
