@@ -59,30 +59,28 @@ def canonical_location(uri: str) -> str:
     return path.rstrip("/") or "/"
 
 
-def with_canonical_locations(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
-    """``dump`` (a ``model_dump`` of ``model``, possibly with fields left out) with every
-    ``LOCATION`` field spelled by :func:`canonical_location`, in place; sections are walked."""
+def _canonicalise(model: BaseModel, dump: dict[str, Any], tags: bool) -> dict[str, Any]:
+    """``dump`` (a ``model_dump`` of ``model``, possibly with fields left out), in place and walking
+    its sections: every ``LOCATION`` field spelled by :func:`canonical_location`; with ``tags``,
+    the one-value ``Literal`` fields (a section's tag, e.g. a method's ``name``) that
+    ``exclude_defaults`` left out put back: at its default the tag still says which kind of
+    section it is."""
     for name, field in type(model).model_fields.items():
-        if name not in dump:
-            continue
         value = getattr(model, name)
-        if isinstance(value, BaseModel) and isinstance(dump[name], dict):
-            with_canonical_locations(value, dump[name])
-        elif isinstance(value, str) and any(m is LOCATION for m in field.metadata):
+        if isinstance(value, BaseModel):
+            if isinstance(dump.get(name), dict):
+                _canonicalise(value, dump[name], tags)
+        elif tags and get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
+            dump[name] = value
+        elif name in dump and isinstance(value, str) and any(m is LOCATION for m in field.metadata):
             dump[name] = canonical_location(value)
     return dump
 
 
-def _with_tags(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
-    """Put back the one-value ``Literal`` fields (a section's tag, e.g. a method's ``name``) that
-    ``exclude_defaults`` left out: at its default the tag still says which kind of section it is."""
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        if isinstance(value, BaseModel) and isinstance(dump.get(name), dict):
-            _with_tags(value, dump[name])
-        elif get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
-            dump[name] = value
-    return dump
+def with_canonical_locations(model: BaseModel, dump: dict[str, Any]) -> dict[str, Any]:
+    """``dump`` (a ``model_dump`` of ``model``) with every ``LOCATION`` field spelled by
+    :func:`canonical_location`, in place; sections are walked."""
+    return _canonicalise(model, dump, tags=False)
 
 
 def comparable_dump(model: BaseModel, exclude: set[str] | None = None) -> dict[str, Any]:
@@ -91,4 +89,4 @@ def comparable_dump(model: BaseModel, exclude: set[str] | None = None) -> dict[s
     at their defaults are different methods), locations spelled one way (``out/runs`` from the
     working directory and its absolute path are one location)."""
     dump = model.model_dump(mode="json", exclude=exclude, exclude_defaults=True)
-    return with_canonical_locations(model, _with_tags(model, dump))
+    return _canonicalise(model, dump, tags=True)

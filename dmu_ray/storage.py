@@ -215,14 +215,14 @@ def resolve(uri: str, storage: StorageConfig | None = None) -> Location:
     if scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{uri!r}: an s3:// URI needs a bucket (s3://bucket/prefix)")
-        path = (parsed.netloc + parsed.path).rstrip("/")
+        canonical = canonical_location(uri)
         storage = storage or StorageConfig()
-        return Location(_s3_filesystem(storage), path, "s3://" + path, storage)
-    if scheme not in ("file", "") and not (len(scheme) == 1 and os.name == "nt"):
+        return Location(_s3_filesystem(storage), canonical.removeprefix("s3://"), canonical, storage)
+    path = canonical_location(uri)  # an absolute local path, or the URI as given for another scheme
+    if not os.path.isabs(path):
         raise StorageError(
             f"{redact(uri)!r}: unsupported URI scheme {scheme!r} (use a local path, file:// or s3://)"
         )
-    path = canonical_location(uri)
     return Location(pafs.LocalFileSystem(), path, path, storage)
 
 
