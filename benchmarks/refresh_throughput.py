@@ -8,10 +8,14 @@
 Generates a gallery of N x d vectors on local disk, then in the same run:
 1. I/O only: every file read and written back with the gallery's write options, no module (the
    box's limit for this job);
-2. plain loop: for each file, pyarrow read -> torch upgrade module -> normalise -> pyarrow write;
+2. plain loop: for each file, pyarrow read -> torch upgrade module -> normalise -> pyarrow write
+   (the yardstick: psi called per 65k-row batch); and the same loop calling psi on the few
+   thousand rows at a time that the refresh uses on a CPU (an equally tuned loop, for reference);
 3. ``dmu-ray refresh`` through Ray Data with 1 CPU's worth of actors, then 2 CPUs' worth (and, with
    ``--s3``, 2 actors reading and writing a loopback S3 server: moto, from the dev extras).
-Prints rows/s for each, the ratio to the plain loop and to the I/O-only pass; for each refresh also
+Also psi alone on one thread, and from it the box's bound for a CPU refresh: the I/O pass and psi's
+work spread perfectly over every core. Prints rows/s for each, the ratio to the plain loop and to
+the I/O-only pass; for each refresh also
 the pool's start-up (from the job's start to its first file's) and the rate after it, which is what
 a longer job tends to. Not a test: CI never runs it.
 """
@@ -35,6 +39,7 @@ from dmu_ray.models.artifact import save_upgrade_module
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.ray_session import ensure_ray
 from dmu_ray.refresh import run_refresh
+from dmu_ray.refresh.upgrade_files import CPU_COMPUTE_ROWS
 from dmu_ray.storage import resolve
 
 
@@ -54,8 +59,11 @@ def make_gallery(path: str, rows: int, dim: int, rows_per_file: int) -> None:
             )
 
 
-def plain_loop(src: str, out: str, module: UpgradeModule, batch: int) -> float:
-    """The yardstick: one process, pyarrow read -> torch -> pyarrow write, file by file."""
+def plain_loop(
+    src: str, out: str, module: UpgradeModule, batch: int, compute_rows: int | None = None
+) -> float:
+    """The yardstick: one process, pyarrow read -> torch -> pyarrow write, file by file (psi called
+    on ``compute_rows`` rows at a time when given, as the refresh does on a CPU; else per batch)."""
     os.makedirs(out, exist_ok=True)
     files = sorted(f for f in os.listdir(src) if f.endswith(".parquet"))
     t0 = time.perf_counter()
@@ -67,7 +75,13 @@ def plain_loop(src: str, out: str, module: UpgradeModule, batch: int) -> float:
             for start in range(0, table.num_rows, batch):
                 t = table.slice(start, batch)
                 x = torch.from_numpy(embedding_matrix(t.column("embedding")).astype(np.float32))
-                y = torch.nn.functional.normalize(module(x), dim=1).half().numpy()
+                step = compute_rows or len(x)
+                y = np.concatenate(
+                    [
+                        torch.nn.functional.normalize(module(x[i : i + step]), dim=1).half().numpy()
+                        for i in range(0, len(x), step)
+                    ]
+                )
                 outs.append(t.set_column(1, "embedding", embedding_array(y)))
             result = pa.concat_tables(outs)
             pq.write_table(result, os.path.join(out, f), **parquet_write_options(result.schema))
@@ -86,6 +100,23 @@ def io_only(src: str, out: str) -> float:
         pq.write_table(table, os.path.join(out, f), **parquet_write_options(table.schema))
         rows += table.num_rows
     return rows / (time.perf_counter() - t0)
+
+
+def psi_only(src: str, module: UpgradeModule, compute_rows: int) -> float:
+    """psi alone on one thread (slices of ``compute_rows``, normalise, float16), over the first
+    file's rows held in memory: rows/s of one core's worth of the module's work."""
+    first = sorted(f for f in os.listdir(src) if f.endswith(".parquet"))[0]
+    mat = embedding_matrix(pq.read_table(os.path.join(src, first)).column("embedding")).copy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(mat), compute_rows):
+            x = torch.from_numpy(mat[i : i + compute_rows]).float()  # torch's cast, as the refresh
+            torch.nn.functional.normalize(module(x), dim=1).half()
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return len(mat) / seconds
 
 
 def s3_server(src: str) -> tuple[object, StorageConfig, str]:
@@ -146,12 +177,19 @@ def main() -> None:
     torch.set_num_threads(cpus)
     io = io_only(src, os.path.join(work, "io-only"))
     plain = plain_loop(src, os.path.join(work, "plain"), module, args.batch)
+    tuned = plain_loop(src, os.path.join(work, "plain-chunked"), module, args.batch, CPU_COMPUTE_ROWS)
 
     def row(what: str, rate: float) -> None:
         print(f"{what:<40} {rate:>12,.0f} rows/s   {rate / plain:.2f}x plain   {rate / io:.2f}x I/O-only")
 
     row("I/O only (read + write, 1 process)", io)
     row("plain loop (1 process)", plain)
+    row(f"  the same, psi on {CPU_COMPUTE_ROWS:,}-row slices", tuned)
+    # The job's CPU work is the I/O pass plus psi; spread perfectly over every core it takes
+    # (1/io + 1/psi) / cpus seconds a row: no CPU refresh can beat that on this box.
+    psi = psi_only(src, module, CPU_COMPUTE_ROWS)
+    row("psi only (1 thread, rows in memory)", psi)
+    row(f"bound: I/O + psi over {cpus} cores", cpus / (1 / io + 1 / psi))
     server, s3_storage, s3_src = s3_server(src) if args.s3 else (None, None, None)
     ensure_ray(num_cpus=cpus)
     runs = [(n, src, os.path.join(work, f"ray-{n}"), None) for n in sorted({1, cpus})]

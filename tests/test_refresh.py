@@ -22,6 +22,7 @@ from dmu_ray.models.artifact import save_upgrade_module
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.refresh import plan_refresh, run_refresh
 from dmu_ray.refresh.job import RefreshError
+from dmu_ray.refresh.upgrade_files import FileUpgrader
 from dmu_ray.storage import resolve
 
 DIM = 16
@@ -253,3 +254,26 @@ def test_the_fused_module_computes_what_the_module_computes():
         assert not any(isinstance(layer, torch.nn.BatchNorm1d) for layer in fused.modules())
         assert torch.allclose(fused(x), m(x), atol=1e-5)
         assert m.mlp[1].training is False and isinstance(m.mlp[1], torch.nn.BatchNorm1d)  # untouched
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_module_runs_in_chunks_of_rows_with_the_same_output(tmp_path, dtype):
+    """On a CPU the upgrader calls psi on a few thousand rows at a time (faster, in cache); a
+    batch that is not a multiple of the chunk, any route, either output dtype: the same rows out."""
+    first = make_module(str(tmp_path / "a.pt"), None, out_dim=DIM)
+    second = make_module(str(tmp_path / "b.pt"), None, in_dim=DIM, out_dim=DIM)
+    loc = resolve(str(tmp_path))
+    model = ModelInfo(model_id="new", dim=DIM, dtype=dtype, normalized=True)
+    whole = FileUpgrader([first, second], loc, loc, model, batch_size=100)
+    chunked = FileUpgrader([first, second], loc, loc, model, batch_size=100, compute_rows=7)
+    assert whole.compute_rows >= 100 and chunked.compute_rows == 7
+    mat = embedding_matrix(source_table(100, 0).column("embedding"))
+    for route in (None, [0, 1], []):
+        a, b = whole.upgrade_matrix(mat, route), chunked.upgrade_matrix(mat, route)
+        assert a.shape == b.shape == (100, DIM) and a.dtype == b.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(
+            a.astype(np.float32), b.astype(np.float32), atol=1e-3 if dtype == "float16" else 1e-6
+        )
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(first(torch.from_numpy(mat.astype(np.float32))), dim=1)
+    np.testing.assert_allclose(chunked.upgrade_matrix(mat).astype(np.float32), ref.numpy(), atol=2e-3)

@@ -61,6 +61,7 @@ from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import Location, StorageError, read_bytes, write_bytes_atomic
 
 PARTS_DIR = "_parts"
+CPU_COMPUTE_ROWS = 4096  # rows per module call on a CPU (docs/decisions.md, "Performance")
 PROVENANCE = "provenance"
 
 
@@ -183,6 +184,7 @@ class FileUpgrader:
         overrides: Overrides | None = None,
         expected: dict[str, FileEntry] | None = None,
         routing: Routing | None = None,
+        compute_rows: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         modules = module if isinstance(module, list) else [module]
@@ -190,6 +192,9 @@ class FileUpgrader:
         self.modules = [m.fused_for_inference().to(self.device).eval() for m in modules]
         self.src, self.out, self.model = src, out, model
         self.normalize, self.batch_size = normalize, batch_size
+        # rows per module call: on a CPU, a few thousand rows keep psi's activations in cache and
+        # off fresh pages (1.5x faster than 65k-row calls, the same output); a GPU takes the batch
+        self.compute_rows = compute_rows or (batch_size if self.device.type == "cuda" else CPU_COMPUTE_ROWS)
         self.in_dim = modules[0].in_dim
         self.routing = routing or Routing({"": ([0], "")}, default="")  # one module, no lineage
         self.out_type = embedding_type(model.dim, model.dtype)
@@ -249,15 +254,26 @@ class FileUpgrader:
         with warnings.catch_warnings():  # a read-only Arrow buffer; psi never writes into its input
             warnings.simplefilter("ignore", UserWarning)
             y = torch.from_numpy(mat)
-        y = y.to(self.device, dtype=torch.float32, non_blocking=True)
         steps = [0] if route is None else route
+        out_dtype = torch.float16 if self.np_dtype == np.float16 else torch.float32
+        if self.compute_rows >= len(y):
+            return self._run_route(y, steps).to(out_dtype).cpu().numpy()
+        out = torch.empty((len(y), self.model.dim), dtype=out_dtype)
+        for start in range(0, len(y), self.compute_rows):
+            part = slice(start, start + self.compute_rows)
+            out[part] = self._run_route(y[part], steps)
+        return out.numpy()
+
+    def _run_route(self, x: torch.Tensor, steps: list[int]) -> torch.Tensor:
+        """The modules ``steps`` over rows ``x`` on the upgrader's device (float32)."""
+        y = x.to(self.device, dtype=torch.float32, non_blocking=True)
         for i in steps:
             y = self.modules[i](y)
             if self.normalize:
                 y = torch.nn.functional.normalize(y, dim=1)
         if not steps and self.normalize:
             y = torch.nn.functional.normalize(y, dim=1)
-        return y.to(torch.float16 if self.np_dtype == np.float16 else torch.float32).cpu().numpy()
+        return y
 
     def _route_batch(self, t: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
         """Each row of ``t`` through its chain's route: the output matrix and each row's chain key
