@@ -36,10 +36,9 @@ import torch
 from dmu_ray.config import ActorPoolConfig, RefreshConfig, StorageConfig
 from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array, embedding_matrix, parquet_write_options
 from dmu_ray.models.artifact import save_upgrade_module
-from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, UpgradeModule
 from dmu_ray.ray_session import ensure_ray
 from dmu_ray.refresh import run_refresh
-from dmu_ray.refresh.upgrade_files import CPU_COMPUTE_ROWS
 from dmu_ray.storage import resolve
 
 

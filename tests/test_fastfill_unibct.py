@@ -16,7 +16,7 @@ from dmu_ray.methods.prototypes import knn_graph, refine_prototypes
 from dmu_ray.methods.registry import make_method
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
-from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, UpgradeModule, in_row_slices
 from dmu_ray.train.loop import Trainee
 
 
@@ -274,3 +274,34 @@ def test_unibct_rebuilds_its_prototypes_from_the_last_epochs_new_features(tmp_pa
     np.testing.assert_allclose(t.old_head.weight.detach().numpy(), want, atol=1e-5)
     assert not torch.equal(t.old_head.weight, before) and int(t.proto_rebuilds) == 1
     assert t.unibct["seen"] is None
+
+
+def test_backfill_scorer_scores_a_large_batch_in_slices_as_a_whole():
+    """More rows than one call of psi takes on a CPU (slices, the last one short): the vectors and
+    every policy's scores are those of psi and the old head over the whole batch at once."""
+    torch.manual_seed(1)
+    n = 2 * CPU_COMPUTE_ROWS + 123
+    psi = UpgradeModule(8, 6, 16, 1, uncertainty=True).eval()
+    old_head = MarginHead(8, 5, s=10.0).eval()
+    mat = torch.randn(n, 8).numpy()
+    y, s = BackfillScorer(["uncertainty", "old-discriminativeness"], psi, old_head)(np.arange(n), mat)
+    with torch.no_grad():
+        ref_y, ref_s = psi.forward_with_uncertainty(torch.from_numpy(mat))
+        ref_d = 1.0 - torch.softmax(old_head(torch.from_numpy(mat)), dim=1).max(1).values
+    assert y.shape == (n, 6) and s["uncertainty"].shape == s["old-discriminativeness"].shape == (n,)
+    np.testing.assert_allclose(y, F.normalize(ref_y, dim=1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(s["uncertainty"], ref_s.numpy(), atol=1e-5)
+    np.testing.assert_allclose(s["old-discriminativeness"], ref_d.numpy(), atol=1e-5)
+
+
+def test_in_row_slices_writes_each_slice_into_one_output():
+    x = torch.arange(30, dtype=torch.float32).reshape(10, 3)
+
+    def fn(rows):
+        return rows * 2, rows.sum(1).to(torch.float64)
+
+    for n_rows in (None, 1, 3, 4, 10, 50):
+        a, b = in_row_slices(fn, x, n_rows)
+        assert torch.equal(a, x * 2) and torch.equal(b, x.sum(1).double())
+    assert torch.equal(in_row_slices(lambda r: r + 1, x, 4), x + 1)  # one tensor in, one out
+    assert in_row_slices(lambda r: r[:, :2], x[:0], 4).shape == (0, 2)

@@ -36,6 +36,7 @@ from dmu_ray.models.artifact import (
     load_artifact,
 )
 from dmu_ray.models.inference import embed_images
+from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, in_row_slices
 from dmu_ray.storage import resolve, write_bytes_atomic
 from dmu_ray.tracking import Tracker, flatten
 
@@ -136,7 +137,12 @@ def run_matrix(cfg: MatrixConfig, *, progress: bool = True) -> dict[str, Any]:
         with torch.inference_mode():
             for m in st["upgrade"]:
                 say(f"upgrading {name}'s vectors with {m.uri}")
-                y = torch.nn.functional.normalize(build_upgrade_module(m)(y), dim=1)
+                module = build_upgrade_module(m)
+                y = in_row_slices(
+                    lambda rows, module=module: torch.nn.functional.normalize(module(rows), dim=1),
+                    y,
+                    CPU_COMPUTE_ROWS,
+                )
         g_vecs[name] = (ids, labels, y.numpy())
 
     mcfg = MetricsConfig(ks=cfg.ks, map_at=cfg.map_at, protocols=["retrieval"])

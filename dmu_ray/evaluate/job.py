@@ -26,6 +26,7 @@ from dmu_ray.models.artifact import (
 )
 from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import embed_images
+from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, in_row_slices
 from dmu_ray.storage import resolve
 from dmu_ray.tracking import Tracker, flatten
 
@@ -297,9 +298,12 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
         if key not in vectors:
             say(f"upgrading the old gallery with {psi.uri}")
             ids, lab, x = vectors[old_key]
+            module = build_upgrade_module(psi)
             with torch.inference_mode():
-                up = torch.nn.functional.normalize(
-                    build_upgrade_module(psi)(torch.from_numpy(x)), dim=1
+                up = in_row_slices(
+                    lambda rows: torch.nn.functional.normalize(module(rows), dim=1),
+                    torch.from_numpy(x),
+                    CPU_COMPUTE_ROWS,
                 ).numpy()
             vectors[key] = (ids, lab, up)
         return key

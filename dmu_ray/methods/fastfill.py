@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dmu_ray.config import BACKFILL_POLICIES
 from dmu_ray.data.splits import unit_hash
 from dmu_ray.models.heads import MarginHead
-from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices
 
 POLICIES = BACKFILL_POLICIES  # one list: the config's
 LOG_VAR_CLAMP = 15.0  # exp(+-15) keeps fp32 finite whatever an untrained branch outputs
@@ -90,21 +90,36 @@ class BackfillScorer:
     @torch.inference_mode()
     def __call__(self, ids: np.ndarray, mat: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """``(unit-norm psi(mat) as float32 (n, d), {policy: scores float64 (n,)})``."""
-        x = torch.as_tensor(np.asarray(mat, dtype=np.float32), device=self.device)
-        if self.psi.uncertainty:
-            y, log_var = self.psi.forward_with_uncertainty(x)
-        else:
-            y, log_var = self.psi(x), None
+        x = torch.as_tensor(np.asarray(mat, dtype=np.float32))
+        want_unc = "uncertainty" in self.policies
+        want_disc = "old-discriminativeness" in self.policies
+
+        def rows(part: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            part = part.to(self.device)
+            if want_unc:
+                y, log_var = self.psi.forward_with_uncertainty(part)
+            else:
+                y, log_var = self.psi(part), None
+            out = [F.normalize(y.float(), dim=1)]
+            if want_unc:
+                out.append(log_var.float().reshape(-1))
+            if want_disc:
+                out.append(1.0 - F.softmax(self.old_head(part).float(), dim=1).max(1).values)
+            return tuple(out)
+
+        results = list(in_row_slices(rows, x, compute_rows_for(self.device)))
+        y = results.pop(0)
+        unc = results.pop(0) if want_unc else None
+        disc = results.pop(0) if want_disc else None
         scores: dict[str, np.ndarray] = {}
         for policy in self.policies:
             if policy == "uncertainty":
-                scores[policy] = log_var.float().cpu().numpy().astype(np.float64)
+                scores[policy] = unc.numpy().astype(np.float64)
             elif policy == "random":
                 scores[policy] = unit_hash(np.asarray(ids), self.seed)
             else:
-                p = F.softmax(self.old_head(x).float(), dim=1)
-                scores[policy] = (1.0 - p.max(1).values).cpu().numpy().astype(np.float64)
-        return F.normalize(y.float(), dim=1).cpu().numpy(), scores
+                scores[policy] = disc.numpy().astype(np.float64)
+        return y.numpy(), scores
 
 
 def select_top(ids: np.ndarray, scores: np.ndarray, fraction: float) -> np.ndarray:

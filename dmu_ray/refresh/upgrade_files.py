@@ -57,11 +57,10 @@ from dmu_ray.gallery import (
     write_parquet_atomic,
 )
 from dmu_ray.lineage import LINEAGE_COLUMN
-from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices
 from dmu_ray.storage import Location, StorageError, read_bytes, write_bytes_atomic
 
 PARTS_DIR = "_parts"
-CPU_COMPUTE_ROWS = 4096  # rows per module call on a CPU (docs/decisions.md, "Performance")
 PROVENANCE = "provenance"
 
 
@@ -192,9 +191,8 @@ class FileUpgrader:
         self.modules = [m.fused_for_inference().to(self.device).eval() for m in modules]
         self.src, self.out, self.model = src, out, model
         self.normalize, self.batch_size = normalize, batch_size
-        # rows per module call: on a CPU, a few thousand rows keep psi's activations in cache and
-        # off fresh pages (1.5x faster than 65k-row calls, the same output); a GPU takes the batch
-        self.compute_rows = compute_rows or (batch_size if self.device.type == "cuda" else CPU_COMPUTE_ROWS)
+        # rows per call of psi (models.upgrade.CPU_COMPUTE_ROWS on a CPU; a GPU takes the batch)
+        self.compute_rows = compute_rows or compute_rows_for(self.device)
         self.in_dim = modules[0].in_dim
         self.routing = routing or Routing({"": ([0], "")}, default="")  # one module, no lineage
         self.out_type = embedding_type(model.dim, model.dtype)
@@ -256,13 +254,7 @@ class FileUpgrader:
             y = torch.from_numpy(mat)
         steps = [0] if route is None else route
         out_dtype = torch.float16 if self.np_dtype == np.float16 else torch.float32
-        if self.compute_rows >= len(y):
-            return self._run_route(y, steps).to(out_dtype).cpu().numpy()
-        out = torch.empty((len(y), self.model.dim), dtype=out_dtype)
-        for start in range(0, len(y), self.compute_rows):
-            part = slice(start, start + self.compute_rows)
-            out[part] = self._run_route(y[part], steps)
-        return out.numpy()
+        return in_row_slices(lambda x: self._run_route(x, steps).to(out_dtype), y, self.compute_rows).numpy()
 
     def _run_route(self, x: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """The modules ``steps`` over rows ``x`` on the upgrader's device (float32)."""
