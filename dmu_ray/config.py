@@ -93,12 +93,25 @@ class ActorPoolConfig(StrictModel):
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per actor; 0 runs on CPU")
     batch_size: int = Field(default=65536, ge=1, description="rows per batch through the module")
+    files_per_actor: int | None = Field(
+        default=None,
+        ge=1,
+        description="refresh and backfill: files one actor works on at once, each with its own "
+        "read/encode threads, so an actor's I/O keeps its GPU busy. Default: 1 on a CPU actor "
+        "(its cores run psi), max(2, num_cpus) on a GPU actor",
+    )
     resource_wait_s: float = Field(
         default=0.0,
         ge=0,
         description="how long to wait for a node that can hold one actor before failing (an "
         "autoscaling cluster needs minutes to start one; 0: fail at once)",
     )
+
+    def files_in_flight(self) -> int:
+        """Files one actor works on at once: ``files_per_actor``, or its default."""
+        if self.files_per_actor is not None:
+            return self.files_per_actor
+        return max(2, int(self.num_cpus)) if self.num_gpus > 0 else 1
 
     @field_validator("max_actors")
     @classmethod

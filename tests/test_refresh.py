@@ -1,5 +1,8 @@
 """Gallery refresh on a real local Ray cluster, against local disk and the loopback S3 server."""
 
+import itertools
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -277,3 +280,47 @@ def test_the_module_runs_in_chunks_of_rows_with_the_same_output(tmp_path, dtype)
     with torch.no_grad():
         ref = torch.nn.functional.normalize(first(torch.from_numpy(mat.astype(np.float32))), dim=1)
     np.testing.assert_allclose(chunked.upgrade_matrix(mat).astype(np.float32), ref.numpy(), atol=2e-3)
+
+
+def test_files_per_actor_defaults():
+    assert ActorPoolConfig().files_in_flight() == 1  # a CPU actor's cores run psi
+    assert ActorPoolConfig(num_gpus=1, num_cpus=1).files_in_flight() == 2  # I/O beside the GPU
+    assert ActorPoolConfig(num_gpus=1, num_cpus=6).files_in_flight() == 6
+    assert ActorPoolConfig(num_gpus=0.5, num_cpus=4, files_per_actor=3).files_in_flight() == 3
+    with pytest.raises(ValueError, match="files_per_actor"):
+        ActorPoolConfig(files_per_actor=0)
+
+
+def test_an_actor_works_on_several_files_at_once_exactly_once(ray_local, tmp_path):
+    """``files_per_actor: 2`` (a GPU actor's default): one actor upgrades two files at the same
+    time, on threads, so one file's Parquet work runs beside the other's psi; every file is still
+    upgraded exactly once and right."""
+    src = make_source(str(tmp_path / "src"), None, files=6, rows=20000)
+    psi_uri = str(tmp_path / "psi.pt")
+    torch.manual_seed(0)
+    psi = UpgradeModule(DIM, 24, width=1024, depth=3).eval()  # ~0.5 s a file: calls that last
+    save_upgrade_module(psi_uri, psi, {"id": "wide"})
+    out = tmp_path / "out"
+    cfg = RefreshConfig(
+        source=src,
+        output=str(out),
+        module=psi_uri,
+        pool=ActorPoolConfig(min_actors=1, max_actors=1, num_cpus=1, batch_size=5000, files_per_actor=2),
+    )
+    res = run_refresh(cfg, progress=False)
+    assert res.files_done_now == 6 and res.manifest.extra["refresh"]["last_run_actors"] == 1
+    spans = sorted(
+        (r["started_at"], r["started_at"] + r["seconds"])
+        for r in (json.loads(p.read_text()) for p in (out / "_parts").glob("*.json"))
+    )
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans  # two files at once
+    old = Gallery.open(src).read()
+    new = Gallery.open(str(out)).read()
+    assert new.column("id").to_pylist() == old.column("id").to_pylist()  # none lost, none twice
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(
+            psi(torch.from_numpy(embedding_matrix(old.column("embedding")).astype(np.float32))), dim=1
+        )
+    got = embedding_matrix(new.column("embedding")).astype(np.float32)
+    np.testing.assert_allclose(got, ref.numpy(), atol=2e-3)
+    assert validate_gallery(Gallery.open(str(out))).ok

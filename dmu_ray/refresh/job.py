@@ -338,7 +338,8 @@ class _RefreshActor:
         for art, sha in zip(arts, plan_args["module_sha256"], strict=True):
             if art.sha256 != sha:
                 raise RefreshError(f"{art.uri} changed while the refresh was running")
-        threads = max(1, int(round(cfg.pool.num_cpus)))
+        # the actor's CPUs shared by the files it works on at once
+        threads = max(1, int(round(cfg.pool.num_cpus)) // cfg.pool.files_in_flight())
         torch.set_num_threads(threads)
         device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.upgrader = FileUpgrader(
@@ -431,10 +432,16 @@ def run_refresh(
             },
             batch_size=1,
             batch_format="pyarrow",
-            # One file per call is a large unit and its input is only a path: no prefetch, so the
-            # first actor up does not queue files that idle actors could take.
+            # One file per call is a large unit and its input is only a path: no prefetch beyond
+            # the files an actor works on at once (one on a CPU actor), so the first actor up does
+            # not queue files that idle actors could take. Several at once run concurrently in the
+            # actor (threads), so one file's Parquet work overlaps another's psi on the GPU.
             compute=ray.data.ActorPoolStrategy(
-                min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=1
+                min_size=pool.min_actors,
+                max_size=pool.max_actors,
+                max_tasks_in_flight_per_actor=pool.files_in_flight(),
+                max_concurrent_calls_per_actor=pool.files_in_flight(),
+                enable_true_multi_threading=pool.files_in_flight() > 1,
             ),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,

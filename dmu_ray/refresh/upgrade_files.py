@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import warnings
 from collections import Counter
@@ -201,6 +202,7 @@ class FileUpgrader:
         # test hook: raise after this many files in this process (simulates a crash mid-job)
         self._fail_after = fail_after_files
         self._done = 0
+        self._done_lock = threading.Lock()  # an actor may upgrade several files at once (threads)
         self.worker = worker  # provenance in the commit record (the Ray node id in a refresh job)
         self.actor = actor  # and the pool actor that did it (how far the pool grew)
         self.overrides = overrides
@@ -294,7 +296,8 @@ class FileUpgrader:
         return y, out_keys
 
     def upgrade_file(self, rel: str) -> dict[str, Any]:
-        """Upgrade input file ``rel`` and commit it; returns its commit record.
+        """Upgrade input file ``rel`` and commit it; returns its commit record. Safe to call from
+        several threads at once on different files (the modules are only read).
 
         Three stages overlap: a reader thread hashes the source and decodes its next batch, the
         module runs on this thread (on the actor's device), and a writer thread encodes the
@@ -337,7 +340,8 @@ class FileUpgrader:
         if entry.rows + (q_entry.rows if q_entry else 0) != rows_in:  # pragma: no cover - invariant
             raise RuntimeError(f"{rel}: rows do not reconcile: {rows_in} in, {entry.rows} out, {q_entry}")
         write_bytes_atomic(self.out.join(record_name(rel)), json.dumps(record).encode())
-        self._done += 1
+        with self._done_lock:
+            self._done += 1
         return record
 
     def _upgrade_batches(
