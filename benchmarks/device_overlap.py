@@ -21,7 +21,8 @@ In the same run:
 Prints each upgrader's time against the serial sum (1 + 2: an actor doing its I/O in line) and
 against the larger of the two (perfect overlap), and the share of the run the device is busy.
 By default the wait is set so that the device's work equals the I/O-only pass's time, where
-overlap matters most. A stand-in, not a GPU: no host-device copies, no kernel launches; measure
+overlap matters most. A stand-in, not a GPU: no host-device copies, no kernel launches, and the
+normalisation after psi still runs on the CPU (on a GPU it would not); measure
 on a GPU with benchmarks/gpu_check.py. Not a test: CI never runs it.
 """
 
