@@ -36,7 +36,7 @@ from dmu_ray.models.artifact import (
     load_artifact,
 )
 from dmu_ray.models.inference import embed_images
-from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, in_row_slices
+from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, in_row_slices, through_chain
 from dmu_ray.storage import resolve, write_bytes_atomic
 from dmu_ray.tracking import Tracker, flatten
 
@@ -134,15 +134,12 @@ def run_matrix(cfg: MatrixConfig, *, progress: bool = True) -> dict[str, Any]:
             continue
         ids, labels, x = embed("gallery", st["model"])
         y = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        with torch.inference_mode():
-            for m in st["upgrade"]:
-                say(f"upgrading {name}'s vectors with {m.uri}")
-                module = build_upgrade_module(m)
-                y = in_row_slices(
-                    lambda rows, module=module: torch.nn.functional.normalize(module(rows), dim=1),
-                    y,
-                    CPU_COMPUTE_ROWS,
-                )
+        for m in st["upgrade"]:
+            say(f"upgrading {name}'s vectors with {m.uri}")
+        if st["upgrade"]:  # the whole chain on each slice of rows
+            chain = [build_upgrade_module(m) for m in st["upgrade"]]
+            with torch.inference_mode():
+                y = in_row_slices(lambda rows, chain=chain: through_chain(chain, rows), y, CPU_COMPUTE_ROWS)
         g_vecs[name] = (ids, labels, y.numpy())
 
     mcfg = MetricsConfig(ks=cfg.ks, map_at=cfg.map_at, protocols=["retrieval"])

@@ -26,7 +26,7 @@ from dmu_ray.models.artifact import (
 )
 from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import embed_images
-from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, in_row_slices
+from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, in_row_slices, through_chain
 from dmu_ray.storage import resolve
 from dmu_ray.tracking import Tracker, flatten
 
@@ -301,9 +301,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             module = build_upgrade_module(psi)
             with torch.inference_mode():
                 up = in_row_slices(
-                    lambda rows: torch.nn.functional.normalize(module(rows), dim=1),
-                    torch.from_numpy(x),
-                    CPU_COMPUTE_ROWS,
+                    lambda rows: through_chain([module], rows), torch.from_numpy(x), CPU_COMPUTE_ROWS
                 ).numpy()
             vectors[key] = (ids, lab, up)
         return key

@@ -18,6 +18,18 @@ def compute_rows_for(device: torch.device | str) -> int | None:
     return CPU_COMPUTE_ROWS if torch.device(device).type == "cpu" else None
 
 
+def through_chain(modules: list[nn.Module], x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """``x`` through each upgrade module in turn, each output L2-normalised when ``normalize``
+    (an empty chain only normalises): what a gallery's vectors go through to the newest space."""
+    for m in modules:
+        x = m(x)
+        if normalize:
+            x = nn.functional.normalize(x, dim=1)
+    if not modules and normalize:
+        x = nn.functional.normalize(x, dim=1)
+    return x
+
+
 def in_row_slices(
     fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
     x: torch.Tensor,

@@ -414,6 +414,7 @@ def run_refresh(
         auto = ctx.autoscaling_config
         auto.actor_pool_util_upscaling_threshold = min(auto.actor_pool_util_upscaling_threshold, 1.0)
         expected = {f.path: f for f in plan.source.manifest.files if f.path in set(plan.pending)}
+        files_at_once = pool.files_in_flight()
         ds = ray.data.from_items([{"path": p} for p in plan.pending], override_num_blocks=len(plan.pending))
         ds = ds.map_batches(
             _RefreshActor,
@@ -439,9 +440,9 @@ def run_refresh(
             compute=ray.data.ActorPoolStrategy(
                 min_size=pool.min_actors,
                 max_size=pool.max_actors,
-                max_tasks_in_flight_per_actor=pool.files_in_flight(),
-                max_concurrent_calls_per_actor=pool.files_in_flight(),
-                enable_true_multi_threading=pool.files_in_flight() > 1,
+                max_tasks_in_flight_per_actor=files_at_once,
+                max_concurrent_calls_per_actor=files_at_once,
+                enable_true_multi_threading=files_at_once > 1,
             ),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,

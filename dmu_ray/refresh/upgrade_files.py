@@ -58,7 +58,7 @@ from dmu_ray.gallery import (
     write_parquet_atomic,
 )
 from dmu_ray.lineage import LINEAGE_COLUMN
-from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices
+from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices, through_chain
 from dmu_ray.storage import Location, StorageError, read_bytes, write_bytes_atomic
 
 PARTS_DIR = "_parts"
@@ -261,13 +261,7 @@ class FileUpgrader:
     def _run_route(self, x: torch.Tensor, steps: list[int]) -> torch.Tensor:
         """The modules ``steps`` over rows ``x`` on the upgrader's device (float32)."""
         y = x.to(self.device, dtype=torch.float32, non_blocking=True)
-        for i in steps:
-            y = self.modules[i](y)
-            if self.normalize:
-                y = torch.nn.functional.normalize(y, dim=1)
-        if not steps and self.normalize:
-            y = torch.nn.functional.normalize(y, dim=1)
-        return y
+        return through_chain([self.modules[i] for i in steps], y, self.normalize)
 
     def _route_batch(self, t: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
         """Each row of ``t`` through its chain's route: the output matrix and each row's chain key
