@@ -16,7 +16,8 @@ In the same run:
 2. the device's work alone: the number of batches x the wait;
 3. the upgrader over every file with the stand-in, one batch per call (as on a GPU), one file at
    a time and then several at once on threads sharing the one device (a refresh actor with
-   ``pool.files_per_actor`` > 1, the default on GPU actors).
+   ``pool.files_per_actor`` > 1, the default on GPU actors); each batch's output checked on its
+   own thread (``finish_aside``, the default on GPU actors), and once, for comparison, in line.
 
 Prints each upgrader's time against the serial sum (1 + 2: an actor doing its I/O in line) and
 against the larger of the two (perfect overlap), and the share of the run the device is busy.
@@ -91,10 +92,11 @@ def main() -> None:
 
     model = ModelInfo(model_id="bench-new", dim=args.dim, dtype="float16", normalized=True)
 
-    def upgrade_all(files_at_once: int) -> float:
+    def upgrade_all(files_at_once: int, finish_aside: bool = True) -> float:
         """Seconds for the upgrader over every file, ``files_at_once`` files at a time on threads
-        sharing one stand-in device (what a refresh actor with that many files in flight does)."""
-        out = os.path.join(work, f"upgraded-{files_at_once}")
+        sharing one stand-in device (what a refresh actor with that many files in flight does);
+        each batch's output checked on its own thread (as on a GPU actor) or in line."""
+        out = os.path.join(work, f"upgraded-{files_at_once}-{finish_aside}")
         shutil.rmtree(out, ignore_errors=True)
         psi = DeviceStandIn(args.dim, wait_s)
         up = FileUpgrader(
@@ -104,6 +106,7 @@ def main() -> None:
             model,
             batch_size=args.batch,
             compute_rows=args.batch,  # one call per batch, as a GPU actor makes
+            finish_aside=finish_aside,  # the default on a GPU actor: True
             expected={f.path: f for f in gallery.manifest.files},
         )
         t0 = time.perf_counter()
@@ -117,15 +120,17 @@ def main() -> None:
     print(
         f"# {rows:,} x {args.dim} float16, {len(gallery.files)} files, {batches} batches of {args.batch:,}, {cores} cores"
     )
-    print(f"I/O only (1 thread)                  {t_io:7.2f} s")
-    print(f"device alone ({batches} x {wait_s * 1000:.0f} ms)         {t_dev:7.2f} s")
+    print(f"{'I/O only (1 thread)':39s} {t_io:7.2f} s")
+    print(f"{f'device alone ({batches} x {wait_s * 1000:.0f} ms)':39s} {t_dev:7.2f} s")
     print(
-        f"in line (I/O, then the device)       {t_io + t_dev:7.2f} s   device busy {t_dev / (t_io + t_dev):4.0%}"
+        f"{'in line (I/O, then the device)':39s} {t_io + t_dev:7.2f} s   device busy {t_dev / (t_io + t_dev):4.0%}"
     )
-    for k in sorted({1, 2, cores}):
-        t_up = upgrade_all(k)
+    runs = [(1, False, "1 file, output checks in line")]
+    runs += [(k, True, f"{k} file(s) at once") for k in sorted({1, 2, cores})]
+    for k, aside, name in runs:
+        t_up = upgrade_all(k, aside)
         print(
-            f"upgrader, {k} file(s) at once        {t_up:7.2f} s   device busy {t_dev / t_up:4.0%}   "
+            f"upgrader, {name:29s} {t_up:7.2f} s   device busy {t_dev / t_up:4.0%}   "
             f"{(t_io + t_dev) / t_up:.2f}x in line, {max(t_io, t_dev) / t_up:.2f}x perfect overlap"
         )
     if not args.workdir:

@@ -2,9 +2,11 @@
 
 import itertools
 import json
+import threading
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ from dmu_ray.models.artifact import save_upgrade_module
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.refresh import plan_refresh, run_refresh
 from dmu_ray.refresh.job import RefreshError
-from dmu_ray.refresh.upgrade_files import FileUpgrader
+from dmu_ray.refresh.upgrade_files import FileUpgrader, Overrides
 from dmu_ray.storage import resolve
 
 DIM = 16
@@ -324,3 +326,71 @@ def test_an_actor_works_on_several_files_at_once_exactly_once(ray_local, tmp_pat
     got = embedding_matrix(new.column("embedding")).astype(np.float32)
     np.testing.assert_allclose(got, ref.numpy(), atol=2e-3)
     assert validate_gallery(Gallery.open(str(out))).ok
+
+
+class Overflowing(UpgradeModule):
+    """psi that scales the rows whose first value is above 0.4 out of float16's range."""
+
+    def __init__(self) -> None:
+        super().__init__(DIM, DIM, width=8, depth=1)
+
+    def fused_for_inference(self) -> "Overflowing":
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x[:, :1] > 0.4, x * 1e6, x)
+
+
+class ThreadNoting(Overrides):
+    """Overrides that note which threads looked them up (where each batch's output is finished)."""
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.threads.add(threading.current_thread().name)
+        return super().lookup(ids)
+
+
+def test_output_checks_on_their_own_thread_give_what_in_line_gives(tmp_path):
+    """A GPU actor checks and assembles each batch's output on a finisher thread while psi runs
+    the next batch: the same output rows, the same quarantine (same order) and the same record as
+    when it is done in line, over batches with bad input rows, bad output rows and overrides."""
+    t = source_table(230, 0)
+    emb = embedding_matrix(t.column("embedding")).copy()
+    emb[[3, 60, 61, 200]] = np.nan  # input rows the contract rejects, in three batches
+    t = t.set_column(1, "embedding", embedding_array(emb))
+    src = resolve(str(tmp_path / "src"))
+    write_parquet_atomic(src.join("a.parquet"), t)
+    model = ModelInfo(model_id="new", dim=DIM, dtype="float16", normalized=False)
+    got = {}
+    for aside in (False, True):
+        overrides = ThreadNoting(np.arange(0, 230, 9), np.ones((26, DIM), dtype=np.float32))
+        overrides.threads = set()
+        out = resolve(str(tmp_path / f"out-{aside}"))
+        up = FileUpgrader(
+            Overflowing(), src, out, model, normalize=False, batch_size=50, overrides=overrides,
+            finish_aside=aside,
+        )  # fmt: skip
+        rec = up.upgrade_file("a.parquet")
+        got[aside] = (
+            rec,
+            pq.read_table(out.join("a.parquet").path),
+            pq.read_table(out.join("_quarantine/a.parquet").path),
+        )
+        assert overrides.threads and all(n.startswith("output-check") == aside for n in overrides.threads)
+    (rec_a, out_a, q_a), (rec_b, out_b, q_b) = got[False], got[True]
+    overflow = "upgrade output: value out of float16 range (NaN/Inf once stored)"
+    assert rec_a["reasons"]["NaN/Inf or null value in embedding"] == 4 and rec_a["reasons"][overflow] > 3
+    assert rec_a["rows_new"] > 0 and rec_a["rows_in"] == 230
+    for key in ("rows_in", "reasons", "rows_new"):
+        assert rec_a[key] == rec_b[key], key
+    assert rec_a["file"]["rows"] == rec_b["file"]["rows"] == out_a.num_rows
+    assert out_a.equals(out_b)
+    assert q_a.drop_columns(["embedding"]).equals(q_b.drop_columns(["embedding"]))
+    assert str(q_a.column("embedding").to_pylist()) == str(
+        q_b.column("embedding").to_pylist()
+    )  # NaN reads nan
+    nan, big = np.isnan(emb).any(axis=1), emb[:, 0].astype(np.float32) > 0.4
+    want = []  # batch by batch: the rows the input check took, then those the output check took
+    for start in range(0, 230, 50):
+        in_batch = np.arange(start, min(start + 50, 230))
+        want += in_batch[nan[in_batch]].tolist() + in_batch[big[in_batch] & ~nan[in_batch]].tolist()
+    assert q_a.column("_dmu_source_row").to_pylist() == want

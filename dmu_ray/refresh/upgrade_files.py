@@ -30,7 +30,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -185,6 +185,7 @@ class FileUpgrader:
         expected: dict[str, FileEntry] | None = None,
         routing: Routing | None = None,
         compute_rows: int | None = None,
+        finish_aside: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         modules = module if isinstance(module, list) else [module]
@@ -194,6 +195,10 @@ class FileUpgrader:
         self.normalize, self.batch_size = normalize, batch_size
         # rows per call of psi (models.upgrade.CPU_COMPUTE_ROWS on a CPU; a GPU takes the batch)
         self.compute_rows = compute_rows or compute_rows_for(self.device)
+        # each batch's output checked and assembled on its own thread while psi runs the next:
+        # on an accelerator (default), whose thread would otherwise leave it idle meanwhile; not
+        # on a CPU, whose cores the module already uses (another thread only adds hand-offs)
+        self.finish_aside = self.device.type != "cpu" if finish_aside is None else finish_aside
         self.in_dim = modules[0].in_dim
         self.routing = routing or Routing({"": ([0], "")}, default="")  # one module, no lineage
         self.out_type = embedding_type(model.dim, model.dtype)
@@ -293,9 +298,11 @@ class FileUpgrader:
         """Upgrade input file ``rel`` and commit it; returns its commit record. Safe to call from
         several threads at once on different files (the modules are only read).
 
-        Three stages overlap: a reader thread hashes the source and decodes its next batch, the
-        module runs on this thread (on the actor's device), and a writer thread encodes the
-        previous batch's output; so a GPU does not wait on Parquet."""
+        Four stages overlap: a reader thread hashes the source, decodes its next batch and checks
+        its rows; the module runs on this thread (on the actor's device); a finisher thread checks
+        the previous batch's output and assembles its table (``finish_aside``, the default on an
+        accelerator; in line on a CPU); a writer thread encodes the one before. So a GPU waits
+        neither on Parquet nor on the contract's row checks."""
         if self._fail_after is not None and self._done >= self._fail_after:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
         t0, started_at = time.perf_counter(), time.time()
@@ -305,8 +312,9 @@ class FileUpgrader:
             pf, check_source = self.open_source(rel, reader)
             with ChunkedParquetWriter(self.out.join(rel), source=rel, metadata=self.meta) as writer:
                 try:
+                    batches = self._checked(pf.iter_batches(batch_size=self.batch_size), src_loc.uri)
                     rows_in, rows_new, bad_parts, reasons = self._upgrade_batches(
-                        _prefetched(pf.iter_batches(batch_size=self.batch_size), reader), src_loc.uri, writer
+                        _prefetched(batches, reader), src_loc.uri, writer
                     )
                 except (SourceIntegrityError, RuntimeError, ValueError, pa.ArrowException, OSError):
                     check_source()  # a source that changed is named as such
@@ -342,37 +350,77 @@ class FileUpgrader:
         self, batches: Iterator[pa.RecordBatch], where: str, writer: ChunkedParquetWriter
     ) -> tuple[int, int, list[pa.Table], Counter[str]]:
         """Check, route and upgrade each batch, handing good rows to ``writer``; returns rows in,
-        rows taken from the overrides, the quarantined rows and their reasons."""
+        rows taken from the overrides, the quarantined rows and their reasons.
+
+        ``batches`` come already checked (:meth:`_checked`, run where they are decoded); with
+        ``finish_aside`` each batch's output is checked, assembled and queued for encoding on a
+        finisher thread while psi works on the next, so only psi runs on this thread and a device
+        waits on neither check. The quarantined rows keep the source's batch order (input rows,
+        then output rows) either way."""
         bad_parts: list[pa.Table] = []
         reasons: Counter[str] = Counter()
         rows_in = rows_new = 0
+        pending: Future[tuple[pa.Table | None, list[str], int]] | None = None
+
+        def collect() -> None:  # the finisher's verdict on the batch before
+            nonlocal pending, rows_new
+            if pending is not None:
+                part, why, hits = pending.result()
+                pending = None
+                if part is not None:
+                    bad_parts.append(part)
+                    reasons.update(why)
+                rows_new += hits
+
+        with ThreadPoolExecutor(1, thread_name_prefix="output-check") as finisher:
+            submit = finisher.submit if self.finish_aside else _in_line  # the thread starts on first use
+            for b in batches:
+                rows_in += b.rows_in
+                y, keys = self._route_batch(b.table, where) if b.table.num_rows else (None, None)
+                collect()
+                if b.bad is not None:
+                    bad_parts.append(b.bad)
+                    reasons.update(b.why)
+                if y is not None:
+                    pending = submit(self._finish, b, y, keys, writer)
+            collect()
+        return rows_in, rows_new, bad_parts, reasons
+
+    def _checked(self, batches: Iterator[pa.RecordBatch], where: str) -> Iterator[_Checked]:
+        """Each source batch split by the contract's row checks into good rows and quarantined
+        ones (rows numbered from the file's first row)."""
+        offset = 0
         for rb in batches:
             t = pa.Table.from_batches([rb])
             bad, why = row_problems(t, self.in_dim, where=where)
+            part = None
             if bad.any():
                 idx = np.flatnonzero(bad)
-                bad_parts.append(quarantine_table(t.take(pa.array(idx)), why, idx + rows_in))
-                reasons.update(why)
+                part = quarantine_table(t.take(pa.array(idx)), why, idx + offset)
                 t = t.filter(pa.array(~bad))
-            good_idx = np.flatnonzero(~bad) + rows_in
-            rows_in += rb.num_rows
-            if not t.num_rows:
-                continue
-            y, keys = self._route_batch(t, where)
-            lost, words = unstorable_rows(y, self.model)
-            if lost.any():
-                why = [f"upgrade output: {w}" for w in words]
-                bad_parts.append(quarantine_table(t.filter(pa.array(lost)), why, good_idx[lost]))
-                reasons.update(why)
-                t, y, keys = t.filter(pa.array(~lost)), y[~lost], keys[~lost]
-            col = t.schema.get_field_index(EMB)
-            t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
-            if self.overrides is not None:
-                t, hits, keys = self._override(t, y, keys)
-                rows_new += hits
-            if t.num_rows:
-                writer.write(self._with_lineage(t, keys))
-        return rows_in, rows_new, bad_parts, reasons
+            yield _Checked(t, np.flatnonzero(~bad) + offset, part, why, rb.num_rows)
+            offset += rb.num_rows
+
+    def _finish(
+        self, b: _Checked, y: np.ndarray, keys: np.ndarray, writer: ChunkedParquetWriter
+    ) -> tuple[pa.Table | None, list[str], int]:
+        """Check psi's output ``y`` for batch ``b``, put the storable rows into the output table
+        and queue it for encoding; returns the rows quarantined here, why, and the rows taken
+        from the overrides."""
+        t, part, why = b.table, None, []
+        lost, words = unstorable_rows(y, self.model)
+        if lost.any():
+            why = [f"upgrade output: {w}" for w in words]
+            part = quarantine_table(t.filter(pa.array(lost)), why, b.rows[lost])
+            t, y, keys = t.filter(pa.array(~lost)), y[~lost], keys[~lost]
+        col = t.schema.get_field_index(EMB)
+        t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
+        hits = 0
+        if self.overrides is not None:
+            t, hits, keys = self._override(t, y, keys)
+        if t.num_rows:
+            writer.write(self._with_lineage(t, keys))
+        return part, why, hits
 
     def _empty_output(self, schema: pa.Schema) -> pa.Table:
         """An output table with no rows: the schema of a file whose every row was quarantined."""
@@ -410,6 +458,25 @@ class FileUpgrader:
             return t
         col = pa.array(keys.tolist(), pa.string()).dictionary_encode()
         return t.append_column(pa.field(LINEAGE_COLUMN, col.type, nullable=False), col)
+
+
+@dataclass
+class _Checked:
+    """A source batch after the row checks: its good rows, their row numbers in the file, the
+    quarantined rows (None when none) with one reason each, and how many rows it had."""
+
+    table: pa.Table
+    rows: np.ndarray
+    bad: pa.Table | None
+    why: list[str]
+    rows_in: int
+
+
+def _in_line(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """``fn(*args)`` run now, on this thread, as a finished future (an exception propagates)."""
+    done: Future[Any] = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def _sha256(data: pa.Buffer | bytes) -> str:
