@@ -1,13 +1,15 @@
 """GPU path check: the CUDA code paths that CI (CPU only) cannot run, with ratios measured side by side.
 
     python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
+    python benchmarks/gpu_check.py --cpu-smoke --rows 80000   # anywhere: the upgrader check's code
 
 1. The training step (``dmu_ray.train.loop.train_step``, the one Ray Train workers run): a DMU
    Trainee with torchvision ResNet-18 new and old models, fp32 vs AMP (fp16 autocast + GradScaler,
    channels-last). Checks the loss stays finite and falls; prints steps/s and the AMP ratio.
 2. The refresh's per-file upgrader (``dmu_ray.refresh.upgrade_files.FileUpgrader``, the one the Ray
-   Data actors run) on CPU and on CUDA over the same gallery file: checks the outputs agree and
-   prints rows/s and the ratio.
+   Data actors run) on CPU and on CUDA over the same 2M x 256 float16 gallery of 8 files, one file
+   at a time and several at once (as a GPU actor with ``pool.files_per_actor`` does): checks the
+   outputs agree and prints rows/s per GPU and the CPU-only figure of the same machine.
 3. The FastFill and UniBCT training steps (same ``train_step``) in fp32 and AMP: finite, falling
    losses; and the backfill scorer (``dmu_ray.methods.fastfill.BackfillScorer``, what the backfill's
    Ray Data actors run) on CPU and CUDA: same vectors and scores.
@@ -17,9 +19,11 @@ these paths are exercised on CPU by the test suite).
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -80,34 +84,64 @@ def check_train_step(device: torch.device, steps: int = 40, batch: int = 128, si
     print(f"AMP vs fp32: {rates[True] / rates[False]:.2f}x")
 
 
-def check_upgrader(device: torch.device, rows: int = 1_000_000, dim: int = 256) -> None:
+def check_upgrader(
+    device: torch.device, rows: int = 2_000_000, dim: int = 256, rows_per_file: int = 250_000
+) -> None:
+    """The refresh's upgrader over a gallery of several files (the issue's 2M x 256 float16 by
+    default), as refresh actors on this machine would run it: on CUDA one file at a time and
+    several at once on threads sharing the GPU (``pool.files_per_actor``, default ``max(2,
+    num_cpus)`` on a GPU actor), each batch's output checked on its own thread as on a GPU
+    actor; on the CPU one file at a time with every core, and one file per core with one torch
+    thread each (as single-CPU actors would; threads here, processes under Ray). Prints rows/s,
+    checks every file's commit record and that CPU and GPU outputs agree."""
     work = tempfile.mkdtemp(prefix="dmu-gpu-")
     src = resolve(os.path.join(work, "old"))
     rng = np.random.default_rng(0)
-    m = rng.standard_normal((rows, dim), dtype=np.float32)
-    m /= np.linalg.norm(m, axis=1, keepdims=True)
-    table = pa.table({"id": np.arange(rows), "embedding": embedding_array(m.astype(np.float16))})
-    write_parquet_atomic(src.join("part-00000.parquet"), table)
+    files = []
+    for start in range(0, rows, rows_per_file):
+        n = min(rows_per_file, rows - start)
+        m = rng.standard_normal((n, dim), dtype=np.float32)
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        table = pa.table(
+            {"id": np.arange(start, start + n), "embedding": embedding_array(m.astype(np.float16))}
+        )
+        files.append(f"part-{len(files):05d}.parquet")
+        write_parquet_atomic(src.join(files[-1]), table)
     torch.manual_seed(0)
     psi = UpgradeModule(dim, dim, 512, 2)
     with torch.no_grad():
         psi.mlp[-1].weight.normal_(0, 0.05)
     model = ModelInfo(model_id="new", dim=dim, dtype="float16", normalized=True)
+    cores = os.cpu_count() or 1
+    runs = [("cpu", 1, cores), ("cpu", cores, 1)]
+    if device.type != "cpu":
+        runs += [(device.type, k, cores) for k in sorted({1, 2, 4, min(8, cores)})]
     out, rates = {}, {}
-    for dev in ("cpu", device.type):
-        dest = resolve(os.path.join(work, f"new-{dev}"))
-        up = FileUpgrader(psi, src, dest, model, batch_size=262144, device=dev)
-        up.upgrade_file("part-00000.parquet")  # warm-up (CUDA context, caches)
+    threads = torch.get_num_threads()
+    for dev, at_once, torch_threads in runs:
+        dest = resolve(os.path.join(work, f"new-{dev}-{at_once}"))
+        up = FileUpgrader(psi, src, dest, model, device=dev)
+        torch.set_num_threads(torch_threads)
+        up.upgrade_file(files[0])  # warm-up (CUDA context, caches); done again below
         t0 = time.perf_counter()
-        rec = up.upgrade_file("part-00000.parquet")
-        rates[dev] = rec["rows_in"] / (time.perf_counter() - t0)
-        out[dev] = embedding_matrix(pq.read_table(dest.join("part-00000.parquet").path).column("embedding"))
+        with ThreadPoolExecutor(at_once) as pool:
+            records = list(pool.map(up.upgrade_file, files))
+        rates[dev, at_once] = rows / (time.perf_counter() - t0)
+        assert sum(r["file"]["rows"] for r in records) == rows, "rows lost"
+        out[dev] = embedding_matrix(pq.read_table(dest.join(files[-1]).path).column("embedding"))
         print(
-            f"refresh upgrader on {dev:4}: {rates[dev]:12,.0f} rows/s ({rows:,} x {dim} float16, file read+write included)"
+            f"refresh upgrader on {dev:4}, {at_once:2} file(s) at once, {torch_threads:2} torch thread(s): "
+            f"{rates[dev, at_once]:10,.0f} rows/s ({rows:,} x {dim} float16 in {len(files)} files, I/O included)"
         )
-    diff = np.abs(out["cpu"].astype(np.float32) - out[device.type].astype(np.float32)).max()
-    print(f"GPU vs CPU: {rates[device.type] / rates['cpu']:.2f}x, max abs difference {diff:.2e}")
-    assert diff < 5e-3, "CPU and GPU upgraded vectors differ"
+    torch.set_num_threads(threads)
+    cpu_best = max(v for (d, _), v in rates.items() if d == "cpu")
+    if device.type != "cpu":
+        gpu_best = max(v for (d, _), v in rates.items() if d == device.type)
+        diff = np.abs(out["cpu"].astype(np.float32) - out[device.type].astype(np.float32)).max()
+        print(
+            f"one GPU vs this machine's CPUs: {gpu_best / cpu_best:.2f}x (best of each), max abs difference {diff:.2e}"
+        )
+        assert diff < 5e-3, "CPU and GPU upgraded vectors differ"
 
 
 def check_fastfill_unibct(device: torch.device, steps: int = 30, batch: int = 128, size: int = 112) -> None:
@@ -170,12 +204,23 @@ def check_fastfill_unibct(device: torch.device, steps: int = 30, batch: int = 12
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=2_000_000, help="gallery rows for the upgrader check")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="no GPU: run only the upgrader check on the CPU (a code check)",
+    )
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        check_upgrader(torch.device("cpu"), rows=args.rows, rows_per_file=max(1, args.rows // 8))
+        return
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this check is for GPU machines")
+        raise SystemExit("no CUDA device: this check is for GPU machines (--cpu-smoke runs its CPU part)")
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     check_train_step(device)
-    check_upgrader(device)
+    check_upgrader(device, rows=args.rows)
     check_fastfill_unibct(device)
     print("GPU paths OK")
 
