@@ -93,7 +93,7 @@ def check_upgrader(
     num_cpus)`` on a GPU actor), each batch's output checked on its own thread as on a GPU
     actor; on the CPU one file at a time with every core, and one file per core with one torch
     thread each (as single-CPU actors would; threads here, processes under Ray). Prints rows/s,
-    checks every file's commit record and that CPU and GPU outputs agree."""
+    checks that no row is lost and that CPU and GPU outputs agree."""
     work = tempfile.mkdtemp(prefix="dmu-gpu-")
     src = resolve(os.path.join(work, "old"))
     rng = np.random.default_rng(0)
