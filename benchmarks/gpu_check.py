@@ -134,8 +134,8 @@ def check_upgrader(
             f"{rates[dev, at_once]:10,.0f} rows/s ({rows:,} x {dim} float16 in {len(files)} files, I/O included)"
         )
     torch.set_num_threads(threads)
-    cpu_best = max(v for (d, _), v in rates.items() if d == "cpu")
     if device.type != "cpu":
+        cpu_best = max(v for (d, _), v in rates.items() if d == "cpu")
         gpu_best = max(v for (d, _), v in rates.items() if d == device.type)
         diff = np.abs(out["cpu"].astype(np.float32) - out[device.type].astype(np.float32)).max()
         print(

@@ -45,6 +45,8 @@ from dmu_ray.gallery import (
     EMB,
     MODEL_META_KEY,
     QUARANTINE_DIR,
+    REASON_COLUMN,
+    SOURCE_ROW_COLUMN,
     ChunkedParquetWriter,
     FileEntry,
     GalleryError,
@@ -53,7 +55,7 @@ from dmu_ray.gallery import (
     embedding_matrix,
     embedding_type,
     quarantine_table,
-    row_problems,
+    split_valid,
     unstorable_rows,
     write_parquet_atomic,
 )
@@ -360,16 +362,19 @@ class FileUpgrader:
         bad_parts: list[pa.Table] = []
         reasons: Counter[str] = Counter()
         rows_in = rows_new = 0
-        pending: Future[tuple[pa.Table | None, list[str], int]] | None = None
+        pending: Future[tuple[pa.Table | None, int]] | None = None
+
+        def quarantine(part: pa.Table | None) -> None:
+            if part is not None:
+                bad_parts.append(part)
+                reasons.update(part.column(REASON_COLUMN).to_pylist())
 
         def collect() -> None:  # the finisher's verdict on the batch before
             nonlocal pending, rows_new
             if pending is not None:
-                part, why, hits = pending.result()
+                part, hits = pending.result()
                 pending = None
-                if part is not None:
-                    bad_parts.append(part)
-                    reasons.update(why)
+                quarantine(part)
                 rows_new += hits
 
         with ThreadPoolExecutor(1, thread_name_prefix="output-check") as finisher:
@@ -378,9 +383,7 @@ class FileUpgrader:
                 rows_in += b.rows_in
                 y, keys = self._route_batch(b.table, where) if b.table.num_rows else (None, None)
                 collect()
-                if b.bad is not None:
-                    bad_parts.append(b.bad)
-                    reasons.update(b.why)
+                quarantine(b.bad)
                 if y is not None:
                     pending = submit(self._finish, b, y, keys, writer)
             collect()
@@ -391,27 +394,21 @@ class FileUpgrader:
         ones (rows numbered from the file's first row)."""
         offset = 0
         for rb in batches:
-            t = pa.Table.from_batches([rb])
-            bad, why = row_problems(t, self.in_dim, where=where)
-            part = None
-            if bad.any():
-                idx = np.flatnonzero(bad)
-                part = quarantine_table(t.take(pa.array(idx)), why, idx + offset)
-                t = t.filter(pa.array(~bad))
-            yield _Checked(t, np.flatnonzero(~bad) + offset, part, why, rb.num_rows)
+            good, bad = split_valid(pa.Table.from_batches([rb]), self.in_dim, row_offset=offset, where=where)
+            yield _Checked(good, bad, offset, rb.num_rows)
             offset += rb.num_rows
 
     def _finish(
         self, b: _Checked, y: np.ndarray, keys: np.ndarray, writer: ChunkedParquetWriter
-    ) -> tuple[pa.Table | None, list[str], int]:
+    ) -> tuple[pa.Table | None, int]:
         """Check psi's output ``y`` for batch ``b``, put the storable rows into the output table
-        and queue it for encoding; returns the rows quarantined here, why, and the rows taken
-        from the overrides."""
-        t, part, why = b.table, None, []
+        and queue it for encoding; returns the rows quarantined here and the rows taken from the
+        overrides."""
+        t, part = b.table, None
         lost, words = unstorable_rows(y, self.model)
         if lost.any():
             why = [f"upgrade output: {w}" for w in words]
-            part = quarantine_table(t.filter(pa.array(lost)), why, b.rows[lost])
+            part = quarantine_table(t.filter(pa.array(lost)), why, b.good_rows()[lost])
             t, y, keys = t.filter(pa.array(~lost)), y[~lost], keys[~lost]
         col = t.schema.get_field_index(EMB)
         t = t.set_column(col, pa.field(EMB, self.out_type, nullable=False), embedding_array(y))
@@ -420,7 +417,7 @@ class FileUpgrader:
             t, hits, keys = self._override(t, y, keys)
         if t.num_rows:
             writer.write(self._with_lineage(t, keys))
-        return part, why, hits
+        return part, hits
 
     def _empty_output(self, schema: pa.Schema) -> pa.Table:
         """An output table with no rows: the schema of a file whose every row was quarantined."""
@@ -462,14 +459,20 @@ class FileUpgrader:
 
 @dataclass
 class _Checked:
-    """A source batch after the row checks: its good rows, their row numbers in the file, the
-    quarantined rows (None when none) with one reason each, and how many rows it had."""
+    """A source batch after the row checks (:func:`~dmu_ray.gallery.split_valid`): its good rows,
+    the quarantined ones (None when none), the file's row number of its first row, its rows."""
 
     table: pa.Table
-    rows: np.ndarray
     bad: pa.Table | None
-    why: list[str]
+    first_row: int
     rows_in: int
+
+    def good_rows(self) -> np.ndarray:
+        """The file's row number of each good row."""
+        rows = np.arange(self.first_row, self.first_row + self.rows_in)
+        if self.bad is None:
+            return rows
+        return np.setdiff1d(rows, self.bad.column(SOURCE_ROW_COLUMN).to_numpy(), assume_unique=True)
 
 
 def _in_line(fn: Callable[..., Any], *args: Any) -> Future[Any]:
