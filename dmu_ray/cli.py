@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 import typing
 from collections.abc import Sequence
 
@@ -215,7 +216,10 @@ def _cmd_data_import_own(ns: argparse.Namespace) -> int:
         name=ns.name or "",
     )
     opts.check()  # before the (possibly long) listing
-    listing = list_folder(ns.source, storage) if ns.kind == "folder" else read_table(ns.source, storage)
+    if ns.kind == "folder":
+        listing = list_folder(ns.source, storage)
+    else:
+        listing = read_table(ns.source, storage, max_classes=ns.max_classes)
     info = import_images(listing, ns.dest, opts, storage, progress=not ns.quiet, ray_address=ns.ray_address)
     _print_dataset(ns.dest, info)
     return 0
@@ -629,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--rows-per-file", type=int, default=2048, help="images per Parquet file (default 2048)"
         )
         own.add_argument("--name", help="data set name (default: the source's name)")
+        if kind == "table":
+            own.add_argument(
+                "--max-classes",
+                type=int,
+                default=100_000,
+                help="bound on integer labels, which are class ids (default 100000; names are mapped to dense ids)",
+            )
         own.add_argument(
             "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
         )
@@ -788,23 +799,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmu-ray`` console script."""
     from dmu_ray.gallery import GalleryError
-    from dmu_ray.ray_session import QUIET_ENV, VERBOSE_ENV, ray_logs_dir
+    from dmu_ray.ray_session import QUIET_ENV, VERBOSE_ENV, cause_line, from_ray, ray_logs_dir, root_cause
 
     ns = build_parser().parse_args(argv)
     if ns.verbose:
         os.environ[VERBOSE_ENV] = "1"
     if getattr(ns, "quiet", False):
         os.environ[QUIET_ENV] = "1"
+    bad_input = (ConfigError, GalleryError, ValueError, FileNotFoundError, OSError)
     try:
         return int(ns.func(ns) or 0)
-    except (ConfigError, GalleryError, ValueError, FileNotFoundError, OSError) as err:
-        _err(str(err))
-        return 2
-    except Exception:
-        logs = ray_logs_dir()
-        if logs:
-            _err(f"failed; Ray's full logs: {logs} (rerun with --verbose to see them here)")
-        raise
+    except Exception as err:
+        if isinstance(err, bad_input) and not from_ray(err):  # raised here, worded for the user
+            _err(str(err))
+            return 2
+        name, _, cause = root_cause(err)
+        # a failure in a Ray task or actor (or anywhere else): its cause in one line, then where
+        # the full logs are; the traceback only with --verbose
+        if ns.verbose:
+            traceback.print_exc()
+        _err(cause_line(err))
+        logs, hint = ray_logs_dir(), "" if ns.verbose else " (--verbose shows the traceback here)"
+        _err(f"Ray's full logs: {logs}{hint}" if logs else f"failed{hint}")
+        # bad input found by a worker (dmu-ray's own errors are about their input) is exit 2
+        return 2 if isinstance(cause, bad_input) or name.startswith("dmu_ray.") else 1
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import io
 import json
 import posixpath
@@ -362,13 +363,16 @@ class IdSet:
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(ids), dtype=bool)
-        for run in self._runs:
+        for run in self._runs:  # never empty (see add)
             pos = np.searchsorted(run, ids).clip(max=len(run) - 1)
             hit |= run[pos] == ids
         return hit
 
     def add(self, ids: np.ndarray) -> None:
-        """Add ids (not already present, no repeats)."""
+        """Add ids (not already present, no repeats); adding none is a no-op (an empty run would
+        break :meth:`contains`)."""
+        if len(ids) == 0:
+            return
         run = np.sort(ids)
         while self._runs and len(self._runs[-1]) <= len(run):
             run = np.sort(np.concatenate([self._runs.pop(), run]), kind="mergesort")
@@ -813,17 +817,27 @@ class Gallery:
     unless ``allow_uncommitted=True`` (then every ``*.parquet`` file below the prefix is read, but for
     hidden or ``_``-prefixed names, as pyarrow's dataset discovery skips them: partial uploads)."""
 
-    def __init__(self, loc: Location, manifest: Manifest | None, files: list[str]) -> None:
-        self.loc, self.manifest, self.files = loc, manifest, files
+    def __init__(
+        self, loc: Location, manifest: Manifest | None, files: list[str], verify: bool = False
+    ) -> None:
+        self.loc, self.manifest, self.files, self.verify = loc, manifest, files, verify
 
     @classmethod
     def open(
-        cls, uri: str | Location, storage: StorageConfig | None = None, *, allow_uncommitted: bool = False
+        cls,
+        uri: str | Location,
+        storage: StorageConfig | None = None,
+        *,
+        allow_uncommitted: bool = False,
+        verify: bool = False,
     ) -> Gallery:
+        """With ``verify``, every file read is checked against its manifest entry first (bytes,
+        sha256, rows): readers that compute figures from a gallery never use a file that changed
+        after the commit."""
         loc = uri if isinstance(uri, Location) else resolve(uri, storage)
         manifest = read_manifest(loc)
         if manifest is not None:
-            return cls(loc, manifest, [f.path for f in manifest.files])
+            return cls(loc, manifest, [f.path for f in manifest.files], verify)
         if not loc.exists():
             raise UncommittedGalleryError(f"{loc.describe_missing()}: it is not a gallery")
         if not allow_uncommitted:
@@ -870,8 +884,38 @@ class Gallery:
         return self.loc.join(rel).uri
 
     def parquet_file(self, rel: str) -> pq.ParquetFile:
+        if self.verify and self.manifest is not None:
+            return self._verified_file(rel)
         return open_parquet(
             self.loc.join(rel), missing="listed in the manifest but missing" if self.manifest else ""
+        )
+
+    def _verified_file(self, rel: str) -> pq.ParquetFile:
+        """The file ``rel`` read whole and checked against its manifest entry, parsed from those bytes."""
+        entry = next(e for e in self.manifest.files if e.path == rel)
+        loc = self.loc.join(rel)
+        try:
+            data = read_bytes(loc)
+        except FileNotFoundError:
+            raise GalleryError(f"{loc.uri}: listed in the manifest but missing") from None
+        found = hashlib.sha256(data).hexdigest() if len(data) == entry.bytes else None
+        how = (
+            f"{len(data)} bytes, the manifest says {entry.bytes}"
+            if found is None
+            else "its sha256 differs from the manifest's"
+            if found != entry.sha256
+            else None
+        )
+        if how is None:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            if pf.metadata.num_rows != entry.rows:
+                how = f"{pf.metadata.num_rows} rows, the manifest says {entry.rows}"
+            else:
+                return pf
+        raise GalleryError(
+            f"{loc.uri}: {how}: the file changed after its gallery was committed, so figures computed "
+            f"from it would be wrong. Run `dmu-ray gallery validate {self.loc.uri}`; to read it anyway, "
+            "turn verification off (verify_galleries: false)"
         )
 
     def schema(self) -> pa.Schema:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -89,8 +90,19 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     }
     if address is None:
         kwargs.update(num_cpus=num_cpus, include_dashboard=True)
-    ctx = ray.init(**kwargs) if loud else _init_captured(kwargs)
+    try:
+        ctx = ray.init(**kwargs) if loud else _init_captured(kwargs)
+    except Exception as err:  # Ray raises a bare Exception for this one
+        if "timed out during startup" not in str(err):
+            raise
+        raise RayUnavailableError(
+            "Ray's local node did not start in time: this machine is too busy (Ray: "
+            f"{str(err).splitlines()[0][:160]}); run again when it is less loaded, or start a cluster "
+            "once with `ray start --head` and pass --ray-address"
+        ) from None
     _ray_data_console(logging.INFO if loud else logging.WARNING)
+    if not loud:
+        _quiet_task_errors()
     url = getattr(ctx, "dashboard_url", None)
     if url and address is None and os.environ.get(QUIET_ENV) != "1":
         print(f"Ray dashboard: http://{url}", file=sys.stderr, flush=True)
@@ -118,6 +130,29 @@ def _init_captured(kwargs: dict) -> Any:
             os.close(saved)
 
 
+def _quiet_task_errors() -> None:
+    """Keep the raylet's per-task error reports (a failed task's whole traceback, which Ray's
+    driver prints to stdout as it happens) off the terminal: the failure reaches the caller as an
+    exception, and the CLI says its cause in one line with where the logs are. Ray offers no switch
+    for this, so its private printer is wrapped; where that name is gone, nothing changes."""
+    try:
+        from ray._private import worker as _worker
+    except ImportError:  # pragma: no cover - a Ray without it
+        return
+    shown = getattr(_worker, "print_to_stdstream", None)
+    if shown is None or getattr(shown, "_dmu_quiet", False):
+        return
+
+    def printer(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            log.debug("raylet: %s", "\n".join(data.get("lines", [])))
+            return None
+        return shown(data, *args, **kwargs)
+
+    printer._dmu_quiet = True  # type: ignore[attr-defined]
+    _worker.print_to_stdstream = printer
+
+
 def _ray_data_console(level: int) -> None:
     """Ray Data's terminal output at ``level``; its session log file keeps everything."""
     import ray.data  # noqa: F401  (configures Ray Data's loggers)
@@ -126,6 +161,65 @@ def _ray_data_console(level: int) -> None:
         console = getattr(h, "stream", None) in (sys.stderr, sys.stdout)
         if console and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             h.setLevel(level)
+            if level > logging.INFO and not any(isinstance(f, _NoErrors) for f in h.filters):
+                h.addFilter(_NoErrors())
+
+
+class _NoErrors(logging.Filter):
+    """Keeps Ray Data's error records (a failed task's whole traceback) off the terminal: the
+    exception reaches the caller, which says its cause in one line; the session's log file keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def from_ray(err: BaseException) -> bool:
+    """Whether ``err`` is one of Ray's own exception types (a wrapper whose text holds a worker's
+    traceback), not the failure it reports."""
+    return any(c.__module__.startswith("ray.") for c in type(err).__mro__)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and what it wraps: Ray's ``cause`` attribute, ``__cause__``, ``__context__``."""
+    out: list[BaseException] = []
+    while err is not None and all(e is not err for e in out):
+        out.append(err)
+        nxt = getattr(err, "cause", None)
+        if not isinstance(nxt, BaseException):
+            nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        err = nxt
+    return out
+
+
+#: a line of a worker's traceback text that names the exception: ``pkg.mod.SomeError: message``
+_RAISED = re.compile(r"^\s*((?:[A-Za-z_]\w*\.)*)([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): (.+)$")
+
+
+def root_cause(err: BaseException) -> tuple[str, str, BaseException | None]:
+    """``(qualified type name, first line of its message, the exception when this process has
+    it)`` of the failure at the bottom of ``err``: the innermost exception that is not one of Ray's
+    wrappers, else the last ``Type: message`` line of a non-Ray type in a wrapper's text (an actor
+    that died in its constructor reaches the driver only as text)."""
+    layers = _chain(err)
+    for e in reversed(layers):
+        if not from_ray(e):
+            text = str(e).strip().splitlines()
+            return f"{type(e).__module__}.{type(e).__name__}", text[0] if text else "", e
+    for e in layers:
+        for line in reversed(str(e).splitlines()):
+            m = _RAISED.match(line)
+            if m and not m.group(1).startswith("ray."):
+                return m.group(1) + m.group(2), m.group(3).strip(), None
+    text = str(err).strip().splitlines()
+    return type(err).__name__, text[0] if text else "", err
+
+
+def cause_line(err: BaseException) -> str:
+    """One line saying why ``err`` happened: its root cause's type and the first line of its
+    message (which names the file or artefact where dmu-ray raised it)."""
+    name, first, _ = root_cause(err)
+    kind = name.rsplit(".", 1)[-1]
+    return f"{kind}: {first}" if first else kind
 
 
 def ray_logs_dir() -> str | None:
@@ -195,3 +289,41 @@ def require_pool(pool: ActorPoolConfig, what: str) -> None:
         wait_s=pool.resource_wait_s,
         count=pool.min_actors,
     )
+
+
+def _probe_storage(reads: list, write_dir) -> str | None:
+    """On a worker: read a few bytes of each of ``reads`` and write then delete a probe object
+    under ``write_dir`` (Locations); None when all works, else what failed (no credential in it)."""
+    import uuid
+
+    from dmu_ray.storage import redact, write_bytes_atomic
+
+    try:
+        for loc in reads:
+            with loc.fs.open_input_stream(loc.path) as f:
+                f.read(4)
+    except Exception as err:  # any failure of the store: its text, credentials redacted
+        return f"cannot read {loc.uri} ({type(err).__name__}: {redact(str(err))[:300]})"
+    if write_dir is not None:
+        probe = write_dir.join("_tmp", f"probe-{uuid.uuid4().hex}")
+        try:
+            write_bytes_atomic(probe, b"dmu-ray write check")
+            probe.fs.delete_file(probe.path)
+        except Exception as err:
+            return f"cannot write into {write_dir.uri} ({type(err).__name__}: {redact(str(err))[:300]})"
+    return None
+
+
+def check_storage_from_a_worker(reads: list, write_dir=None, *, what: str = "the job") -> None:
+    """Raise :class:`RayUnavailableError` when a Ray worker (not this driver) cannot read each of
+    ``reads`` or write into ``write_dir`` (storage Locations): on an existing cluster the workers
+    have their own credentials and working folder, and a job that claims its output first would
+    otherwise fail only in its actors, leaving the claim behind. Runs one small task."""
+    probe = ray.remote(num_cpus=0)(_probe_storage)
+    why = ray.get(probe.remote(list(reads), write_dir))
+    if why is not None:
+        raise RayUnavailableError(
+            f"{what}: a Ray worker {why}, although this driver can; the workers need the same access "
+            "(credentials in every node's environment or instance role, or the config's storage "
+            "section; local paths visible on every node). Nothing was claimed or written"
+        )

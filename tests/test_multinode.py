@@ -64,8 +64,8 @@ class LocalCluster:
     nothing collides with another Ray here) and all under one temp dir (teardown kills only the
     processes that name it)."""
 
-    def __init__(self, temp: str):
-        self.temp = temp
+    def __init__(self, temp: str, cwd: str | None = None):
+        self.temp, self.cwd = temp, cwd  # cwd: the nodes' working folder (their workers start there)
         self.port, self.dash = free_port(), free_port()
         # A killed node is declared dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s).
         self.env = {
@@ -88,7 +88,12 @@ class LocalCluster:
         ]
         common = ["--num-cpus", str(cpus), "--temp-dir", self.temp, "--disable-usage-stats"]
         subprocess.run(
-            [RAY, "start", *args, *common, *ports], check=True, env=self.env, capture_output=True, timeout=120
+            [RAY, "start", *args, *common, *ports],
+            check=True,
+            env=self.env,
+            capture_output=True,
+            timeout=120,
+            cwd=self.cwd,
         )
 
     def start_head(self, cpus: int) -> None:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dmu_ray.config import StorageConfig
-from dmu_ray.data.images import PARTS, DatasetInfo, fit_square, write_dataset_info
+from dmu_ray.data.images import PARTS, DatasetInfo, claimed_folder, fit_square, write_dataset_info
 from dmu_ray.data.splits import unit_hash
 from dmu_ray.gallery import GalleryError, refuse_overlap, write_parquet_atomic
 from dmu_ray.storage import CSV_SUFFIXES, Location, parse_table, read_bytes, read_existing, resolve
@@ -101,13 +101,17 @@ def list_folder(root: str, storage: StorageConfig | None = None) -> _Listing:
     import pyarrow.fs as pafs
 
     loc = resolve(root, storage)
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-    except FileNotFoundError:
-        raise GalleryError(f"{loc.uri}: no such folder") from None
-    base = loc.path.rstrip("/") + "/"
-    files = sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File)
-    if not files:
+    unnamed: list[str] = []  # local file names that are not UTF-8, escaped
+    if loc.is_s3:  # S3 keys are UTF-8 by definition
+        try:
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        except FileNotFoundError:
+            raise GalleryError(f"{loc.uri}: no such folder") from None
+        base = loc.path.rstrip("/") + "/"
+        files = sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File)
+    else:
+        files, unnamed = _local_files(loc)
+    if not files and not unnamed:
         raise GalleryError(f"{loc.uri}: no files found")
     tops = {f.split("/")[0] for f in files if "/" in f}
     by_part = bool(tops) and tops <= set(PARTS)
@@ -129,6 +133,11 @@ def list_folder(root: str, storage: StorageConfig | None = None) -> _Listing:
         rows["label"].append(label)
         rows["part"].append(part)
         rows["reason"].append(reason)
+    for name in unnamed:  # never read: quarantined with the name's bytes escaped
+        rows["uri"].append(f"{loc.uri}/{name}")
+        rows["label"].append(None)
+        rows["part"].append(None)
+        rows["reason"].append(f"file name is not UTF-8 (bytes escaped: {name}); rename it to import it")
     names = sorted(
         {lb for lb, r in zip(rows["label"], rows["reason"], strict=True) if lb is not None and r is None}
     )
@@ -136,7 +145,7 @@ def list_folder(root: str, storage: StorageConfig | None = None) -> _Listing:
     table = pa.table(
         {
             "uri": pa.array(rows["uri"], pa.string()),
-            "id": pa.array(np.arange(len(files)), pa.int64()),
+            "id": pa.array(np.arange(len(files) + len(unnamed)), pa.int64()),
             "label": pa.array([index.get(lb) for lb in rows["label"]], pa.int64()),
             "part": pa.array(rows["part"], pa.string()),
             "reason": pa.array(rows["reason"], pa.string()),
@@ -145,19 +154,52 @@ def list_folder(root: str, storage: StorageConfig | None = None) -> _Listing:
     return _Listing(table, names, loc.uri, {"layout": "parts/classes" if by_part else "classes"})
 
 
+def _local_files(loc: Location) -> tuple[list[str], list[str]]:
+    """``(names, unnamed)`` of the files below a local folder, relative and sorted: ``unnamed``
+    are the paths that are not valid UTF-8, their bytes escaped (``\\xff``), which no Arrow
+    string column, URI or listing can carry as they are."""
+    import os
+
+    top = os.fsencode(loc.path)
+    if not os.path.isdir(top):
+        raise GalleryError(f"{loc.uri}: no such folder")
+    files, unnamed = [], []
+    for folder, _dirs, names in os.walk(top):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), top)
+            try:
+                files.append(rel.decode("utf-8"))
+            except UnicodeDecodeError:
+                unnamed.append(rel.decode("utf-8", "backslashreplace"))
+    return sorted(files), sorted(unnamed)
+
+
 def is_table(uri: str) -> bool:
     """Whether a URI names an image table (a ``.csv``/``.tsv``/``.parquet`` file) rather than a
     data set folder."""
     return uri.lower().endswith((*CSV_SUFFIXES, ".parquet", ".pq"))
 
 
+#: default bound on integer class labels of an image table (``--max-classes`` raises it): an
+#: integer label is a class id, so one mistyped value would otherwise make millions of classes
+MAX_CLASSES = 100_000
+
+
 def read_table(
-    uri: str, storage: StorageConfig | None = None, *, need_label: bool = True, need_id: bool = False
+    uri: str,
+    storage: StorageConfig | None = None,
+    *,
+    need_label: bool = True,
+    need_id: bool = False,
+    max_classes: int = MAX_CLASSES,
 ) -> _Listing:
     """A Parquet or CSV table of ``uri,label[,id,part]`` (see the module docstring); clear errors
     for a missing column, duplicate ids, a part other than train/query/gallery. Without
     ``need_label`` the label column may be absent (labels null: images to embed, not to train on);
-    with ``need_id`` the id column must be there (rows are joined to a gallery by it)."""
+    with ``need_id`` the id column must be there (rows are joined to a gallery by it).
+    Labels are names (any non-integer column: sorted, mapped to dense class ids) or integer class
+    ids below ``max_classes``; an empty or blank label is a missing one (the row is quarantined
+    with "no label" when labels are needed)."""
     loc = resolve(uri, storage)
     data = read_existing(loc, GalleryError, "table")
     try:
@@ -190,9 +232,17 @@ def read_table(
         if pc.any(pc.less(lab, 0)).as_py():
             raise GalleryError(f"{loc.uri}: column label has negative values")
         top = pc.max(lab).as_py()
+        if top is not None and top >= max_classes:
+            n_over = pc.sum(pc.greater_equal(lab, max_classes)).as_py()
+            raise GalleryError(
+                f"{loc.uri}: column label has {n_over} value(s) >= {max_classes:,} (largest {top:,}); integer "
+                f"labels are class ids, so this would make {top + 1:,} classes. Correct the value(s), give "
+                "labels as names (text, mapped to dense ids), or raise the bound (--max-classes)"
+            )
         names = [str(i) for i in range((top if top is not None else -1) + 1)]
     else:
         text = labels.cast(pa.string())
+        text = pc.if_else(pc.equal(pc.utf8_trim_whitespace(text), ""), pa.scalar(None, pa.string()), text)
         names = sorted(set(text.drop_null().to_pylist()))
         index = {v: i for i, v in enumerate(names)}
         lab = pa.array([index.get(v) for v in text.to_pylist()], pa.int64())
@@ -339,18 +389,6 @@ def import_block(
     )
 
 
-def _refuse_unusable_dest(dest: Location, source: Location) -> None:
-    import pyarrow.fs as pafs
-
-    refuse_overlap(dest, [source])
-    try:
-        held = dest.fs.get_file_info(pafs.FileSelector(dest.path, recursive=True, allow_not_found=True))
-    except (OSError, ValueError):
-        held = []
-    if any(i.type == pafs.FileType.File for i in held):
-        raise GalleryError(f"{dest.uri} already holds files: an import writes to an empty or new folder")
-
-
 def import_images(
     listing: _Listing,
     dest: str,
@@ -362,14 +400,28 @@ def import_images(
 ) -> DatasetInfo:
     """Read, check and write every listed image on Ray Data (see the module docstring); returns
     the committed data set's info. Nothing is committed unless the counts reconcile."""
-    import ray.data
-
-    from dmu_ray.ray_session import ensure_ray
 
     opts.check()
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     root = resolve(dest, storage)
-    _refuse_unusable_dest(root, resolve(listing.source, storage))
+    refuse_overlap(root, [resolve(listing.source, storage)])
+    with claimed_folder(root, listing.source):  # one import a folder: a second fails untouched
+        return _import_claimed(listing, root, opts, storage, say, progress, ray_address)
+
+
+def _import_claimed(
+    listing: _Listing,
+    root: Location,
+    opts: ImportOptions,
+    storage: StorageConfig | None,
+    say,
+    progress: bool,
+    ray_address: str | None,
+) -> DatasetInfo:
+    import ray.data
+
+    from dmu_ray.ray_session import ensure_ray
+
     table = _assign_parts(listing.table, opts)
     found = table.num_rows
     say(f"import {listing.source}: {found:,} files, {len(listing.class_names)} classes -> {root.uri}")

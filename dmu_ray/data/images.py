@@ -10,10 +10,13 @@ Ray Data reads the parts; :class:`DecodeBatch` turns a batch into model inputs i
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import io
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +26,7 @@ from PIL import Image
 
 from dmu_ray.config import StorageConfig
 from dmu_ray.gallery import GalleryError, write_parquet_atomic
-from dmu_ray.storage import Location, read_bytes, resolve, write_bytes_atomic
+from dmu_ray.storage import Location, create_exclusive, read_bytes, resolve, write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +81,61 @@ def write_image_part(
             cols["group"] = pa.array(groups[sl], pa.int64())
         write_parquet_atomic(loc.join(f"part-{k:05d}.parquet"), pa.table(cols), row_group_rows=1024)
     return n
+
+
+#: the claim of a data set folder by the import writing it (created only if absent: one import a folder)
+IMPORT_CLAIM = "_import.json"
+
+
+def _files_below(loc: Location) -> list[str]:
+    import pyarrow.fs as pafs
+
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    except (OSError, ValueError):
+        return []
+    return [i.path for i in infos if i.type == pafs.FileType.File]
+
+
+@contextlib.contextmanager
+def claimed_folder(root: Location, source: str) -> Iterator[Location]:
+    """Claim ``root`` for one data set import, exclusively: it must hold no file, and
+    ``_import.json`` is created only if absent (a hard link on disk, a conditional PUT on S3), so of
+    two imports started into one folder exactly one writes and the other fails before touching
+    anything. The claim stays with the committed data set; an import that fails before writing
+    anything else releases it."""
+    if root.missing_bucket():
+        raise GalleryError(root.describe_missing())
+    claim = root.join(IMPORT_CLAIM)
+    held = _files_below(root)
+    if held:
+        if root.join(DATASET_META).is_file():
+            what = "a committed data set"
+        elif claim.is_file():
+            what = "files of another import (running, or one that failed)"
+        else:
+            what = f"{len(held)} file(s)"
+        raise GalleryError(
+            f"{root.uri} already holds files ({what}): an import writes to an empty or new folder "
+            "(nothing was changed); choose another destination, or delete it first"
+        )
+    record = {
+        "source": source,
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+    }
+    if not create_exclusive(claim, json.dumps(record).encode()):
+        raise GalleryError(
+            f"{root.uri} was claimed by another import that started at the same time (nothing was changed); "
+            "choose another destination"
+        )
+    try:
+        yield root
+    except BaseException:
+        if [p.rsplit("/", 1)[-1] for p in _files_below(root)] == [IMPORT_CLAIM]:
+            with contextlib.suppress(OSError):
+                root.fs.delete_file(claim.path)
+        raise
 
 
 def write_dataset_info(loc: Location, info: DatasetInfo) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dmu_ray.config import StorageConfig
-from dmu_ray.data.images import DatasetInfo, encode_png, write_dataset_info, write_image_part
+from dmu_ray.data.images import DatasetInfo, claimed_folder, encode_png, write_dataset_info, write_image_part
 from dmu_ray.storage import resolve
 
 # Greek letters, less those drawn exactly like a Latin letter (A/Alpha, B/Beta, ..., o/omicron): two
@@ -153,82 +153,86 @@ def render_glyph_set(
     :func:`import_glyphs`). With ``prune``, classes without a training image or without a held-out
     image are dropped and the rest relabelled in order (a large set whose faces cover the
     characters unevenly)."""
-    rng = np.random.default_rng(seed)
-    if len(fonts) <= eval_fonts:
-        raise ValueError(f"only {len(fonts)} typefaces found; need more than eval_fonts={eval_fonts}")
-    order = rng.permutation(len(fonts))
-    eval_idx = set(order[:eval_fonts].tolist())
-    render_px = 64
-    parts: dict[str, tuple[list[bytes], list[int], list[int]]] = {
-        p: ([], [], []) for p in ("train", "query", "gallery")
-    }
-    for fi, path in enumerate(fonts):
-        if progress:
-            print(
-                f"\r  rendering typeface {fi + 1}/{len(fonts)}: {path.name:<40}",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-        try:
-            font = ImageFont.truetype(str(path), render_px)
-        except OSError:  # a file fontconfig lists but FreeType cannot open
-            continue
-        tofu = _render(font, "\U0010fffd", render_px)
-        for label, ch in enumerate(chars):
-            glyph = _supported(font, ch, render_px, tofu)
-            if glyph is None:
+    with claimed_folder(resolve(out_uri, storage), source) as root:  # before the rendering
+        rng = np.random.default_rng(seed)
+        if len(fonts) <= eval_fonts:
+            raise ValueError(f"only {len(fonts)} typefaces found; need more than eval_fonts={eval_fonts}")
+        order = rng.permutation(len(fonts))
+        eval_idx = set(order[:eval_fonts].tolist())
+        render_px = 64
+        parts: dict[str, tuple[list[bytes], list[int], list[int]]] = {
+            p: ([], [], []) for p in ("train", "query", "gallery")
+        }
+        for fi, path in enumerate(fonts):
+            if progress:
+                print(
+                    f"\r  rendering typeface {fi + 1}/{len(fonts)}: {path.name:<40}",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            try:
+                font = ImageFont.truetype(str(path), render_px)
+            except OSError:  # a file fontconfig lists but FreeType cannot open
                 continue
-            if fi in eval_idx:
-                for k in range(eval_instances):
-                    part = "query" if k == 0 else "gallery"
-                    img = _place(glyph, image_size, rng, jitter=k > 0)
-                    parts[part][0].append(encode_png(img))
-                    parts[part][1].append(label)
-                    parts[part][2].append(fi)
-            else:
-                for _ in range(train_instances):
-                    parts["train"][0].append(encode_png(_place(glyph, image_size, rng, jitter=True)))
-                    parts["train"][1].append(label)
-                    parts["train"][2].append(fi)
-    if progress:
-        print(file=sys.stderr)
-    names = list(chars)
-    if prune:
-        keep = set(parts["train"][1]) & set(parts["query"][1])
-        names = [ch for i, ch in enumerate(chars) if i in keep]
-        new = {old: k for k, old in enumerate(i for i in range(len(chars)) if i in keep)}
+            tofu = _render(font, "\U0010fffd", render_px)
+            for label, ch in enumerate(chars):
+                glyph = _supported(font, ch, render_px, tofu)
+                if glyph is None:
+                    continue
+                if fi in eval_idx:
+                    for k in range(eval_instances):
+                        part = "query" if k == 0 else "gallery"
+                        img = _place(glyph, image_size, rng, jitter=k > 0)
+                        parts[part][0].append(encode_png(img))
+                        parts[part][1].append(label)
+                        parts[part][2].append(fi)
+                else:
+                    for _ in range(train_instances):
+                        parts["train"][0].append(encode_png(_place(glyph, image_size, rng, jitter=True)))
+                        parts["train"][1].append(label)
+                        parts["train"][2].append(fi)
+        if progress:
+            print(file=sys.stderr)
+        names = list(chars)
+        if prune:
+            keep = set(parts["train"][1]) & set(parts["query"][1])
+            names = [ch for i, ch in enumerate(chars) if i in keep]
+            new = {old: k for k, old in enumerate(i for i in range(len(chars)) if i in keep)}
+            for part, (imgs, labels, groups) in parts.items():
+                sel = [n for n, lb in enumerate(labels) if lb in new]
+                parts[part] = (
+                    [imgs[n] for n in sel],
+                    [new[labels[n]] for n in sel],
+                    [groups[n] for n in sel],
+                )
+        rows, next_id = {}, 0
         for part, (imgs, labels, groups) in parts.items():
-            sel = [n for n, lb in enumerate(labels) if lb in new]
-            parts[part] = ([imgs[n] for n in sel], [new[labels[n]] for n in sel], [groups[n] for n in sel])
-    root = resolve(out_uri, storage)
-    rows, next_id = {}, 0
-    for part, (imgs, labels, groups) in parts.items():
-        n = len(imgs)
-        rows[part] = write_image_part(
-            root.join(part),
-            imgs,
-            np.array(labels, dtype=np.int64),
-            np.arange(next_id, next_id + n),
-            np.array(groups),
+            n = len(imgs)
+            rows[part] = write_image_part(
+                root.join(part),
+                imgs,
+                np.array(labels, dtype=np.int64),
+                np.arange(next_id, next_id + n),
+                np.array(groups),
+            )
+            next_id += n
+        info = DatasetInfo(
+            name=name,
+            num_classes=len(names),
+            image_size=image_size,
+            channels=1,
+            rows=rows,
+            class_names=names,
+            source=source,
+            extra={
+                "fonts": [p.name for p in fonts],
+                "eval_fonts": sorted(fonts[i].name for i in eval_idx),
+                "seed": seed,
+            },
         )
-        next_id += n
-    info = DatasetInfo(
-        name=name,
-        num_classes=len(names),
-        image_size=image_size,
-        channels=1,
-        rows=rows,
-        class_names=names,
-        source=source,
-        extra={
-            "fonts": [p.name for p in fonts],
-            "eval_fonts": sorted(fonts[i].name for i in eval_idx),
-            "seed": seed,
-        },
-    )
-    write_dataset_info(root, info)
-    return info
+        write_dataset_info(root, info)
+        return info
 
 
 #: what the ``fonts`` benchmark set needs on Debian/Ubuntu (docs/results.md); without these
@@ -331,23 +335,25 @@ def _import_arrays(
     n_eval = int(round(len(big) * eval_fraction))
     n_query = n_eval // 3
     split = {"query": perm[:n_query], "gallery": perm[n_query:n_eval], "train": perm[n_eval:]}
-    root = resolve(out_uri, storage)
-    rows = {}
-    for part, idx in split.items():
-        idx = np.sort(idx)
-        rows[part] = write_image_part(root.join(part), [encode_png(big[i]) for i in idx], labels[idx], idx)
     classes = sorted(set(labels.tolist()))
-    info = DatasetInfo(
-        name=name,
-        num_classes=max(classes) + 1,
-        image_size=image_size,
-        channels=1,
-        rows=rows,
-        class_names=[str(c) for c in range(max(classes) + 1)],
-        source=source,
-        extra={"seed": seed},
-    )
-    write_dataset_info(root, info)
+    rows = {}
+    with claimed_folder(resolve(out_uri, storage), source) as root:
+        for part, idx in split.items():
+            idx = np.sort(idx)
+            rows[part] = write_image_part(
+                root.join(part), [encode_png(big[i]) for i in idx], labels[idx], idx
+            )
+        info = DatasetInfo(
+            name=name,
+            num_classes=max(classes) + 1,
+            image_size=image_size,
+            channels=1,
+            rows=rows,
+            class_names=[str(c) for c in range(max(classes) + 1)],
+            source=source,
+            extra={"seed": seed},
+        )
+        write_dataset_info(root, info)
     return info
 
 

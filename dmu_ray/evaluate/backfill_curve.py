@@ -59,7 +59,8 @@ def backfill_curve(cfg: BackfillConfig, *, progress: bool = True) -> dict[str, A
     say(f"backfill curve: scoring the gallery by {', '.join(c.policies)}")
     ids, scores, transformed = score_gallery(plan, scored, keep_vectors=True)
     say("backfill curve: embedding the gallery images and the queries with the new model")
-    g_ids, g_labels, new = embed_images(cfg.images, cfg.new_model, storage=cfg.storage, pool=cfg.embed_pool)
+    new_at = dict(storage=cfg.storage, pool=cfg.embed_pool, sha256=plan.new.sha256)
+    g_ids, g_labels, new = embed_images(cfg.images, plan.new.uri, **new_at)
     if not np.array_equal(g_ids, ids):
         raise EvaluationError(
             f"images {cfg.images} hold {len(g_ids)} ids, the gallery's valid rows {len(ids)}; "
@@ -70,7 +71,7 @@ def backfill_curve(cfg: BackfillConfig, *, progress: bool = True) -> dict[str, A
             f"images {cfg.images}: {int((g_labels < 0).sum())} gallery images have no label; the curve "
             "measures retrieval, so its images need labels (a label column in the table)"
         )
-    _, q_labels, q = embed_images(c.queries, cfg.new_model, storage=cfg.storage, pool=cfg.embed_pool)
+    _, q_labels, q = embed_images(c.queries, plan.new.uri, **new_at)
     error = ((transformed.astype(np.float64) - new) ** 2).sum(1)  # realised transformation error
     if "oracle" in c.policies:
         scores["oracle"] = error

@@ -29,8 +29,8 @@ def embed_to_gallery(
     out = resolve(output_uri, storage)
     inputs = [resolve(images_uri, storage), resolve(model_uri, storage)]
     refuse_overlap(out, inputs)  # before any embedding work
-    ids, labels, emb = embed_images(images_uri, model_uri, storage=storage, pool=pool)
-    art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
+    art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)  # the lineage names these bytes
+    ids, labels, emb = embed_images(images_uri, art.uri, storage=storage, pool=pool, sha256=art.sha256)
     model = ModelInfo(
         model_id=art.card.id,
         dim=emb.shape[1],

@@ -79,3 +79,39 @@ def gallery_vectors(g: Gallery, labels: np.ndarray | None = None) -> Embedded:
         t = g.read(columns=["id", EMB])
     ids = t.column("id").to_numpy(zero_copy_only=False)
     return ids, labels, embedding_matrix(t.column(EMB)).astype(np.float32)
+
+
+def check_quarantine(g: Gallery, what: str, max_share: float) -> None:
+    """Refuse a stored gallery that lost more than ``max_share`` of its rows to quarantine when it
+    was written (its figures would describe a fraction of it), naming its model and the reasons."""
+    m = g.manifest
+    if m is None or m.rows_in == 0:
+        return
+    share = m.quarantined_rows / m.rows_in
+    if share > max_share:
+        reasons = ", ".join(
+            f"{r}: {n:,}" for r, n in sorted(m.quarantine_reasons.items(), key=lambda kv: -kv[1])
+        )
+        raise EvaluationError(
+            f"{what}: {g.loc.uri} lost {m.quarantined_rows:,} of its {m.rows_in:,} rows ({share:.1%}) to "
+            f"quarantine when model {m.model.model_id!r} wrote it ({reasons or 'no reasons recorded'}); above "
+            f"max_quarantined_share {max_share:g}, so its figures would not describe the gallery. Fix the "
+            "model or its input and write the gallery again"
+        )
+
+
+def keep_finite(vectors: Embedded, what: str, model: str, max_share: float) -> tuple[Embedded, int]:
+    """``vectors`` without the rows whose vector is not finite (NaN/Inf), and how many were dropped;
+    more than ``max_share`` of them stops the evaluation naming the model."""
+    ids, labels, x = vectors
+    bad = ~np.isfinite(x).all(axis=1)
+    n = int(bad.sum())
+    if n == 0:
+        return vectors, 0
+    if n / max(1, len(ids)) > max_share:
+        raise EvaluationError(
+            f"model {model} gave NaN/Inf vectors for {n:,} of the {len(ids):,} images of the {what} "
+            f"({n / len(ids):.1%}, above max_quarantined_share {max_share:g}); its figures would be "
+            "meaningless. Check the model (e.g. its preprocessing, or a numerically broken export)"
+        )
+    return (ids[~bad], labels[~bad], x[~bad]), n

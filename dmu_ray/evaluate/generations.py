@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from dmu_ray.config import MatrixConfig
-from dmu_ray.evaluate.galleries import Embedded, check_output, data_labels, gallery_vectors, labels_by_id
+from dmu_ray.evaluate.galleries import (
+    Embedded,
+    check_output,
+    check_quarantine,
+    data_labels,
+    gallery_vectors,
+    keep_finite,
+    labels_by_id,
+)
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing
 from dmu_ray.evaluate.report import figure_png
 from dmu_ray.evaluate.search import SearchConfig
@@ -61,13 +69,18 @@ def check_matrix(cfg: MatrixConfig) -> dict[str, Any]:
         what = f"gallery_states.{name}"
         if spec.gallery is not None:
             try:
-                g = Gallery.open(spec.gallery, cfg.storage)
+                g = Gallery.open(spec.gallery, cfg.storage, verify=cfg.verify_galleries)
             except GalleryError as err:
                 raise EvaluationError(f"{what}.gallery: {err}") from None
+            check_quarantine(g, f"{what}.gallery", cfg.max_quarantined_share)
             if g.num_rows == 0:
                 raise EvaluationError(f"{what}.gallery: {g.loc.uri} is empty")
             labels = None
-            if LABEL not in g.schema().names:
+            try:
+                names = g.schema().names  # the first read of a file: verified against the manifest
+            except GalleryError as err:
+                raise EvaluationError(f"{what}.gallery: {err}") from None
+            if LABEL not in names:
                 by_id = by_id if by_id is not None else data_labels(cfg.data, cfg.storage)
                 labels = labels_by_id(g, by_id, f"{what}.gallery")
             states[name] = {"gallery": g, "labels": labels}
@@ -123,7 +136,12 @@ def run_matrix(cfg: MatrixConfig, *, progress: bool = True) -> dict[str, Any]:
         key = (part, art.sha256)
         if key not in embedded:
             say(f"embedding {part} with {art.uri}")
-            embedded[key] = embed_images(data.join(part).uri, art.uri, storage=cfg.storage, pool=cfg.pool)
+            got = embed_images(
+                data.join(part).uri, art.uri, storage=cfg.storage, pool=cfg.pool, sha256=art.sha256
+            )
+            embedded[key], lost = keep_finite(got, f"{part} set", art.ident, cfg.max_quarantined_share)
+            if lost:
+                say(f"  dropped {lost:,} {part} rows whose vectors are NaN/Inf (model {art.ident})")
         return embedded[key]
 
     q_vecs = {n: embed("query", a) for n, a in queries.items()}

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from dmu_ray.config import EvaluateConfig
-from dmu_ray.evaluate.galleries import Embedded, check_output, data_labels, gallery_vectors, labels_by_id
+from dmu_ray.evaluate.galleries import (
+    Embedded,
+    check_output,
+    check_quarantine,
+    data_labels,
+    gallery_vectors,
+    keep_finite,
+    labels_by_id,
+)
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.report import render_report, write_report
 from dmu_ray.evaluate.search import SearchConfig
@@ -134,10 +142,11 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
     by_id = None  # the data set's gallery labels, read once when a gallery has no label column
     for key, name, role, uri, what in wanted:
         try:
-            g = Gallery.open(uri, cfg.storage)
+            g = Gallery.open(uri, cfg.storage, verify=cfg.verify_galleries)
         except GalleryError as err:
             raise EvaluationError(f"{what}: {err}") from None
         model = old if name is None else arts["models"][name]["model"]
+        check_quarantine(g, what, cfg.max_quarantined_share)
         if g.num_rows == 0:
             raise EvaluationError(f"{what}: {g.loc.uri} is empty")
         if g.model.dim != model.card.dim:
@@ -145,7 +154,11 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 f"{what}: {g.loc.uri} holds {g.model.dim}-d vectors, but the "
                 f"{'old' if role == 'old' else 'new'} model's space is {model.card.dim}-d"
             )
-        if LABEL not in g.schema().names:
+        try:
+            names = g.schema().names  # the first read of a file: verified against the manifest
+        except GalleryError as err:
+            raise EvaluationError(f"{what}: {err}") from None
+        if LABEL not in names:
             if by_id is None:
                 by_id = data_labels(cfg.data, cfg.storage)
             labels[key] = labels_by_id(g, by_id, what)  # every id has one
@@ -279,12 +292,17 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     data = resolve(cfg.data, cfg.storage)
     parts = {"queries": data.join("query").uri, "gallery": data.join("gallery").uri}
     vectors: dict[str, Embedded] = {}  # by key: what the vectors are, so equal sets are made once
+    dropped: dict[str, int] = {}  # rows left out of a set for non-finite vectors, by set key
 
     def embed(part: str, art: Artifact) -> str:
         key = f"{part}:{art.sha256}"
         if key not in vectors:
             say(f"embedding {part} with {art.uri}")
-            vectors[key] = embed_images(parts[part], art.uri, storage=cfg.storage, pool=cfg.pool)
+            got = embed_images(parts[part], art.uri, storage=cfg.storage, pool=cfg.pool, sha256=art.sha256)
+            vectors[key], lost = keep_finite(got, f"{part} set", art.ident, cfg.max_quarantined_share)
+            if lost:
+                dropped[key] = lost
+                say(f"  dropped {lost:,} {part} rows whose vectors are NaN/Inf (model {art.ident})")
         return key
 
     def stored(gkey: str) -> str:
@@ -365,6 +383,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             "galleries": dict(cfg.galleries),
         },
         "embedded_sets": sum(k.split(":", 1)[0] in parts for k in vectors),  # embedded from images
+        "dropped_rows": dropped,  # rows of an embedded set left out (NaN/Inf vectors), by set
         "pairings": pairings,
         "models": models,
         "headline_metric": metric,

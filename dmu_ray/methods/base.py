@@ -55,6 +55,17 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+#: key of the training plan's ``info`` that maps each artefact URI the workers load to the sha256
+#: the driver read (:func:`pinned_sha256`)
+PINS = "artifact_sha256"
+
+
+def pinned_sha256(info: dict[str, Any] | None, uri: str) -> str | None:
+    """The sha256 the driver recorded for ``uri`` (``info[PINS]``), which a worker's load must
+    match; None when the driver pinned nothing (a direct call outside a training run)."""
+    return ((info or {}).get(PINS) or {}).get(uri)
+
+
 class Method(StrictModel):
     """Base of every method. Subclasses set ``name: Literal["..."] = "..."`` and override what
     differs; the defaults describe a method that trains a new model against the frozen old one."""
@@ -132,7 +143,7 @@ class Method(StrictModel):
         from dmu_ray.models.embedding import Renormalized
 
         uri = (info or {}).get("old_classifier") or self.old_model
-        art = load_artifact(uri, cfg.storage, kind=EMBEDDING_MODEL)
+        art = load_artifact(uri, cfg.storage, kind=EMBEDDING_MODEL, sha256=pinned_sha256(info, uri))
         old_model, old_head = build_embedding_model(art)
         old_model.requires_grad_(False)
         pre, info = art.card.preprocessing, info or {}

@@ -77,7 +77,9 @@ def build_old_classifier(
     from dmu_ray.models.inference import embed_images
 
     num_classes = len(build)
-    ids, labels, feats = embed_images(images_uri, old.uri, storage=storage, pool=pool, only_ids=only_ids)
+    ids, labels, feats = embed_images(
+        images_uri, old.uri, storage=storage, pool=pool, only_ids=only_ids, sha256=old.sha256
+    )
     keep = build[labels] if len(labels) else np.zeros(0, dtype=bool)
     protos, present = refine_prototypes(feats[keep], labels[keep], num_classes, refine=False)
     lacking = np.flatnonzero(build & ~present)

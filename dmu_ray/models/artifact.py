@@ -58,10 +58,22 @@ def save_artifact(
     return write_bytes_atomic(resolve(uri, storage), buf.getvalue())
 
 
-def load_artifact(uri: str, storage: StorageConfig | None = None, *, kind: str | None = None) -> Artifact:
-    """Load an artefact; with ``kind``, refuse one of another kind."""
+def load_artifact(
+    uri: str, storage: StorageConfig | None = None, *, kind: str | None = None, sha256: str | None = None
+) -> Artifact:
+    """Load an artefact; with ``kind``, refuse one of another kind; with ``sha256`` (what the
+    driver checked), refuse a file with other bytes: a worker must load what the driver recorded."""
     loc = resolve(uri, storage)
     data = read_existing(loc, ArtifactError, "artefact")
+    if sha256 is not None:
+        found = hashlib.sha256(data).hexdigest()
+        if found != sha256:
+            raise ArtifactError(
+                f"{loc.uri}: sha256 {found[:12]} here, but the driver checked {sha256[:12]}: this process "
+                "reads another file than the driver did (a file changed during the job, or a path that "
+                "names another file on this node); give every node the same file, e.g. on shared "
+                "storage or s3://"
+            )
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file
@@ -77,6 +89,11 @@ def load_artifact(uri: str, storage: StorageConfig | None = None, *, kind: str |
     except CardError as err:
         raise ArtifactError(str(err)) from None
     return Artifact(obj["kind"], card, obj["state_dict"], hashlib.sha256(data).hexdigest(), loc.uri)
+
+
+def artifact_sha256(uri: str, storage: StorageConfig | None = None) -> str:
+    """The sha256 of the artefact file at ``uri`` (what :func:`load_artifact` checks with ``sha256``)."""
+    return hashlib.sha256(read_existing(resolve(uri, storage), ArtifactError, "artefact")).hexdigest()
 
 
 def save_upgrade_module(

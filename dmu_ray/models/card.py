@@ -98,7 +98,10 @@ class EmbeddingCard(_Card):
             if v is not None and len(v) != self.num_classes:
                 raise ValueError(f"{name} has {len(v)} entries for {self.num_classes} classes")
         if not self.preprocessing.fits(self.in_channels):
-            raise ValueError(f"preprocessing mean/std must have 1 or {self.in_channels} values")
+            raise ValueError(
+                f"preprocessing mean/std must have 1 value or one per input channel ({self.in_channels}); "
+                f"got mean {self.preprocessing.mean}, std {self.preprocessing.std}"
+            )
         return self
 
     @property

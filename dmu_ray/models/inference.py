@@ -17,10 +17,27 @@ from dmu_ray.models.card import EmbeddingCard, check_compatible
 from dmu_ray.storage import resolve
 
 
+class EmbeddingOutputError(ValueError):
+    """A model whose output does not match its card: another dimension, another number of rows
+    than images, or vectors that are not finite."""
+
+
+def check_output(out: object, rows: int, dim: int, what: str) -> None:
+    """Refuse a model output that is not ``(rows, dim)`` (``what`` names the artefact)."""
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 2 or shape[0] != rows or shape[1] != dim:
+        raise EmbeddingOutputError(
+            f"model {what}: returned an output of shape {shape} for {rows} image(s); its card says "
+            f"{dim}-d embeddings, one per image (is the card's dim right, and does the model embed "
+            "each image of a batch?)"
+        )
+
+
 class _EmbedActor:
     def __init__(
         self,
         model_uri: str,
+        sha256: str,
         storage: StorageConfig,
         size: int,
         channels: int,
@@ -34,11 +51,16 @@ class _EmbedActor:
 
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL)
+        art = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL, sha256=sha256)
         self.model = build_embedding_model(art)[0].to(self.device)
+        self.dim, self.what = art.card.dim, art.ident
         pre = art.card.preprocessing  # the model embeds as it does in production
         self.decode = DecodeBatch(size, channels, mean=pre.mean, std=pre.std, out_size=pre.size)
         self.only_ids = pa.array(only_ids) if only_ids is not None else None
+        side = pre.size or size  # probe: the dimension the card states is the one the model gives
+        with torch.inference_mode():
+            probe = self.model(torch.zeros(2, channels, side, side, device=self.device))
+        check_output(probe, 2, self.dim, self.what)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         import pyarrow.compute as pc
@@ -54,8 +76,9 @@ class _EmbedActor:
             }
         d = self.decode(batch)
         with torch.inference_mode():
-            f = self.model(torch.from_numpy(d["image"]).to(self.device)).float().cpu().numpy()
-        return {"id": d["id"], "label": d["label"], "embedding": f}
+            f = self.model(torch.from_numpy(d["image"]).to(self.device))
+        check_output(f, len(d["id"]), self.dim, self.what)
+        return {"id": d["id"], "label": d["label"], "embedding": f.float().cpu().numpy()}
 
 
 def image_source(
@@ -109,18 +132,24 @@ def embed_images(
     storage: StorageConfig | None = None,
     pool: ActorPoolConfig | None = None,
     only_ids: np.ndarray | None = None,
+    sha256: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, labels, embeddings)`` of every image of ``images_uri``, or of those whose id is in
     ``only_ids``, sorted by id. ``images_uri`` is a data set part such as ``<data>/query`` (size
     and channels from the data set's ``_dataset.json`` one folder up; the model must take that
-    many channels) or a table of ``id,uri[,label]`` (:func:`image_source`; label -1 when absent)."""
+    many channels) or a table of ``id,uri[,label]`` (:func:`image_source`; label -1 when absent).
+    The actors load the artefact by its absolute location and check its bytes against the sha256
+    the driver read (``sha256``, when given, is what the caller recorded and must match too)."""
     import ray.data
 
     from dmu_ray.ray_session import ensure_ray, require_pool
 
     storage = storage or StorageConfig()
     pool = pool or ActorPoolConfig(batch_size=256)
-    card = load_artifact(model_uri, storage, kind=EMBEDDING_MODEL).card
+    art = load_artifact(
+        model_uri, storage, kind=EMBEDDING_MODEL, sha256=sha256
+    )  # the actors check these bytes
+    card = art.card
     size, channels, table = image_source(images_uri, card, storage)
     ensure_ray()
     require_pool(pool, "an embedding actor")
@@ -139,7 +168,8 @@ def embed_images(
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs=dict(
-            model_uri=model_uri,
+            model_uri=art.uri,  # absolute: actors may run in another folder
+            sha256=art.sha256,
             storage=storage,
             size=size,
             channels=channels,

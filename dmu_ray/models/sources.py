@@ -277,6 +277,13 @@ def import_model(
         std=std if std is not None else own["std"],
         size=size if size is not None else own["size"],
     )
+    if not pre.fits(channels):
+        given = "given" if mean is not None and std is not None else "the source's defaults"
+        raise SourceError(
+            f"--channels {channels}, but the mean/std ({given}: mean {pre.mean}, std {pre.std}) need one "
+            f"value, or one per channel: give --mean and --std with {channels} comma-separated value(s) each, "
+            f"e.g. --mean {','.join(['0.5'] * channels)} --std {','.join(['0.5'] * channels)}"
+        )
     dim = probe_dim(net, channels, pre.size or 224, where)
     card = EmbeddingCard(
         id=model_id,

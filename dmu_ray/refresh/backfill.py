@@ -111,17 +111,22 @@ def plan_backfill(cfg: BackfillConfig, policies: list[str] | None = None) -> Bac
 class _ScoreActor:
     """Ray Data actor: transformation (+ old classifier) loaded once; scores batches of rows."""
 
-    def __init__(self, cfg: BackfillConfig, policies: list[str], keep_vectors: bool) -> None:
+    def __init__(
+        self, cfg: BackfillConfig, policies: list[str], keep_vectors: bool, pins: dict[str, tuple[str, str]]
+    ) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(round(cfg.pool.num_cpus))))
         device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        psi = build_upgrade_module(load_artifact(cfg.module, cfg.storage, kind=UPGRADE_MODULE))
+        # ``pins``: (absolute uri, sha256) of each artefact the driver checked, by field
+        uri, sha = pins["module"]
+        psi = build_upgrade_module(load_artifact(uri, cfg.storage, kind=UPGRADE_MODULE, sha256=sha))
         old_head = None
         if "old-discriminativeness" in policies:
-            old_head = build_embedding_model(load_artifact(cfg.old_model, cfg.storage, kind=EMBEDDING_MODEL))[
-                1
-            ]
+            uri, sha = pins["old_model"]
+            old_head = build_embedding_model(
+                load_artifact(uri, cfg.storage, kind=EMBEDDING_MODEL, sha256=sha)
+            )[1]
         self.scorer = BackfillScorer(policies, psi, old_head, seed=cfg.seed, device=device)
         self.dim, self.keep = psi.in_dim, keep_vectors
 
@@ -152,7 +157,14 @@ def score_gallery(
     ds = ray.data.read_parquet(paths, filesystem=src.loc.fs).select_columns(["id", EMB])
     ds = ds.map_batches(
         _ScoreActor,
-        fn_constructor_kwargs={"cfg": cfg, "policies": policies, "keep_vectors": keep_vectors},
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "policies": policies,
+            "keep_vectors": keep_vectors,
+            "pins": {
+                f: (a.uri, a.sha256) for f, a in (("module", plan.module), ("old_model", plan.old)) if a
+            },
+        },
         batch_size=cfg.pool.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_actors, max_size=cfg.pool.max_actors),
@@ -176,7 +188,12 @@ def reembed(plan: BackfillPlan, ids: np.ndarray) -> np.ndarray:
 
     cfg = plan.cfg
     got_ids, _, emb = embed_images(
-        cfg.images, cfg.new_model, storage=cfg.storage, pool=cfg.embed_pool, only_ids=ids
+        cfg.images,
+        plan.new.uri,
+        storage=cfg.storage,
+        pool=cfg.embed_pool,
+        only_ids=ids,
+        sha256=plan.new.sha256,
     )
     if len(got_ids) != len(ids) or not np.array_equal(got_ids, ids):
         missing = np.setdiff1d(ids, got_ids)

@@ -15,6 +15,7 @@ started into one output, exactly one runs and the other fails naming the differe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -24,10 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dmu_ray.config import RefreshConfig
 from dmu_ray.gallery import (
+    MANIFEST_NAME,
     Gallery,
     GalleryError,
     Manifest,
@@ -312,18 +315,49 @@ def _job_diff(marker: Location, job: dict[str, Any]) -> list[str] | None:
     return sorted(k for k in job if not isinstance(theirs, dict) or theirs.get(k) != job[k])
 
 
-def claim_output(plan: RefreshPlan) -> None:
+def claim_output(plan: RefreshPlan) -> bool:
     """Claim the output prefix for this job atomically (create ``_refresh.json`` if absent; a
-    conditional put on S3). If another job got there first, fail unless it is this same job."""
+    conditional put on S3). If another job got there first, fail unless it is this same job.
+    Returns True when this call created the claim."""
     marker = plan.out.join(JOB_MARKER)
     if create_exclusive(marker, json.dumps(plan.job, sort_keys=True).encode()):
-        return
+        return True
     diff = _job_diff(marker, plan.job)
     if diff is not None:
         raise RefreshError(
             f"output {plan.out.uri} was claimed by another refresh job (differs in {diff}); nothing was "
             "written by this one. Choose another output prefix"
         )
+    return False
+
+
+def release_claim(plan: RefreshPlan) -> bool:
+    """Remove this job's claim when nothing of it was committed (no commit record, no manifest), so
+    that a job that failed before its first file frees its output; True when it was removed."""
+    sel = pafs.FileSelector(plan.out.path, recursive=True, allow_not_found=True)
+    held = [i for i in plan.out.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+    if [i.base_name for i in held] != [JOB_MARKER]:  # commit records (_parts/) and data count too
+        return False
+    with contextlib.suppress(OSError):
+        plan.out.fs.delete_file(plan.out.join(JOB_MARKER).path)
+        return True
+    return False
+
+
+def _check_committed_files(plan: RefreshPlan) -> None:
+    """A committed output that is asked again: its files must still be there with the sizes its
+    manifest records (a cheap check; ``dmu-ray gallery validate`` reads every byte)."""
+    manifest = read_manifest(plan.out)
+    for entry in [*manifest.files, *manifest.quarantine]:
+        loc = plan.out.join(entry.path)
+        info = loc.fs.get_file_info(loc.path)
+        if info.type != pafs.FileType.File or info.size != entry.bytes:
+            found = "missing" if info.type != pafs.FileType.File else f"{info.size} bytes"
+            raise RefreshError(
+                f"output {plan.out.uri} holds this refresh, but its committed file {entry.path} is {found} "
+                f"(the manifest says {entry.bytes} bytes): it changed after the commit. Run `dmu-ray "
+                "gallery validate` on it; to redo the refresh, delete the output prefix and run it again"
+            )
 
 
 class _RefreshActor:
@@ -334,10 +368,11 @@ class _RefreshActor:
         import torch
 
         cfg: RefreshConfig = plan_args["cfg"]
-        arts = [load_artifact(u, cfg.storage, kind=UPGRADE_MODULE) for u in cfg.modules]
-        for art, sha in zip(arts, plan_args["module_sha256"], strict=True):
-            if art.sha256 != sha:
-                raise RefreshError(f"{art.uri} changed while the refresh was running")
+        # the modules at the absolute locations the driver checked, with the bytes it checked
+        arts = [
+            load_artifact(u, cfg.storage, kind=UPGRADE_MODULE, sha256=sha)
+            for u, sha in zip(plan_args["module_uris"], plan_args["module_sha256"], strict=True)
+        ]
         # the actor's CPUs shared by the files it works on at once
         threads = max(1, int(round(cfg.pool.num_cpus)) // cfg.pool.files_in_flight())
         torch.set_num_threads(threads)
@@ -381,20 +416,44 @@ def run_refresh(
     """Plan, run the pending files on Ray Data, commit the manifest. Idempotent: a re-run of the
     same job resumes; a re-run after commit does nothing. A partial backfill passes its identity
     (``backfill``) and the re-embedded rows (``overrides``)."""
-    import ray
-
-    from dmu_ray.ray_session import ensure_ray, require_pool
+    from dmu_ray.ray_session import check_storage_from_a_worker, ensure_ray, require_pool
 
     plan = plan_refresh(cfg, backfill=backfill)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     if plan.done:
-        say(f"{plan.out.uri} already holds this refresh; nothing to do")
+        _check_committed_files(plan)
+        say(f"{plan.out.uri} already holds this refresh (its files' sizes checked); nothing to do")
         return RefreshResult(read_manifest(plan.out), 0, 0, 0.0, len(plan.source.files))
     pool = cfg.pool
-    if plan.pending:  # the cluster can run the pool, before anything is written
+    if plan.pending:  # the cluster can run the pool and its workers reach the data, before any claim
         ensure_ray(cfg.ray_address)
         require_pool(pool, "a refresh actor")
-    claim_output(plan)
+        reads = [plan.source.loc.join(MANIFEST_NAME), *_artifact_locations(plan)]
+        check_storage_from_a_worker(reads, plan.out, what=f"refresh into {plan.out.uri}")
+    claimed = claim_output(plan)
+    try:
+        return _run_claimed(plan, cfg, say, progress, fail_after_files, overrides)
+    except BaseException:
+        if claimed and release_claim(plan):
+            say(f"released the claim on {plan.out.uri}: the job failed before committing anything")
+        raise
+
+
+def _artifact_locations(plan: RefreshPlan) -> list[Location]:
+    return [resolve(a.uri, plan.cfg.storage) for a in plan.artifacts]
+
+
+def _run_claimed(
+    plan: RefreshPlan,
+    cfg: RefreshConfig,
+    say,
+    progress: bool,
+    fail_after_files: int | None,
+    overrides: Overrides | None,
+) -> RefreshResult:
+    import ray
+
+    pool = cfg.pool
     for rel, why in plan.redo.items():
         say(f"redoing {rel}: its commit record does not count ({why})")
     skipped = len(plan.source.files) - len(plan.pending)
@@ -424,6 +483,7 @@ def run_refresh(
                     "src": plan.source.loc,
                     "out": plan.out,
                     "model": plan.model,
+                    "module_uris": [a.uri for a in plan.artifacts],
                     "module_sha256": [a.sha256 for a in plan.artifacts],
                     "routing": plan.routing,
                     "expected": expected,

@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 from dmu_ray.config import ConfigError, ScalingSection, TrainConfig
 from dmu_ray.data.images import DatasetInfo, decode_epoch_stream, decode_split_batch, read_dataset_info
 from dmu_ray.data.splits import split_mask
-from dmu_ray.methods.base import UpgradeModuleFields
+from dmu_ray.methods.base import PINS, UpgradeModuleFields
 from dmu_ray.methods.registry import method_from_saved
 from dmu_ray.models.artifact import (
     EMBEDDING_MODEL,
     UPGRADE_MODULE,
     Artifact,
+    artifact_sha256,
     load_artifact,
     save_artifact,
     save_embedding_model,
@@ -75,6 +76,7 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
     data = read_dataset_info(cfg.data.uri, cfg.storage)
     train_loc = resolve(cfg.data.uri, cfg.storage).join("train")
     t = pq.read_table(train_loc.path, filesystem=train_loc.fs, columns=["id", "label"])
+    _check_labels(t, data, train_loc.uri)
     ids, labels = t.column("id").to_numpy(), t.column("label").to_numpy()
     mask = split_mask(cfg.data.split, cfg.data.role, ids, labels, cfg.data.old_fraction, cfg.data.split_seed)
     rows = int(mask.sum())
@@ -112,6 +114,23 @@ def plan_training(cfg: TrainConfig) -> TrainPlan:
         mean, std = _check_backbone(cfg, data)
     run_uri = resolve(cfg.storage_path, cfg.storage).join(cfg.name).uri
     return TrainPlan(cfg, data, train_loc, rows, seen.tolist(), old, run_uri, new, ids, labels, mean, std)
+
+
+def _check_labels(t, data: DatasetInfo, where: str) -> None:
+    """Every training label is a class the data set declares (``0 <= label < num_classes``)."""
+    import pyarrow.compute as pc
+
+    col = t.column("label")
+    if col.null_count:
+        raise ConfigError(f"data: {where} has {col.null_count} rows without a label")
+    lo, hi = (pc.min_max(col).as_py() or {}).values() if t.num_rows else (0, -1)
+    if t.num_rows and (lo < 0 or hi >= data.num_classes):
+        bad = pc.sum(pc.or_(pc.less(col, 0), pc.greater_equal(col, data.num_classes))).as_py()
+        raise ConfigError(
+            f"data: {where} has {bad} rows with labels outside 0..{data.num_classes - 1} (labels "
+            f"{lo}..{hi}), but its _dataset.json declares {data.num_classes} classes; re-import the data "
+            "set (dmu-ray data import) or correct num_classes"
+        )
 
 
 def _check_backbone(cfg: TrainConfig, data: DatasetInfo) -> tuple[list[float], list[float]]:
@@ -306,6 +325,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     say(f"  training images: {why}")
     dataset = build_train_dataset(plan, cache)
     cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
+    info[PINS] = _pins(cfg, info)  # and load exactly the bytes checked here
     board = ProgressBoard.remote()
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
@@ -383,6 +403,13 @@ def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan):
         | {"rows": plan.rows, "classes": int(sum(plan.trained_classes))}
     )
     return run
+
+
+def _pins(cfg: TrainConfig, info: dict[str, Any]) -> dict[str, str]:
+    """The sha256 of every artefact the workers load (old model, the classifier built for it, the
+    new model a FastFill transformation is trained against), by the absolute URI they load it from."""
+    uris = [getattr(cfg.method, k, None) for k in ("old_model", "new_model")] + [info.get("old_classifier")]
+    return {u: artifact_sha256(u, cfg.storage) for u in uris if u}
 
 
 def _absolute_uris(cfg: TrainConfig) -> TrainConfig:

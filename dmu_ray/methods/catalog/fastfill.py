@@ -34,13 +34,16 @@ class FastFill(Method, UpgradeModuleFields):
         return self
 
     def build(self, cfg: Any, info: dict[str, Any]):
+        from dmu_ray.methods.base import pinned_sha256
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.upgrade import UpgradeModule
         from dmu_ray.train.trainee import Trainee
 
         _, old_model, _ = self.frozen_old(cfg, info)
         new_model, new_head = build_embedding_model(
-            load_artifact(self.new_model, cfg.storage, kind=EMBEDDING_MODEL)
+            load_artifact(
+                self.new_model, cfg.storage, kind=EMBEDDING_MODEL, sha256=pinned_sha256(info, self.new_model)
+            )
         )
         psi = UpgradeModule(
             old_model.dim, new_model.dim, self.upgrade_width, self.upgrade_depth, uncertainty=True

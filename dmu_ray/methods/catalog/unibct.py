@@ -108,12 +108,15 @@ class UniBCT(CompatibilityMethod):
         """``info["prototypes"]`` may be absent when a checkpoint will supply them."""
         import torch
 
+        from dmu_ray.methods.base import pinned_sha256
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.heads import MarginHead
         from dmu_ray.train.trainee import Trainee
 
         old_model, old_head = build_embedding_model(
-            load_artifact(self.old_model, cfg.storage, kind=EMBEDDING_MODEL)
+            load_artifact(
+                self.old_model, cfg.storage, kind=EMBEDDING_MODEL, sha256=pinned_sha256(info, self.old_model)
+            )
         )
         model, head = self.fresh_model(cfg, info)
         like = old_head if old_head is not None else head  # an imported old model may have no classifier
