@@ -14,15 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmu_ray.config import (
-    BackfillConfig,
-    EmbedConfig,
-    EvaluateConfig,
-    RefreshConfig,
-    TrainConfig,
-    load_config,
-    load_evaluate_config,
-)
+from dmu_ray.evaluate.config import EmbedConfig, EvaluateConfig, load_evaluate_config
+from dmu_ray.refresh.config import BackfillConfig, RefreshConfig
+from dmu_ray.settings import load_config
+from dmu_ray.train.config import TrainConfig
 
 JOBS: dict[str, tuple[str, type | None]] = {
     "train": ("jobs/train.py", TrainConfig),

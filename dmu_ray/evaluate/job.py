@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmu_ray.config import EvaluateConfig
+from dmu_ray.evaluate.config import EvaluateConfig
 from dmu_ray.evaluate.galleries import (
     Embedded,
     check_output,

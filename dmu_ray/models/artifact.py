@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.models.card import CardError, EmbeddingCard, UpgradeCard, parse_card
 from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import read_existing, resolve, write_bytes_atomic
 
 FORMAT = "dmu-ray.artifact/1"

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from dmu_ray.config import BackfillConfig, RefreshConfig
 from dmu_ray.gallery import EMB, Gallery, GalleryError, embedding_matrix, read_manifest, row_problems
 from dmu_ray.methods.fastfill import BackfillScorer, select_top
 from dmu_ray.models.artifact import (
@@ -40,6 +39,7 @@ from dmu_ray.models.artifact import (
 )
 from dmu_ray.models.card import CardError, check_compatible
 from dmu_ray.models.inference import image_source
+from dmu_ray.refresh.config import BackfillConfig, RefreshConfig
 from dmu_ray.refresh.job import RefreshResult, run_refresh
 from dmu_ray.refresh.upgrade_files import Overrides
 from dmu_ray.storage import resolve
