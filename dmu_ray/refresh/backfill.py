@@ -37,7 +37,7 @@ from dmu_ray.models.artifact import (
     build_upgrade_module,
     load_artifact,
 )
-from dmu_ray.models.card import CardError, check_compatible
+from dmu_ray.models.card import CardError, check_compatible, refuse_query_adapter
 from dmu_ray.models.inference import image_source
 from dmu_ray.refresh.config import BackfillConfig, RefreshConfig
 from dmu_ray.refresh.job import RefreshResult, run_refresh
@@ -76,6 +76,10 @@ def plan_backfill(cfg: BackfillConfig, policies: list[str] | None = None) -> Bac
             "by integer id (the image data sets' ids)"
         )
     module = _load(cfg.module, cfg, UPGRADE_MODULE, "module")
+    try:
+        refuse_query_adapter(module.card, f"module {module.uri}")
+    except CardError as err:
+        raise BackfillError(str(err)) from None
     psi = build_upgrade_module(module)
     new = _load(cfg.new_model, cfg, EMBEDDING_MODEL, "new_model")
     try:

@@ -39,7 +39,7 @@ from dmu_ray.lineage import (
     upgrade_step,
 )
 from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
-from dmu_ray.models.card import CardError, check_compatible
+from dmu_ray.models.card import CardError, check_compatible, refuse_query_adapter
 from dmu_ray.refresh.config import RefreshConfig
 from dmu_ray.refresh.upgrade_files import (
     PROVENANCE,
@@ -202,6 +202,11 @@ def plan_refresh(cfg: RefreshConfig, *, backfill: dict[str, Any] | None = None) 
             "(refresh never writes in place)"
         )
     arts = [load_artifact(u, cfg.storage, kind=UPGRADE_MODULE) for u in cfg.modules]
+    for a in arts:
+        try:
+            refuse_query_adapter(a.card, f"module {a.uri}")
+        except CardError as err:
+            raise RefreshError(str(err)) from None
     modules = [build_upgrade_module(a) for a in arts]
     art = arts[-1]
     if len(arts) == 1:
