@@ -231,3 +231,81 @@ def _cfg(tmp_path, **over) -> str:
     p = tmp_path / "bad.yaml"
     p.write_text(yaml.safe_dump({"old_gallery": "a", "new_gallery": "b", "output": "c", **over}))
     return str(p)
+
+
+def test_a_query_adapter_in_evaluate_and_exported_as_torchscript(ray_local, tmp_path):
+    """Two frozen models embed the digits gallery; a query adapter fitted on those pairs adds the
+    adapted/old pairing to an evaluation, and its TorchScript file maps queries as the artefact does."""
+    from dmu_ray.data.importers import import_digits
+    from dmu_ray.evaluate.config import EvaluateConfig
+    from dmu_ray.evaluate.embed import embed_to_gallery
+    from dmu_ray.evaluate.job import run_evaluation
+    from dmu_ray.evaluate.matrix import EvaluationError
+    from dmu_ray.models.artifact import save_embedding_model
+    from dmu_ray.models.embedding import EmbeddingModel
+    from dmu_ray.models.heads import MarginHead
+
+    data = str(tmp_path / "digits")
+    import_digits(data, image_size=16)
+    torch.manual_seed(0)
+    save_embedding_model(
+        str(tmp_path / "old.pt"), EmbeddingModel("small", 8, 1), MarginHead(8, 10), {"id": "o"}
+    )
+    save_embedding_model(
+        str(tmp_path / "new.pt"), EmbeddingModel("small", 12, 1), MarginHead(12, 10), {"id": "n"}
+    )
+    for side in ("old", "new"):
+        embed_to_gallery(
+            f"{data}/gallery", str(tmp_path / f"{side}.pt"), str(tmp_path / f"g-{side}"), dtype="float32"
+        )
+    fit = run_adapter_fit(
+        AdapterFitConfig(
+            old_gallery=str(tmp_path / "g-old"),
+            new_gallery=str(tmp_path / "g-new"),
+            output=str(tmp_path / "qa"),
+            direction="query",
+            adapter="affine",
+            holdout=0.3,
+            gate={"queries": 50},
+        ),
+        progress=False,
+    )
+    phi = fit["adapter"]["uri"]
+    cfg = EvaluateConfig(
+        data=data,
+        old_model=str(tmp_path / "old.pt"),
+        new_model=str(tmp_path / "new.pt"),
+        query_adapter=phi,
+        galleries={"old": str(tmp_path / "g-old")},
+        output=str(tmp_path / "eval"),
+        protocols=["retrieval"],
+        tracking={"enabled": False},
+    )
+    res = run_evaluation(cfg, progress=False)
+    assert {"old/old", "adapted/old", "new/new"} <= set(res["pairings"])
+    assert 0 <= res["pairings"]["adapted/old"]["R@1"] <= 1
+    assert "adapted/old" in (tmp_path / "eval" / "eval.md").read_text()
+    # a gallery-side module given as the query adapter is refused before any work
+    gal = run_adapter_fit(
+        AdapterFitConfig(
+            old_gallery=str(tmp_path / "g-old"),
+            new_gallery=str(tmp_path / "g-new"),
+            output=str(tmp_path / "ga"),
+            holdout=0.5,
+            gate={"queries": 50},
+        ),
+        progress=False,
+    )
+    cfg.query_adapter = gal["adapter"]["uri"]
+    with pytest.raises(EvaluationError, match="is a gallery-side module"):
+        run_evaluation(cfg, progress=False)
+    # the TorchScript export maps a batch as the artefact does
+    r = cli("adapter", "export", phi, str(tmp_path / "q.ts"))
+    assert r.returncode == 0, r.stderr
+    assert "new-model queries -> the old space" in r.stdout and "FutureWarning" not in r.stderr
+    ts = torch.jit.load(str(tmp_path / "q.ts"))
+    x = torch.randn(3, 12)
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            ts(x).numpy(), build_upgrade_module(load_artifact(phi))(x).numpy(), atol=1e-5
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmu_ray.cli.common import _job_args, _job_config
+from dmu_ray.cli.common import _job_args, _job_config, _storage, _storage_args
 
 
 def _cmd_adapter_fit(ns: argparse.Namespace) -> int:
@@ -28,6 +28,22 @@ def _cmd_adapter_fit(ns: argparse.Namespace) -> int:
     return 1 if gate["passed"] is False else 0
 
 
+def _cmd_adapter_export(ns: argparse.Namespace) -> int:
+    from dmu_ray.adapters.export import export_torchscript
+
+    out = export_torchscript(ns.adapter, ns.output, _storage(ns))
+    side = (
+        "new-model queries -> the old space"
+        if out["direction"] == "query"
+        else "old vectors -> the new space"
+    )
+    print(
+        f"wrote {ns.output}: TorchScript of {out['of']} ({side}), {out['in_dim']}-d -> {out['out_dim']}-d; "
+        "normalise its output to unit length before the search"
+    )
+    return 0
+
+
 def add_parser(sub) -> None:
     """Add this group's commands to the ``dmu-ray`` sub-parsers ``sub``."""
     ad = sub.add_parser(
@@ -47,3 +63,13 @@ def add_parser(sub) -> None:
     )
     _job_args(fit, "adapter config (YAML); see configs/adapter_local.yaml")
     fit.set_defaults(func=_cmd_adapter_fit)
+    exp = asub.add_parser(
+        "export",
+        help="write a fitted adapter as a TorchScript file (to put behind a serving encoder)",
+        description="Script the adapter of ADAPTER (an artefact from adapter fit, or any upgrade module), "
+        "check the script gives the artefact's outputs, and write it to OUTPUT (local or s3://).",
+    )
+    exp.add_argument("adapter", help="adapter artefact (OUTPUT/adapter.pt of adapter fit)")
+    exp.add_argument("output", help="TorchScript file to write (e.g. query_adapter.ts)")
+    _storage_args(exp)
+    exp.set_defaults(func=_cmd_adapter_export)

@@ -96,6 +96,9 @@ class NewModelSpec(StrictModel):
 
     model: str = Field(description="new model artefact URI")
     upgrade_module: str | None = Field(default=None, description="its upgrade module: adds new/upgraded")
+    query_adapter: str | None = Field(
+        default=None, description="a query-side adapter (new -> old space): adds adapted/old"
+    )
     galleries: dict[Literal["new", "upgraded", "mixed"], str] = Field(
         default_factory=dict,
         description="already-embedded galleries of this model (its own, upgraded into its space, backfilled)",
@@ -117,6 +120,11 @@ class EvaluateConfig(StrictModel):
         "one old model and old gallery; instead of new_model",
     )
     upgrade_module: str | None = Field(default=None, description="upgrade module: adds new/upgraded")
+    query_adapter: str | None = Field(
+        default=None,
+        description="query-side adapter (adapter fit, direction: query): adds adapted/old, new-model "
+        "queries mapped into the old space against the old gallery",
+    )
     independent_model: str | None = Field(default=None, description="independently trained new model")
     galleries: dict[Literal["old", "new", "upgraded", "mixed"], str] = Field(
         default_factory=dict,
@@ -130,10 +138,9 @@ class EvaluateConfig(StrictModel):
                 "give new_model (one new model) or new_models (several by name), not both or neither"
             )
         if self.new_models:
-            if self.upgrade_module is not None:
-                raise ValueError(
-                    "upgrade_module: with new_models, give each model's upgrade_module in its entry"
-                )
+            for key in ("upgrade_module", "query_adapter"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: with new_models, give each model's {key} in its entry")
             shared = [r for r in self.galleries if r != "old"]
             if shared:
                 raise ValueError(
@@ -164,6 +171,7 @@ class EvaluateConfig(StrictModel):
             "new": NewModelSpec(
                 model=self.new_model,
                 upgrade_module=self.upgrade_module,
+                query_adapter=self.query_adapter,
                 galleries={r: u for r, u in self.galleries.items() if r in NEW_GALLERY_ROLES},
             )
         }
