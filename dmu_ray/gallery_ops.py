@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.gallery import (
     EMB,
     ID,
@@ -37,6 +36,7 @@ from dmu_ray.gallery import (
     row_problems,
 )
 from dmu_ray.lineage import LINEAGE_COLUMN, chain_space, describe_chain, import_step
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import TMP_DIR, Location, read_bytes, resolve
 
 __all__ = ["import_vectors", "inspect_gallery", "validate_gallery", "ValidationReport"]

@@ -21,18 +21,14 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from dmu_ray.config import (
-    ActorPoolConfig,
-    EvaluateConfig,
-    RefreshConfig,
-    StorageConfig,
-    StrictModel,
-    TrackingConfig,
-    TrainConfig,
-)
+from dmu_ray.evaluate.config import EvaluateConfig
 from dmu_ray.methods.registry import METHODS
+from dmu_ray.refresh.config import RefreshConfig
+from dmu_ray.schema import StrictModel
+from dmu_ray.settings import ActorPoolConfig, StorageConfig, TrackingConfig
 from dmu_ray.storage import resolve
 from dmu_ray.tracking import Tracker, flatten, parent
+from dmu_ray.train.config import TrainConfig
 
 # New-model variants by name: every registered method that trains a new model from scratch against
 # the old one (fastfill, which needs a trained new model, is its own stage), and the ablations
@@ -341,7 +337,7 @@ def _generation_stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any)
     embed the gallery with each; refresh each generation's gallery along the chain of upgrade
     modules to every later space (v1 -> v2 -> v3: a refresh of a refreshed gallery); evaluate every
     query model against every gallery state in one matrix with a heat map."""
-    from dmu_ray.config import GalleryStateSpec, MatrixConfig
+    from dmu_ray.evaluate.config import GalleryStateSpec, MatrixConfig
     from dmu_ray.evaluate.embed import embed_to_gallery
     from dmu_ray.evaluate.generations import matrix_markdown, run_matrix
     from dmu_ray.gallery import read_manifest

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from dmu_ray.config import ActorPoolConfig
+from dmu_ray.settings import ActorPoolConfig
 
 log = logging.getLogger(__name__)
 

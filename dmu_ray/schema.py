@@ -1,10 +1,12 @@
-"""The base of every config section (kept apart from :mod:`dmu_ray.config` so that registered
-components, e.g. the methods in :mod:`dmu_ray.methods.catalog`, can define their own config
-sections without importing the job configs that collect them)."""
+"""The ground floor of the configs: the base of every config section, location fields, and the
+redaction of what configs and errors show. Registered components (e.g. the methods in
+:mod:`dmu_ray.methods.catalog`) define their own config sections on it without importing the job
+configs that collect them."""
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlparse
 
@@ -17,6 +19,7 @@ __all__ = [
     "canonical_location",
     "with_canonical_locations",
     "comparable_dump",
+    "redact",
 ]
 
 
@@ -90,3 +93,18 @@ def comparable_dump(model: BaseModel, exclude: set[str] | None = None) -> dict[s
     working directory and its absolute path are one location)."""
     dump = model.model_dump(mode="json", exclude=exclude, exclude_defaults=True)
     return _canonicalise(model, dump, tags=True)
+
+
+_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with credentials removed: the user-info part of any URI (``s3://KEY:SECRET@``),
+    the values of the AWS credential variables of this environment, and ``secrets``. (At the
+    ground floor: config errors use it; :mod:`dmu_ray.storage` re-exports it.)"""
+    out = _URI_USERINFO.sub(r"\1***@", str(text))
+    values = [os.environ.get(k) for k in _SECRET_ENV] + list(secrets or [])
+    for v in sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True):
+        out = out.replace(v, "***")
+    return out

@@ -4,7 +4,7 @@ One code path serves local disk and any S3-compatible store:
 
 - ``/abs/path``, ``rel/path`` and ``file:///abs/path`` -> :class:`pyarrow.fs.LocalFileSystem`;
 - ``s3://bucket/prefix`` -> :class:`pyarrow.fs.S3FileSystem`, with the endpoint, region and
-  credentials of a :class:`~dmu_ray.config.StorageConfig` where given, else the standard AWS
+  credentials of a :class:`~dmu_ray.settings.StorageConfig` where given, else the standard AWS
   chain (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``, shared files, instance/pod roles) and
   ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL`` for S3-compatible servers.
 
@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import re
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -31,8 +30,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from dmu_ray.config import StorageConfig
-from dmu_ray.schema import canonical_location
+from dmu_ray.schema import canonical_location, redact
+from dmu_ray.settings import StorageConfig
 
 __all__ = [
     "Location",
@@ -351,20 +350,6 @@ def _s3_put_if_absent(loc: Location, data: bytes) -> bool:
         if code == "NoSuchBucket":
             raise StorageError(f"bucket {bucket!r} does not exist ({loc.uri})") from None
         raise StorageError(f"{loc.uri}: conditional put failed ({code or status})") from None
-
-
-_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-
-
-def redact(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with credentials removed: the user-info part of any URI (``s3://KEY:SECRET@``),
-    the values of the AWS credential variables of this environment, and ``secrets``."""
-    out = _URI_USERINFO.sub(r"\1***@", str(text))
-    values = [os.environ.get(k) for k in _SECRET_ENV] + list(secrets or [])
-    for v in sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True):
-        out = out.replace(v, "***")
-    return out
 
 
 def read_bytes(loc: Location) -> bytes:

@@ -14,15 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dmu_ray.config import (
-    BackfillConfig,
-    EmbedConfig,
-    EvaluateConfig,
-    RefreshConfig,
-    TrainConfig,
-    load_config,
-    load_evaluate_config,
-)
+from dmu_ray.adapters.config import AdapterFitConfig
+from dmu_ray.evaluate.config import EmbedConfig, EvaluateConfig, load_evaluate_config
+from dmu_ray.refresh.config import BackfillConfig, RefreshConfig
+from dmu_ray.settings import load_config
+from dmu_ray.train.config import TrainConfig
 
 JOBS: dict[str, tuple[str, type | None]] = {
     "train": ("jobs/train.py", TrainConfig),
@@ -31,6 +27,7 @@ JOBS: dict[str, tuple[str, type | None]] = {
     "embed": ("jobs/embed.py", EmbedConfig),
     "backfill": ("jobs/backfill.py", BackfillConfig),
     "lifecycle": ("jobs/lifecycle.py", None),
+    "adapter": ("jobs/adapter_fit.py", AdapterFitConfig),
 }
 AGENT_WAIT_S = 90
 EXCLUDES = [".git", "out", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".whl", ".gl"]

@@ -1,6 +1,6 @@
 """Run tracking with MLflow: training metrics per epoch, evaluation results, reports and plots.
 
-A :class:`Tracker` opens the store a :class:`~dmu_ray.config.TrackingConfig` names (by default an
+A :class:`Tracker` opens the store a :class:`~dmu_ray.settings.TrackingConfig` names (by default an
 embedded SQLite file ``mlflow.db`` in the job's root folder, browsable with ``mlflow ui``) before any
 cluster work, so a wrong URI fails the job up front. Once a run is started, a failure to log is
 reported once on stderr and tracking stops for that run: the job's own outputs never depend on the
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dmu_ray.config import TrackingConfig
+from dmu_ray.settings import TrackingConfig
 from dmu_ray.storage import Location, redact
 
 __all__ = ["Tracker", "TrackedRun", "TrackingError", "flatten", "metric_key", "parent", "store_for"]

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.gallery import GalleryError, write_parquet_atomic
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import Location, create_exclusive, read_bytes, resolve, write_bytes_atomic
 
 if TYPE_CHECKING:

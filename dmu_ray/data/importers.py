@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.data.images import DatasetInfo, claimed_folder, encode_png, write_dataset_info, write_image_part
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import resolve
 
 # Greek letters, less those drawn exactly like a Latin letter (A/Alpha, B/Beta, ..., o/omicron): two

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.data.images import PARTS, read_dataset_info
 from dmu_ray.gallery import GalleryError
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import resolve
 
 __all__ = ["inspect_dataset", "validate_dataset"]

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from dmu_ray.config import BackfillConfig
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing
 from dmu_ray.evaluate.report import figure_png
 from dmu_ray.methods.fastfill import curve_area, select_top
 from dmu_ray.models.inference import embed_images
 from dmu_ray.refresh.backfill import plan_backfill, score_gallery
+from dmu_ray.refresh.config import BackfillConfig
 from dmu_ray.storage import resolve, write_bytes_atomic
 
 FORMAT = "dmu-ray.backfill-curve/1"

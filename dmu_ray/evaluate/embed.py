@@ -6,11 +6,12 @@ import sys
 
 import pyarrow as pa
 
-from dmu_ray.config import ActorPoolConfig, EmbedConfig, StorageConfig
+from dmu_ray.evaluate.config import EmbedConfig
 from dmu_ray.gallery import GalleryWriter, Manifest, ModelInfo, embedding_array, refuse_overlap
 from dmu_ray.lineage import embed_step
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
 from dmu_ray.models.inference import embed_images
+from dmu_ray.settings import ActorPoolConfig, StorageConfig
 from dmu_ray.storage import resolve
 
 

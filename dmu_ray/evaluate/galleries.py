@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.evaluate.matrix import EvaluationError
 from dmu_ray.gallery import EMB, LABEL, Gallery, embedding_matrix
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import resolve
 
 Embedded = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids, labels, vectors)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmu_ray.config import MatrixConfig
+from dmu_ray.evaluate.config import MatrixConfig
 from dmu_ray.evaluate.galleries import (
     Embedded,
     check_output,

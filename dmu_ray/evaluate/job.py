@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmu_ray.config import EvaluateConfig
+from dmu_ray.evaluate.config import EvaluateConfig
 from dmu_ray.evaluate.galleries import (
     Embedded,
     check_output,
@@ -92,8 +92,28 @@ def _check_upgraded(g: Gallery, what: str, role: str, psi: Artifact | None, new:
 def _field(cfg: EvaluateConfig, name: str, key: str) -> str:
     """The config field a new model's setting comes from, as a person wrote it."""
     if not cfg.several:
-        return {"model": "new_model", "upgrade_module": "upgrade_module"}.get(key, f"galleries.{key}")
-    return f"new_models.{name}." + (key if key in ("model", "upgrade_module") else f"galleries.{key}")
+        return {
+            "model": "new_model",
+            "upgrade_module": "upgrade_module",
+            "query_adapter": "query_adapter",
+        }.get(key, f"galleries.{key}")
+    own = ("model", "upgrade_module", "query_adapter")
+    return f"new_models.{name}." + (key if key in own else f"galleries.{key}")
+
+
+def _check_query_adapter(phi: Artifact, new: Artifact, old: Artifact, what: str) -> None:
+    """A query adapter maps the new model's queries into the old model's space."""
+    c = phi.card
+    if c.direction != "query":
+        raise EvaluationError(
+            f"{what} is a gallery-side module (old vectors -> the new space); adapted/old needs a query-side "
+            "adapter (dmu-ray adapter fit with direction: query); a gallery-side one goes in upgrade_module"
+        )
+    if c.in_dim != new.card.dim or c.out_dim != old.card.dim:
+        raise EvaluationError(
+            f"{what} maps {c.in_dim}-d -> {c.out_dim}-d vectors, but the new model embeds in {new.card.dim} "
+            f"and the old model in {old.card.dim} dims"
+        )
 
 
 def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -131,7 +151,12 @@ def check_inputs(cfg: EvaluateConfig) -> dict[str, Any]:
                 )
             except CardError as err:
                 raise EvaluationError(str(err)) from None
-        arts["models"][name] = {"model": new, "psi": psi}
+        phi = None
+        if spec.query_adapter:
+            where = _field(cfg, name, "query_adapter")
+            phi = _load(spec.query_adapter, where, UPGRADE_MODULE, cfg)
+            _check_query_adapter(phi, new, old, f"{where} {phi.uri}")
+        arts["models"][name] = {"model": new, "psi": psi, "phi": phi}
     wanted: list[tuple[str, str | None, str, str, str]] = []  # (key, new model name, role, uri, field)
     if "old" in cfg.galleries:
         wanted.append(("old", None, "old", cfg.galleries["old"], "galleries.old"))
@@ -251,6 +276,7 @@ PLAN = (
     ("new/old", "new", "old"),
     ("new/upgraded", "new", "upgraded"),
     ("new/mixed", "new", "mixed"),
+    ("adapted/old", "adapted", "old"),
     ("independent/independent", "independent", "independent"),
 )
 #: pairings that do not involve a new model: computed once however many new models are evaluated
@@ -311,10 +337,10 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             vectors[key] = gallery_vectors(opened[gkey], labels.get(gkey))
         return key
 
-    def upgraded(old_key: str, psi: Artifact) -> str:
+    def upgraded(old_key: str, psi: Artifact, what: str = "upgrading the old gallery") -> str:
         key = f"upgraded:{old_key}>{psi.sha256}"
         if key not in vectors:
-            say(f"upgrading the old gallery with {psi.uri}")
+            say(f"{what} with {psi.uri}")
             ids, lab, x = vectors[old_key]
             module = build_upgrade_module(psi)
             with torch.inference_mode():
@@ -333,6 +359,9 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     for name in cfg.models():
         new, psi = arts["models"][name]["model"], arts["models"][name]["psi"]
         mq, mg = dict(q, new=embed("queries", new)), dict(g)
+        phi = arts["models"][name]["phi"]
+        if phi is not None:
+            mq["adapted"] = upgraded(mq["new"], phi, what="mapping the new model's queries")
         mg["new"] = stored(f"{name}.new") if f"{name}.new" in opened else embed("gallery", new)
         if f"{name}.upgraded" in opened:
             mg["upgraded"] = stored(f"{name}.upgraded")
@@ -345,6 +374,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     mcfg = _metrics_config(cfg, checked["ground_truth"])
     scfg = SearchConfig(exact_max=cfg.exact_max, nprobe=cfg.nprobe, pq_m=cfg.pq_m)
     searched: dict[tuple[str, str], dict[str, Any]] = {}
+    skipped: dict[str, str] = {}  # pairings whose queries and gallery live in spaces of other dims
     models: dict[str, dict[str, Any]] = {}
     metric = f"mAP@{cfg.map_at}"
     for name, (mq, mg) in sets.items():
@@ -353,6 +383,11 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             if qk not in mq or gk not in mg:
                 continue
             pair = (mq[qk], mg[gk])
+            dq, dg = vectors[pair[0]][2].shape[1], vectors[pair[1]][2].shape[1]
+            if dq != dg:  # e.g. new/old between frozen models of two dims: an adapter maps them
+                label = pname if pname in SHARED or not cfg.several else f"{name}:{pname}"
+                skipped[label] = f"queries are {dq}-d, the gallery {dg}-d: the spaces differ"
+                continue
             if pair not in searched:
                 label = pname if pname in SHARED or not cfg.several else f"{name}:{pname}"
                 say(f"searching {label}")
@@ -384,6 +419,7 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
         },
         "embedded_sets": sum(k.split(":", 1)[0] in parts for k in vectors),  # embedded from images
         "dropped_rows": dropped,  # rows of an embedded set left out (NaN/Inf vectors), by set
+        "skipped_pairings": skipped,
         "pairings": pairings,
         "models": models,
         "headline_metric": metric,
@@ -392,7 +428,11 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
         else models["new"]["headline"],
     }
     if not cfg.several:
-        result["inputs"] |= {"new_model": cfg.new_model, "upgrade_module": cfg.upgrade_module}
+        result["inputs"] |= {
+            "new_model": cfg.new_model,
+            "upgrade_module": cfg.upgrade_module,
+            "query_adapter": cfg.query_adapter,
+        }
     rendered = render_report(result)
     result["files"] = write_report(resolve(cfg.output, cfg.storage), result, rendered)
     if tracker is not None:

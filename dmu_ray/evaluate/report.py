@@ -9,7 +9,15 @@ from typing import Any
 from dmu_ray.storage import Location, write_bytes_atomic
 
 FORMAT = "dmu-ray.eval/1"
-ORDER = ["old/old", "new/old", "new/upgraded", "new/mixed", "new/new", "independent/independent"]
+ORDER = [
+    "old/old",
+    "new/old",
+    "adapted/old",
+    "new/upgraded",
+    "new/mixed",
+    "new/new",
+    "independent/independent",
+]
 
 
 #: per-pairing figures that are not rates (not shown as percentages)

@@ -9,7 +9,7 @@ in the file name), decorated with
   model, the trained new model, must the new and old dims match, does the old model run on every
   batch;
 - :meth:`Method.prepare`: optional driver-side work before training (UniBCT's prototypes);
-- :meth:`Method.build`: the :class:`~dmu_ray.train.trainee.Trainee` (what is trained, what is
+- :meth:`Method.build`: the :class:`~dmu_ray.methods.trainee.Trainee` (what is trained, what is
   frozen) and the frozen old model;
 - :meth:`Method.loss`: ``(trainee, images, labels, old features) -> (loss, stats)``.
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from dmu_ray.train.trainee import Trainee
+    from dmu_ray.methods.trainee import Trainee
 
 __all__ = [
     "Method",
@@ -257,7 +257,7 @@ class CompatibilityMethod(Method):
         import torch
 
         from dmu_ray.methods.old_classifier import covered_classes
-        from dmu_ray.train.trainee import Trainee
+        from dmu_ray.methods.trainee import Trainee
 
         art, old_model, old_head = self.frozen_old(cfg, info)
         model, head = self.fresh_model(cfg, info)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmu_ray.config import BACKFILL_POLICIES
 from dmu_ray.data.splits import unit_hash
+from dmu_ray.methods.backfill_policies import BACKFILL_POLICIES
 from dmu_ray.models.heads import MarginHead
 from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices
 

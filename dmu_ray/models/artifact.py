@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from dmu_ray.config import StorageConfig
 from dmu_ray.models.card import CardError, EmbeddingCard, UpgradeCard, parse_card
 from dmu_ray.models.upgrade import UpgradeModule
+from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import read_existing, resolve, write_bytes_atomic
 
 FORMAT = "dmu-ray.artifact/1"
@@ -97,7 +97,7 @@ def artifact_sha256(uri: str, storage: StorageConfig | None = None) -> str:
 
 
 def save_upgrade_module(
-    uri: str, module: UpgradeModule, card: dict[str, Any] | None = None, storage: StorageConfig | None = None
+    uri: str, module, card: dict[str, Any] | None = None, storage: StorageConfig | None = None
 ) -> str:
     """Export an upgrade module with its shape in the card."""
     return save_artifact(
@@ -105,9 +105,19 @@ def save_upgrade_module(
     )
 
 
-def build_upgrade_module(art: Artifact) -> UpgradeModule:
-    """The :class:`UpgradeModule` of an artefact, weights loaded, in eval mode."""
+def build_upgrade_module(art: Artifact):
+    """The module of an upgrade artefact, weights loaded, in eval mode: an :class:`UpgradeModule`,
+    or a :class:`~dmu_ray.models.linear_map.LinearMap` for a fitted linear adapter."""
     c = art.card
+    if c.form == "linear":
+        from dmu_ray.models.linear_map import LinearMap
+
+        try:
+            m = LinearMap(c.in_dim, c.out_dim)
+            m.load_state_dict(art.state_dict)
+        except (AttributeError, RuntimeError) as err:
+            raise ArtifactError(f"{art.uri}: linear adapter does not load ({err})") from None
+        return m.eval()
     try:
         m = UpgradeModule(
             c.in_dim,

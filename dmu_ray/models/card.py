@@ -117,6 +117,17 @@ class UpgradeCard(_Card):
     """An upgrade module psi (old space -> new space), optionally with an uncertainty branch."""
 
     id: str = "upgrade"
+    form: Literal["mlp", "linear"] = Field(
+        default="mlp", description="mlp: the residual UpgradeModule; linear: y = x W + b (a fitted adapter)"
+    )
+    direction: Literal["gallery", "query"] = Field(
+        default="gallery",
+        description="gallery: old vectors -> the new space (refresh, backfill); query: new-model queries -> "
+        "the old space (the old gallery and its index stay)",
+    )
+    fit: dict[str, Any] | None = Field(
+        default=None, description="how an adapter was fitted: kind, pairs used and held out, metrics"
+    )
     in_dim: int = Field(ge=1)
     out_dim: int = Field(ge=1)
     width: int = Field(ge=1)
@@ -200,3 +211,14 @@ def check_compatible(
             raise CardError(f"{n[role]} takes {card.in_channels}-channel images, the images have {channels}")
         if num_classes is not None and card.num_classes is not None and card.num_classes != num_classes:
             raise CardError(f"{n[role]} has {card.num_classes} classes, the data {num_classes}")
+
+
+def refuse_query_adapter(card: UpgradeCard, where: str) -> None:
+    """Raise :class:`CardError` for a query-side adapter (new-model queries -> the old space) given
+    where a gallery-side module is needed (old vectors -> the new space)."""
+    if card.direction == "query":
+        raise CardError(
+            f"{where} is a query-side adapter (it maps new-model queries into the old space, "
+            f"{card.in_dim}-d -> {card.out_dim}-d); refreshing a gallery needs a gallery-side one "
+            "(direction: gallery): fit one, or map queries with this one and keep the old gallery"
+        )

@@ -10,10 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dmu_ray.config import ActorPoolConfig, StorageConfig
 from dmu_ray.data.images import DecodeBatch, read_dataset_info
 from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
 from dmu_ray.models.card import EmbeddingCard, check_compatible
+from dmu_ray.settings import ActorPoolConfig, StorageConfig
 from dmu_ray.storage import resolve
 
 

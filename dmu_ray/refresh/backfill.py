@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from dmu_ray.config import BackfillConfig, RefreshConfig
 from dmu_ray.gallery import EMB, Gallery, GalleryError, embedding_matrix, read_manifest, row_problems
 from dmu_ray.methods.fastfill import BackfillScorer, select_top
 from dmu_ray.models.artifact import (
@@ -38,8 +37,9 @@ from dmu_ray.models.artifact import (
     build_upgrade_module,
     load_artifact,
 )
-from dmu_ray.models.card import CardError, check_compatible
+from dmu_ray.models.card import CardError, check_compatible, refuse_query_adapter
 from dmu_ray.models.inference import image_source
+from dmu_ray.refresh.config import BackfillConfig, RefreshConfig
 from dmu_ray.refresh.job import RefreshResult, run_refresh
 from dmu_ray.refresh.upgrade_files import Overrides
 from dmu_ray.storage import resolve
@@ -76,6 +76,10 @@ def plan_backfill(cfg: BackfillConfig, policies: list[str] | None = None) -> Bac
             "by integer id (the image data sets' ids)"
         )
     module = _load(cfg.module, cfg, UPGRADE_MODULE, "module")
+    try:
+        refuse_query_adapter(module.card, f"module {module.uri}")
+    except CardError as err:
+        raise BackfillError(str(err)) from None
     psi = build_upgrade_module(module)
     new = _load(cfg.new_model, cfg, EMBEDDING_MODEL, "new_model")
     try:

@@ -3,7 +3,7 @@
 One code path for CPU and GPU: DDP through ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL
 on GPU, chosen by Ray Train), autocast + GradScaler and channels-last only when the device is
 CUDA. Everything trained (embedding model, classifier, upgrade module) sits in one
-:class:`~dmu_ray.train.trainee.Trainee` whose ``forward`` is the method's loss, so DDP
+:class:`~dmu_ray.methods.trainee.Trainee` whose ``forward`` is the method's loss, so DDP
 synchronises all of it; the method (``cfg.method``, from the registry) builds it.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmu_ray.config import OptimConfig, TrainConfig
 from dmu_ray.data.images import TrainTransform
+from dmu_ray.methods.trainee import Trainee
+from dmu_ray.train.config import OptimConfig, TrainConfig
 from dmu_ray.train.progress import Poster
-from dmu_ray.train.trainee import Trainee
 
 __all__ = [
     "Trainee",

@@ -35,9 +35,9 @@ class FastFill(Method, UpgradeModuleFields):
 
     def build(self, cfg: Any, info: dict[str, Any]):
         from dmu_ray.methods.base import pinned_sha256
+        from dmu_ray.methods.trainee import Trainee
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.upgrade import UpgradeModule
-        from dmu_ray.train.trainee import Trainee
 
         _, old_model, _ = self.frozen_old(cfg, info)
         new_model, new_head = build_embedding_model(

@@ -18,7 +18,7 @@ class Independent(Method):
     same_dim_as_old = False
 
     def build(self, cfg: Any, info: dict[str, Any]):
-        from dmu_ray.train.trainee import Trainee
+        from dmu_ray.methods.trainee import Trainee
 
         model, head = self.fresh_model(cfg, info)
         return Trainee(model, head, self), None

@@ -109,9 +109,9 @@ class UniBCT(CompatibilityMethod):
         import torch
 
         from dmu_ray.methods.base import pinned_sha256
+        from dmu_ray.methods.trainee import Trainee
         from dmu_ray.models.artifact import EMBEDDING_MODEL, build_embedding_model, load_artifact
         from dmu_ray.models.heads import MarginHead
-        from dmu_ray.train.trainee import Trainee
 
         old_model, old_head = build_embedding_model(
             load_artifact(

@@ -1,0 +1,80 @@
+"""Config of ``dmu-ray adapter fit``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from dmu_ray.schema import LOCATION, StrictModel
+from dmu_ray.settings import StorageConfig
+
+__all__ = ["AdapterFitConfig", "GateSection", "ADAPTERS"]
+
+#: the closed-form adapters (fitted from sufficient statistics in one pass over the pairs)
+ADAPTERS = ("procrustes", "affine")
+
+
+class GateSection(StrictModel):
+    """The label-free gate on the held-out pairs: the first ``queries`` held-out items (by id) are
+    queries, up to ``max_gallery`` more the gallery; each strategy's share of the full
+    re-embedding's (new/new) top ``k``."""
+
+    queries: int = Field(default=1000, ge=1, description="held-out items used as queries")
+    max_gallery: int = Field(default=50_000, ge=1, description="held-out items used as the gallery, at most")
+    k: int = Field(default=10, ge=1, description="neighbours compared with new/new's")
+    min_share: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="the adapter's strategy must reach this share, else the command exits 1 (a pipeline "
+        "refuses the switch); unset: report only",
+    )
+
+
+class AdapterFitConfig(StrictModel):
+    """``dmu-ray adapter fit``: fit an adapter between two frozen models from the pairs of two
+    committed galleries that share ids (the old model's vectors and the new model's of the same
+    items), then gate it on the held-out pairs."""
+
+    kind: Literal["adapter-fit"] = "adapter-fit"
+    old_gallery: Annotated[str, LOCATION] = Field(description="committed gallery of old-model vectors")
+    new_gallery: Annotated[str, LOCATION] = Field(
+        description="committed gallery of new-model vectors of (some of) the same ids"
+    )
+    output: Annotated[str, LOCATION] = Field(
+        description="new folder: adapter.pt (the artefact), gate.json, gate.md, holdout/ (the held-out pairs)"
+    )
+    direction: Literal["gallery", "query"] = Field(
+        default="gallery",
+        description="gallery: old vectors -> the new space (dmu-ray refresh/backfill apply it); query: "
+        "new-model queries -> the old space (the old gallery and its index stay)",
+    )
+    adapter: Literal[ADAPTERS] = Field(  # type: ignore[valid-type]
+        default="procrustes", description="procrustes (orthogonal) or affine (least squares)"
+    )
+    center: bool = Field(default=False, description="procrustes: fit on centred vectors (adds a bias)")
+    ridge: float = Field(default=0.0, ge=0, description="affine: ridge penalty (per pair)")
+    rank: int | None = Field(default=None, ge=1, description="affine: rank of the map (reduced-rank fit)")
+    holdout: float = Field(default=0.1, gt=0, lt=1, description="seeded share of pairs held out for the gate")
+    seed: int = Field(default=0, description="seed of the held-out share (by id)")
+    min_matched_share: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="refuse when fewer of the smaller gallery's ids have a pair in the other",
+    )
+    bucket_rows: int = Field(default=1_000_000, ge=1, description="rows per bucket of the join on Ray Data")
+    num_cpus: float = Field(default=1.0, gt=0, description="CPUs per join task")
+    id: str | None = Field(default=None, description="the adapter's id (default: <old model>-><new model>)")
+    gate: GateSection = Field(default_factory=GateSection)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray_address: str | None = Field(default=None, description="Ray cluster address; default: auto/local")
+
+    @model_validator(mode="after")
+    def _options_of_the_adapter(self) -> AdapterFitConfig:
+        if self.adapter == "procrustes" and (self.ridge or self.rank):
+            raise ValueError("ridge and rank are options of adapter: affine")
+        if self.adapter == "affine" and self.center:
+            raise ValueError("center is an option of adapter: procrustes (affine always fits a bias)")
+        return self

@@ -1,0 +1,220 @@
+"""``dmu-ray adapter fit``: pairs of two committed galleries joined on Ray Data, a closed-form
+adapter fitted from their sufficient statistics, written as an upgrade artefact, and gated on the
+held-out pairs without labels.
+
+Everything that can fail is checked first (both galleries committed and verified, dims, two
+different models, an empty output folder claimed with ``_adapter.json``); the matched share is
+checked after the join, before anything is fitted or written besides the held-out pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from dmu_ray.adapters.config import AdapterFitConfig
+from dmu_ray.adapters.pairs import join_pairs, read_holdout
+from dmu_ray.adapters.stats import PairStats, affine, procrustes, residual
+from dmu_ray.evaluate.gate import share_of_reembedding
+from dmu_ray.gallery import Gallery, GalleryError
+from dmu_ray.models.artifact import load_artifact, save_upgrade_module
+from dmu_ray.models.linear_map import LinearMap
+from dmu_ray.storage import Location, create_exclusive, resolve, write_bytes_atomic
+
+__all__ = ["AdapterError", "run_adapter_fit", "ADAPTER_FILE", "CLAIM"]
+
+ADAPTER_FILE, CLAIM = "adapter.pt", "_adapter.json"
+
+
+class AdapterError(GalleryError):
+    """An adapter job that cannot run as configured; the message names the field or file."""
+
+
+def _open(uri: str, what: str, cfg: AdapterFitConfig) -> Gallery:
+    try:
+        g = Gallery.open(uri, cfg.storage, verify=True)
+    except GalleryError as err:
+        raise AdapterError(f"{what}: {err}") from None
+    if g.num_rows == 0:
+        raise AdapterError(f"{what}: {g.loc.uri} is empty")
+    return g
+
+
+def check_inputs(cfg: AdapterFitConfig) -> tuple[Gallery, Gallery, Location]:
+    """Both galleries open and are of two models; the output folder can be claimed."""
+    old, new = _open(cfg.old_gallery, "old_gallery", cfg), _open(cfg.new_gallery, "new_gallery", cfg)
+    if old.loc.uri == new.loc.uri:
+        raise AdapterError(f"old_gallery and new_gallery are one gallery ({old.loc.uri})")
+    mo, mn = old.model, new.model
+    if (mo.model_id, mo.extra.get("artifact")) == (mn.model_id, mn.extra.get("artifact")):
+        raise AdapterError(
+            f"old_gallery ({old.loc.uri}) and new_gallery ({new.loc.uri}) were both embedded by model "
+            f"{mo.model_id!r}: an adapter maps one model's space to another's"
+        )
+    if old.manifest.id_type != new.manifest.id_type:
+        raise AdapterError(
+            f"old_gallery has {old.manifest.id_type} ids, new_gallery {new.manifest.id_type}: pairs are "
+            "joined on the id"
+        )
+    out = resolve(cfg.output, cfg.storage)
+    for g in (old, new):
+        if out.overlaps(g.loc):
+            raise AdapterError(f"output {out.uri} overlaps {g.loc.uri}; choose another folder")
+    if out.list_files(recursive=True):
+        raise AdapterError(f"output {out.uri} already holds files; an adapter job writes to a new folder")
+    return old, new, out
+
+
+def _fit(cfg: AdapterFitConfig, stats: PairStats) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.adapter == "procrustes":
+        return procrustes(stats, center=cfg.center)
+    return affine(stats, ridge=cfg.ridge, rank=cfg.rank)
+
+
+def _gate(cfg: AdapterFitConfig, out: Location, module: LinearMap) -> dict[str, Any]:
+    """Each strategy's share of new/new's top-k on the held-out pairs."""
+    import torch
+
+    g = cfg.gate
+    ids, old, new = read_holdout(out.join("holdout"), limit=g.queries + g.max_gallery)
+    if len(ids) <= g.queries:
+        raise AdapterError(
+            f"gate: {len(ids)} held-out pairs, but gate.queries is {g.queries} and the gallery needs more; "
+            "raise holdout or lower gate.queries"
+        )
+    q, r = slice(0, g.queries), slice(g.queries, None)
+    with torch.inference_mode():
+        mapped = module(torch.from_numpy(old if cfg.direction == "gallery" else new)).numpy()
+    strategies = {"old/old": (old[q], old[r])}
+    if old.shape[1] == new.shape[1]:
+        strategies["new/old"] = (new[q], old[r])
+    name = "new/upgraded" if cfg.direction == "gallery" else "adapted/old"
+    strategies[name] = (new[q], mapped[r]) if cfg.direction == "gallery" else (mapped[q], old[r])
+    shares = share_of_reembedding((new[q], new[r]), strategies, k=g.k)
+    passed = None if g.min_share is None else shares[name] >= g.min_share
+    return {
+        "k": min(g.k, len(ids) - g.queries),
+        "queries": g.queries,
+        "gallery": len(ids) - g.queries,
+        "strategy": name,
+        "share": shares,
+        "min_share": g.min_share,
+        "passed": passed,
+    }
+
+
+def _report(result: dict[str, Any]) -> str:
+    gate = result["gate"]
+    lines = [
+        f"# Adapter {result['adapter']['id']}: {result['adapter']['kind']}, {result['direction']} side",
+        "",
+        f"Pairs: {result['pairs']['matched']:,} matched ({result['pairs']['fitted']:,} fitted, "
+        f"{result['pairs']['held_out']:,} held out), {result['pairs']['old_only']:,} old-only and "
+        f"{result['pairs']['new_only']:,} new-only rows.",
+        "",
+        f"Share of a full re-embedding's top-{gate['k']} retrieved ({gate['queries']:,} held-out queries, "
+        f"{gate['gallery']:,} held-out items; new/new = 1):",
+        "",
+        "| strategy | share |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {s} | {v:.4f} |" for s, v in gate["share"].items()]
+    if gate["min_share"] is not None:
+        verdict = "passes" if gate["passed"] else "does NOT pass"
+        lines += ["", f"{gate['strategy']} {verdict} the gate (min_share {gate['min_share']})."]
+    return "\n".join(lines) + "\n"
+
+
+def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Join, fit, write ``adapter.pt``, gate; returns the result (also in ``gate.json``)."""
+    from dmu_ray.ray_session import ensure_ray
+
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    old, new, out = check_inputs(cfg)
+    ensure_ray(cfg.ray_address)
+    if not create_exclusive(out.join(CLAIM), cfg.model_dump_json(exclude={"storage"}).encode()):
+        raise AdapterError(f"output {out.uri} was claimed by another adapter job; choose another folder")
+    src, dst = (old, new) if cfg.direction == "gallery" else (new, old)
+    say(
+        f"adapter {cfg.adapter} ({cfg.direction} side): {src.model.model_id} ({src.model.dim}-d) -> "
+        f"{dst.model.model_id} ({dst.model.dim}-d), pairs of {old.loc.uri} and {new.loc.uri}"
+    )
+    work = out.join("_pairs")
+    try:
+        counts, stats = join_pairs(
+            old,
+            new,
+            work,
+            out.join("holdout"),
+            direction=cfg.direction,
+            holdout=cfg.holdout,
+            seed=cfg.seed,
+            bucket_rows=cfg.bucket_rows,
+            num_cpus=cfg.num_cpus,
+            progress=say,
+        )
+    finally:
+        if not work.is_s3:
+            import shutil
+
+            shutil.rmtree(work.path, ignore_errors=True)
+        else:
+            work.fs.delete_dir_contents(work.path, missing_dir_ok=True)
+    smaller = min(old.num_rows, new.num_rows)
+    share = counts.matched / smaller
+    say(
+        f"  pairs: {counts.matched:,} matched ({share:.1%} of the smaller gallery's {smaller:,} rows): "
+        f"{counts.fitted:,} to fit, {counts.held_out:,} held out; {counts.old_only:,} old-only, "
+        f"{counts.new_only:,} new-only"
+    )
+    if share < cfg.min_matched_share:
+        raise AdapterError(
+            f"only {counts.matched:,} of the smaller gallery's {smaller:,} ids ({share:.1%}) have a pair, "
+            f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
+            "(old_gallery and new_gallery must share ids)"
+        )
+    w, b = _fit(cfg, stats)
+    mse = residual(stats, w, b)
+    spread = stats.yy / stats.n - float((stats.sy / stats.n) @ (stats.sy / stats.n))
+    module = LinearMap.from_arrays(w, b)
+    ident = cfg.id or f"{src.model.model_id}->{dst.model.model_id}"
+    fit = {
+        "kind": cfg.adapter,
+        "pairs": asdict(counts),
+        "mse": mse,
+        "unexplained": mse / spread if spread > 0 else None,
+        "options": {"center": cfg.center, "ridge": cfg.ridge, "rank": cfg.rank, "seed": cfg.seed},
+        "source_gallery": src.loc.uri,
+        "target_gallery": dst.loc.uri,
+    }
+    card = {
+        "id": ident,
+        "direction": cfg.direction,
+        "fit": fit,
+        "method": f"adapter-{cfg.adapter}",
+        "new_model_id": new.model.model_id if cfg.direction == "gallery" else old.model.model_id,
+        "new_model_version": (new if cfg.direction == "gallery" else old).model.version,
+    }
+    uri = out.join(ADAPTER_FILE).uri
+    save_upgrade_module(uri, module, card, cfg.storage)
+    art = load_artifact(uri, cfg.storage)
+    say(
+        f"  fitted: mean squared residual {mse:.4g} ({fit['unexplained'] or 0:.1%} of the target's spread) -> {uri}"
+    )
+    gate = _gate(cfg, out, module)
+    result = {
+        "adapter": {"id": ident, "kind": cfg.adapter, "uri": uri, "ident": art.ident, "sha256": art.sha256},
+        "direction": cfg.direction,
+        "pairs": asdict(counts),
+        "fit": {k: fit[k] for k in ("mse", "unexplained")},
+        "gate": gate,
+    }
+    write_bytes_atomic(out.join("gate.json"), json.dumps(result, indent=2).encode())
+    write_bytes_atomic(out.join("gate.md"), _report(result).encode())
+    shares = ", ".join(f"{s} {v:.3f}" for s, v in gate["share"].items())
+    say(f"  gate (share of new/new's top-{gate['k']}): {shares}")
+    return result

@@ -1,0 +1,173 @@
+"""Paired vectors: the same items embedded by the old and the new model, from two committed
+galleries that share ids (vectors of any modality), joined on Ray Data.
+
+The join is a hash join in two passes, so no process holds either gallery:
+1. one task per gallery file reads its ids and vectors and writes them, split into ``B`` buckets by
+   a hash of the id, under ``<work>/<side>/b<k>/``;
+2. one task per bucket reads both sides' rows of that bucket, joins them on the id, and returns
+   the counts (matched, old only, new only) and the sufficient statistics of its fitted pairs
+   (:class:`~dmu_ray.adapters.stats.PairStats`); the held-out pairs (a seeded share by id, never
+   fitted on) are written to ``<holdout>/part-<k>.parquet`` for the label-free gate.
+The statistics are merged on the driver: the fit sees every pair, whatever their number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dmu_ray.adapters.stats import PairStats
+from dmu_ray.data.splits import unit_hash
+from dmu_ray.gallery import EMB, ID, Gallery, embedding_array, embedding_matrix, write_parquet_atomic
+from dmu_ray.storage import Location
+
+__all__ = ["PairCounts", "id_keys", "join_pairs", "read_holdout"]
+
+#: seeds of the two hashes of an id: its bucket, and whether it is held out (apart, so that the
+#: held-out share is the same in every bucket)
+BUCKET_SALT, HOLDOUT_SALT = 0x5EED_B0C7, 0x401D_0007
+
+
+@dataclass
+class PairCounts:
+    """What the join found: pairs matched (fitted + held out), rows of one side only."""
+
+    matched: int = 0
+    fitted: int = 0
+    held_out: int = 0
+    old_only: int = 0
+    new_only: int = 0
+
+    def add(self, other: PairCounts) -> PairCounts:
+        return PairCounts(
+            *(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values(), strict=True))
+        )
+
+
+def id_keys(ids: np.ndarray) -> np.ndarray:
+    """A uint64 key per id: the integer itself, or the first 8 bytes of a string's blake2b."""
+    if ids.dtype.kind in "iu":
+        return ids.astype(np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=8).digest(), "little") for s in ids],
+        dtype=np.uint64,
+    )
+
+
+def _bucket_file(task: dict) -> dict:
+    """Stage 1 (one gallery file): its rows split into buckets, one Parquet file per bucket."""
+    g, rel, side, work, buckets = task["gallery"], task["file"], task["side"], task["work"], task["buckets"]
+    t = g.parquet_file(rel).read(columns=[ID, EMB])
+    ids = t.column(ID).to_numpy(zero_copy_only=False)
+    which = (unit_hash(id_keys(ids), BUCKET_SALT) * buckets).astype(np.int64)
+    stem = rel.replace("/", "__")
+    for k in np.unique(which):
+        part = t.filter(pa.array(which == k))
+        write_parquet_atomic(work.join(side, f"b{k:05d}", f"{stem}"), part)
+    return {"file": rel, "rows": t.num_rows}
+
+
+def _read_bucket(loc: Location) -> tuple[np.ndarray, np.ndarray]:
+    names = loc.list_files(".parquet", data_only=True)
+    if not names:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    t = pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names])
+    return t.column(ID).to_numpy(zero_copy_only=False), embedding_matrix(t.column(EMB)).astype(np.float32)
+
+
+def _join_bucket(task: dict) -> dict:
+    """Stage 2 (one bucket): join old and new rows on the id; statistics of the fitted pairs,
+    the held-out pairs written for the gate."""
+    work, k, dims = task["work"], task["bucket"], task["dims"]
+    old_ids, old = _read_bucket(work.join("old", f"b{k:05d}"))
+    new_ids, new = _read_bucket(work.join("new", f"b{k:05d}"))
+    _, io, jn = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
+    ids = old_ids[io]
+    x = old[io] if len(io) else np.empty((0, dims[0]), np.float32)
+    y = new[jn] if len(jn) else np.empty((0, dims[1]), np.float32)
+    hold = unit_hash(id_keys(ids), HOLDOUT_SALT + task["seed"]) < task["holdout"]
+    src, dst = (x, y) if task["direction"] == "gallery" else (y, x)
+    fit = ~hold
+    stats = PairStats.of(src[fit], dst[fit]) if fit.any() else PairStats.empty(src.shape[1], dst.shape[1])
+    if hold.any():
+        order = np.argsort(ids[hold], kind="stable")
+        held = pa.table(
+            {
+                ID: pa.array(ids[hold][order]),
+                "old": embedding_array(x[hold][order].astype(np.float32)),
+                "new": embedding_array(y[hold][order].astype(np.float32)),
+            }
+        )
+        write_parquet_atomic(task["holdout_loc"].join(f"part-{k:05d}.parquet"), held)
+    counts = PairCounts(
+        matched=len(ids),
+        fitted=int((~hold).sum()),
+        held_out=int(hold.sum()),
+        old_only=len(old_ids) - len(ids),
+        new_only=len(new_ids) - len(ids),
+    )
+    return {"bucket": k, "counts": counts, "stats": stats}
+
+
+def join_pairs(
+    old: Gallery,
+    new: Gallery,
+    work: Location,
+    holdout_loc: Location,
+    *,
+    direction: str,
+    holdout: float,
+    seed: int,
+    bucket_rows: int,
+    num_cpus: float = 1.0,
+    progress=None,
+) -> tuple[PairCounts, PairStats]:
+    """Join two committed galleries on their ids (see the module docstring): the counts and the
+    merged statistics of the fitted pairs, source -> target by ``direction`` (gallery: old -> new;
+    query: new -> old). Needs a Ray session."""
+    import ray
+
+    buckets = max(1, -(-max(old.num_rows, new.num_rows) // bucket_rows))
+    dims = (old.model.dim, new.model.dim)
+    remote = ray.remote(num_cpus=num_cpus)
+    stage1 = [
+        remote(_bucket_file).remote({"gallery": g, "file": f, "side": side, "work": work, "buckets": buckets})
+        for side, g in (("old", old), ("new", new))
+        for f in g.files
+    ]
+    ray.get(stage1)
+    if progress:
+        progress(f"  pairs: {len(stage1)} gallery file(s) split into {buckets} bucket(s)")
+    base = {
+        "work": work,
+        "dims": dims,
+        "seed": seed,
+        "holdout": holdout,
+        "direction": direction,
+        "holdout_loc": holdout_loc,
+    }
+    results = ray.get([remote(_join_bucket).remote({**base, "bucket": k}) for k in range(buckets)])
+    counts, stats = PairCounts(), None
+    for r in sorted(results, key=lambda r: r["bucket"]):
+        counts = counts.add(r["counts"])
+        stats = r["stats"] if stats is None else stats.merge(r["stats"])
+    return counts, stats
+
+
+def read_holdout(loc: Location, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, old, new)`` of the held-out pairs, sorted by id (the first ``limit`` when given)."""
+    names = loc.list_files(".parquet", data_only=True)
+    if not names:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+    t = pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names]).sort_by(ID)
+    if limit is not None:
+        t = t.slice(0, limit)
+    return (
+        t.column(ID).to_numpy(zero_copy_only=False),
+        embedding_matrix(t.column("old")).astype(np.float32),
+        embedding_matrix(t.column("new")).astype(np.float32),
+    )

@@ -1,0 +1,114 @@
+"""Sufficient statistics of paired vectors and the closed-form adapters fitted from them.
+
+For pairs ``(x_i, y_i)`` (x in the source space, y in the target space) the orthogonal Procrustes
+map and the affine least-squares map need only ``n``, the sums of x and y, ``X^T X``, ``X^T Y``
+and the sum of squares of y (for the residual). These add up over any split of the pairs, so
+workers accumulate them over their share of the pairs (memory O(d^2)) and the driver merges them:
+the fit is exact for any number of pairs, in one pass over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["PairStats", "procrustes", "affine", "residual"]
+
+
+@dataclass
+class PairStats:
+    """Running sums over pairs, in float64."""
+
+    n: int
+    sx: np.ndarray  # (dx,)
+    sy: np.ndarray  # (dy,)
+    xx: np.ndarray  # (dx, dx)
+    xy: np.ndarray  # (dx, dy)
+    yy: float  # sum of squared entries of y
+
+    @classmethod
+    def empty(cls, dx: int, dy: int) -> PairStats:
+        return cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0)
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray) -> PairStats:
+        """The statistics of the pairs ``(x[i], y[i])``."""
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} source rows but {len(y)} target rows")
+        x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        return cls(len(x64), x64.sum(0), y64.sum(0), x64.T @ x64, x64.T @ y64, float((y64 * y64).sum()))
+
+    def merge(self, other: PairStats) -> PairStats:
+        """The statistics of both sets of pairs."""
+        return PairStats(
+            self.n + other.n,
+            self.sx + other.sx,
+            self.sy + other.sy,
+            self.xx + other.xx,
+            self.xy + other.xy,
+            self.yy + other.yy,
+        )
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "sx": self.sx, "sy": self.sy, "xx": self.xx, "xy": self.xy, "yy": self.yy}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PairStats:
+        return cls(int(d["n"]), d["sx"], d["sy"], d["xx"], d["xy"], float(d["yy"]))
+
+
+def _need(stats: PairStats, k: int) -> None:
+    if stats.n < k:
+        raise ValueError(f"{stats.n} pair(s) to fit on; need at least {k}")
+
+
+def procrustes(stats: PairStats, *, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)``: the map with orthonormal columns (dx >= dy) or rows (dx < dy) that maximises the
+    alignment ``sum <x W, y>`` of the pairs, ``W = U V^T`` from the SVD of ``X^T Y`` (centred when
+    ``center``; then ``b = mean(y) - mean(x) W``, else b = 0). For equal dims this is also the
+    least-squares rotation; for unequal dims it is the alignment-optimal semi-orthogonal map (not
+    the least-squares one, whose norm the inputs' covariance would weigh): what a cosine search
+    needs."""
+    _need(stats, 1)
+    m = stats.xy
+    b = np.zeros(stats.xy.shape[1])
+    if center:
+        mx, my = stats.sx / stats.n, stats.sy / stats.n
+        m = stats.xy - stats.n * np.outer(mx, my)
+    u, _, vt = np.linalg.svd(m, full_matrices=False)
+    w = u @ vt
+    if center:
+        b = my - mx @ w
+    return w, b
+
+
+def affine(stats: PairStats, *, ridge: float = 0.0, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` of ordinary (``ridge`` = 0) or ridge least squares ``min sum ||x W + b - y||^2 +
+    ridge n ||W||^2`` on centred data; with ``rank``, the reduced-rank solution (the least-squares
+    fit projected on the ``rank`` leading directions of its fitted values)."""
+    _need(stats, 2)
+    n = stats.n
+    mx, my = stats.sx / n, stats.sy / n
+    cxx = stats.xx / n - np.outer(mx, mx)
+    cxy = stats.xy / n - np.outer(mx, my)
+    reg = cxx + ridge * np.eye(len(mx))
+    try:
+        w = np.linalg.solve(reg, cxy)
+    except np.linalg.LinAlgError:
+        w = np.linalg.lstsq(reg, cxy, rcond=None)[0]  # singular (fewer pairs than dims): minimum norm
+    if rank is not None and rank < min(w.shape):
+        fitted = w.T @ cxx @ w  # covariance of the fitted values x W
+        vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
+        top = vecs[:, np.argsort(vals)[::-1][:rank]]
+        w = w @ top @ top.T
+    return w, my - mx @ w
+
+
+def residual(stats: PairStats, w: np.ndarray, b: np.ndarray) -> float:
+    """Mean of ``||x W + b - y||^2`` over the pairs, from the statistics alone."""
+    _need(stats, 1)
+    n = stats.n
+    fit = np.einsum("ij,ij->", w, stats.xx @ w) + 2 * stats.sx @ w @ b + n * (b @ b)
+    cross = np.einsum("ij,ij->", w, stats.xy) + stats.sy @ b
+    return float(max(0.0, (stats.yy - 2 * cross + fit) / n))

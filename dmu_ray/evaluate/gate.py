@@ -1,0 +1,46 @@
+"""The label-free switch gate: what share of a full re-embedding's neighbours a strategy retrieves.
+
+On held-out items embedded by both models, new/new (new-model queries against new-model vectors,
+a full re-embedding) gives the reference top-k of every query; a strategy (old/old, new/old,
+new/upgraded with a gallery-side adapter, adapted/old with a query-side one, a partial backfill)
+is scored by the share of that top-k it retrieves (Recall@k against new/new's neighbours, the
+figure Drift-Adapter reports). No labels are needed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dmu_ray.evaluate.search import SearchConfig, search
+
+__all__ = ["share_of_reembedding", "unit_rows"]
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def share_of_reembedding(
+    reference: tuple[np.ndarray, np.ndarray],
+    strategies: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int = 10,
+    cfg: SearchConfig | None = None,
+) -> dict[str, float]:
+    """For each strategy ``(queries, gallery)`` (row i of every gallery is the same item), the mean
+    over queries of ``|top_k(strategy) & top_k(reference)| / k``; vectors are compared by cosine."""
+    rq, rg = reference
+    k = min(k, len(rg))
+    if k < 1 or len(rq) == 0:
+        raise ValueError(f"the gate needs queries and a gallery (got {len(rq)} queries, {len(rg)} items)")
+    ref = search(unit_rows(rq), unit_rows(rg), k, cfg).ids
+    out = {}
+    for name, (q, g) in strategies.items():
+        if len(q) != len(rq) or len(g) != len(rg):
+            raise ValueError(
+                f"{name}: {len(q)} queries and {len(g)} items, the reference has {len(rq)} and {len(rg)}"
+            )
+        got = search(unit_rows(q), unit_rows(g), k, cfg).ids
+        hits = (got[:, :, None] == ref[:, None, :]).any(-1).sum(1)
+        out[name] = float(hits.mean() / k)
+    return out

@@ -1,0 +1,311 @@
+"""Adapters between two frozen models (issue 36): closed forms against numpy, statistics merged
+from parts equal to one pass, the join of two galleries on a real Ray cluster with counts and a
+held-out share, the gate's label-free share and exit code, and a refresh that applies a fitted
+adapter and records it in the lineage; bad input refused before work."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+from test_cli_gallery import run as cli
+
+from dmu_ray.adapters.config import AdapterFitConfig
+from dmu_ray.adapters.job import AdapterError, run_adapter_fit
+from dmu_ray.adapters.stats import PairStats, affine, procrustes, residual
+from dmu_ray.evaluate.gate import share_of_reembedding
+from dmu_ray.gallery import Gallery, GalleryWriter, ModelInfo, embedding_array, embedding_matrix
+from dmu_ray.models.artifact import build_upgrade_module, load_artifact
+from dmu_ray.models.linear_map import LinearMap
+from dmu_ray.refresh import run_refresh
+from dmu_ray.refresh.config import RefreshConfig
+from dmu_ray.refresh.job import RefreshError
+from dmu_ray.settings import ActorPoolConfig
+from dmu_ray.storage import resolve
+
+
+def rotation(d: int, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q
+
+
+def test_procrustes_recovers_a_rotation_and_unequal_dims_are_semi_orthogonal():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 16))
+    r = rotation(16, 1)
+    w, b = procrustes(PairStats.of(x, x @ r))
+    np.testing.assert_allclose(w, r, atol=1e-5)
+    assert np.abs(b).max() == 0
+    # a centred fit also recovers a shift
+    w, b = procrustes(PairStats.of(x, x @ r + 3.0), center=True)
+    np.testing.assert_allclose(w, r, atol=1e-5)
+    np.testing.assert_allclose(b, np.full(16, 3.0) @ np.eye(16), atol=1e-5)
+    # 16 -> 8: orthonormal columns, and the best such map by the alignment it maximises
+    y = x @ r[:, :8] + 0.05 * rng.standard_normal((500, 8))
+    stats = PairStats.of(x, y)
+    w, _ = procrustes(stats)
+    np.testing.assert_allclose(w.T @ w, np.eye(8), atol=1e-8)
+    best = np.trace(w.T @ stats.xy)
+    for seed in range(20):  # no other semi-orthogonal map aligns the pairs better
+        other = rotation(16, 100 + seed)[:, :8] if seed else r[:, :8]
+        assert best >= np.trace(other.T @ stats.xy) - 1e-9
+    # isotropic inputs (X^T X = n I): the map behind the pairs itself
+    iso = np.linalg.qr(rng.standard_normal((500, 16)))[0] * np.sqrt(500)
+    w, _ = procrustes(PairStats.of(iso, iso @ r[:, :8]))
+    np.testing.assert_allclose(w, r[:, :8], atol=1e-5)
+
+
+def test_affine_is_least_squares_with_ridge_and_rank():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 12))
+    y = x @ rng.standard_normal((12, 6)) + 0.5 + 0.1 * rng.standard_normal((400, 6))
+    w, b = affine(PairStats.of(x, y))
+    a = np.linalg.lstsq(np.hstack([x, np.ones((400, 1))]), y, rcond=None)[0]
+    np.testing.assert_allclose(w, a[:12], atol=1e-8)
+    np.testing.assert_allclose(b, a[12], atol=1e-8)
+    assert residual(PairStats.of(x, y), w, b) == pytest.approx(((x @ w + b - y) ** 2).sum(1).mean(), rel=1e-9)
+    wr, _ = affine(PairStats.of(x, y), ridge=10.0)
+    assert np.linalg.norm(wr) < np.linalg.norm(w)  # the penalty shrinks the map
+    w2, _ = affine(PairStats.of(x, y), rank=2)
+    assert np.linalg.matrix_rank(w2, tol=1e-8) == 2
+
+
+def test_statistics_merged_from_parts_equal_one_pass():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((301, 8)), rng.standard_normal((301, 5))
+    whole = PairStats.of(x, y)
+    parts = [PairStats.of(x[i : i + 77], y[i : i + 77]) for i in range(0, 301, 77)]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged = merged.merge(p)
+    assert merged.n == whole.n
+    for k in ("sx", "sy", "xx", "xy"):
+        np.testing.assert_allclose(getattr(merged, k), getattr(whole, k), atol=1e-10)
+    assert merged.yy == pytest.approx(whole.yy)
+
+
+def test_share_of_reembedding_counts_new_news_neighbours():
+    rng = np.random.default_rng(4)
+    q, g = rng.standard_normal((50, 8)), rng.standard_normal((300, 8))
+    shares = share_of_reembedding((q, g), {"same": (q, g), "noise": (q, rng.standard_normal((300, 8)))}, k=10)
+    assert shares["same"] == 1.0 and shares["noise"] < 0.2
+
+
+def gallery(uri: str, ids: np.ndarray, vecs: np.ndarray, model: str, files: int = 3) -> str:
+    rows = -(-len(ids) // files)
+    with GalleryWriter(resolve(uri), ModelInfo(model_id=model, dim=vecs.shape[1]), rows_per_file=rows) as w:
+        w.write(pa.table({"id": ids, "embedding": embedding_array(vecs.astype(np.float32))}))
+    return uri
+
+
+def two_models(tmp_path, n: int = 3000, d_old: int = 24, d_new: int = 32, noise: float = 0.02):
+    """Old vectors of n items, and a new model's vectors of 90% of them (plus 50 items the old
+    gallery lacks): the new space is a fixed semi-orthogonal map of the old one, with noise."""
+    rng = np.random.default_rng(5)
+    old = rng.standard_normal((n, d_old))
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    r = rotation(d_new, 6)[:d_old]  # (d_old, d_new), orthonormal rows
+    ids = np.arange(n, dtype=np.int64)
+    keep = ids[: int(n * 0.9)]
+    extra = np.arange(n, n + 50, dtype=np.int64)
+    new = np.vstack([old[keep] @ r, rng.standard_normal((50, d_old)) @ r])
+    new += noise * rng.standard_normal(new.shape)
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    g_old = gallery(str(tmp_path / "old"), ids, old, "old-m")
+    g_new = gallery(str(tmp_path / "new"), np.concatenate([keep, extra]), new, "new-m")
+    return g_old, g_new, old, r
+
+
+def test_fit_a_gallery_side_adapter_gate_it_and_refresh_with_it(ray_local, tmp_path):
+    g_old, g_new, old, r = two_models(tmp_path)
+    cfg = AdapterFitConfig(
+        old_gallery=g_old,
+        new_gallery=g_new,
+        output=str(tmp_path / "ad"),
+        bucket_rows=1000,  # 3 buckets: the join runs on several tasks
+        holdout=0.2,
+        gate={"queries": 100, "k": 10, "min_share": 0.8},
+    )
+    out = run_adapter_fit(cfg, progress=False)
+    p = out["pairs"]
+    assert p["matched"] == 2700 and p["old_only"] == 300 and p["new_only"] == 50
+    assert p["fitted"] + p["held_out"] == 2700 and 400 < p["held_out"] < 700  # a seeded ~20%
+    gate = out["gate"]
+    assert gate["strategy"] == "new/upgraded" and gate["passed"] is True
+    assert gate["share"]["new/upgraded"] > 0.8 and "old/old" in gate["share"]
+    assert "new/old" not in gate["share"]  # 24-d old vectors cannot be searched with 32-d queries
+    saved = json.loads((tmp_path / "ad" / "gate.json").read_text())
+    assert saved["gate"]["share"] == gate["share"] and (tmp_path / "ad" / "gate.md").exists()
+    assert not (tmp_path / "ad" / "_pairs").exists()  # the join's buckets are removed
+    art = load_artifact(out["adapter"]["uri"])
+    assert (
+        art.card.form == "linear" and art.card.direction == "gallery" and art.card.fit["kind"] == "procrustes"
+    )
+    m = build_upgrade_module(art)
+    assert isinstance(m, LinearMap)
+    np.testing.assert_allclose(m.weight.detach().numpy(), r, atol=0.02)  # the map behind the pairs
+    # the refresh applies it: upgraded old vectors land on the new ones, lineage names the adapter
+    res = run_refresh(
+        RefreshConfig(
+            source=g_old,
+            output=str(tmp_path / "up"),
+            module=out["adapter"]["uri"],
+            dtype="float32",
+            pool=ActorPoolConfig(max_actors=1, num_cpus=0.5),
+        ),
+        progress=False,
+    )
+    up = Gallery.open(str(tmp_path / "up"))
+    assert res.manifest.rows == 3000 and up.model.upgrade_module == art.ident
+    t = up.read(columns=["id", "embedding"]).sort_by("id")
+    got = embedding_matrix(t.column("embedding"))
+    want = old @ r
+    cos = (got * want).sum(1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.97
+    assert any(art.sha256 in json.dumps(c) for c in up.model.chains().values())
+    # the same pairs with a gate set above what the adapter reaches: the command exits 1
+    cfg2 = tmp_path / "a.yaml"
+    cfg2.write_text(
+        yaml.safe_dump(
+            {
+                "old_gallery": g_old,
+                "new_gallery": g_new,
+                "output": str(tmp_path / "ad2"),
+                "holdout": 0.2,
+                "gate": {"queries": 100, "min_share": 1.0},
+            }
+        )
+    )
+    r2 = cli("adapter", "fit", "--config", str(cfg2), "--quiet")
+    assert r2.returncode == 1, r2.stderr
+    assert "gate FAILED (min 1.0)" in r2.stdout and "new/upgraded retrieves" in r2.stdout
+
+
+def test_a_query_side_adapter_maps_new_queries_to_the_old_space_and_refresh_refuses_it(ray_local, tmp_path):
+    g_old, g_new, old, r = two_models(tmp_path, noise=0.0)
+    out = run_adapter_fit(
+        AdapterFitConfig(
+            old_gallery=g_old,
+            new_gallery=g_new,
+            output=str(tmp_path / "q"),
+            direction="query",
+            adapter="affine",
+            holdout=0.2,
+            gate={"queries": 100},
+        ),
+        progress=False,
+    )
+    assert out["gate"]["strategy"] == "adapted/old" and out["gate"]["passed"] is None
+    assert out["gate"]["share"]["adapted/old"] > 0.95
+    m = build_upgrade_module(load_artifact(out["adapter"]["uri"]))
+    assert (m.in_dim, m.out_dim) == (32, 24)
+    with torch.inference_mode():
+        back = m(torch.from_numpy((old[:5] @ r).astype(np.float32))).numpy()
+    np.testing.assert_allclose(back, old[:5], atol=1e-3)  # new -> old undoes the map
+    with pytest.raises(RefreshError, match="is a query-side adapter"):
+        run_refresh(RefreshConfig(source=g_old, output=str(tmp_path / "x"), module=out["adapter"]["uri"]))
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
+    g_old, g_new, *_ = two_models(tmp_path, n=400)
+    other = gallery(str(tmp_path / "other"), np.arange(10_000, 10_400), np.eye(400, 32), "new-m")
+    with pytest.raises(AdapterError, match=r"only 0 of the smaller gallery's 400 ids \(0.0%\) have a pair"):
+        run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=other, output=str(tmp_path / "o1")))
+    same = gallery(str(tmp_path / "same"), np.arange(400), np.eye(400, 24), "old-m")
+    with pytest.raises(AdapterError, match="both embedded by model 'old-m'"):
+        run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=same, output=str(tmp_path / "o2")))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(AdapterError, match="already holds files"):
+        run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output=str(tmp_path / "full")))
+    r = cli("adapter", "fit", "--config", str(_cfg(tmp_path, adapter="procrustes", ridge=1.0)))
+    assert r.returncode == 2 and "ridge and rank are options of adapter: affine" in r.stderr
+
+
+def _cfg(tmp_path, **over) -> str:
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({"old_gallery": "a", "new_gallery": "b", "output": "c", **over}))
+    return str(p)
+
+
+def test_a_query_adapter_in_evaluate_and_exported_as_torchscript(ray_local, tmp_path):
+    """Two frozen models embed the digits gallery; a query adapter fitted on those pairs adds the
+    adapted/old pairing to an evaluation, and its TorchScript file maps queries as the artefact does."""
+    from dmu_ray.data.importers import import_digits
+    from dmu_ray.evaluate.config import EvaluateConfig
+    from dmu_ray.evaluate.embed import embed_to_gallery
+    from dmu_ray.evaluate.job import run_evaluation
+    from dmu_ray.evaluate.matrix import EvaluationError
+    from dmu_ray.models.artifact import save_embedding_model
+    from dmu_ray.models.embedding import EmbeddingModel
+    from dmu_ray.models.heads import MarginHead
+
+    data = str(tmp_path / "digits")
+    import_digits(data, image_size=16)
+    torch.manual_seed(0)
+    save_embedding_model(
+        str(tmp_path / "old.pt"), EmbeddingModel("small", 8, 1), MarginHead(8, 10), {"id": "o"}
+    )
+    save_embedding_model(
+        str(tmp_path / "new.pt"), EmbeddingModel("small", 12, 1), MarginHead(12, 10), {"id": "n"}
+    )
+    for side in ("old", "new"):
+        embed_to_gallery(
+            f"{data}/gallery", str(tmp_path / f"{side}.pt"), str(tmp_path / f"g-{side}"), dtype="float32"
+        )
+    fit = run_adapter_fit(
+        AdapterFitConfig(
+            old_gallery=str(tmp_path / "g-old"),
+            new_gallery=str(tmp_path / "g-new"),
+            output=str(tmp_path / "qa"),
+            direction="query",
+            adapter="affine",
+            holdout=0.3,
+            gate={"queries": 50},
+        ),
+        progress=False,
+    )
+    phi = fit["adapter"]["uri"]
+    cfg = EvaluateConfig(
+        data=data,
+        old_model=str(tmp_path / "old.pt"),
+        new_model=str(tmp_path / "new.pt"),
+        query_adapter=phi,
+        galleries={"old": str(tmp_path / "g-old")},
+        output=str(tmp_path / "eval"),
+        protocols=["retrieval"],
+        tracking={"enabled": False},
+    )
+    res = run_evaluation(cfg, progress=False)
+    assert {"old/old", "adapted/old", "new/new"} <= set(res["pairings"])
+    assert 0 <= res["pairings"]["adapted/old"]["R@1"] <= 1
+    assert "adapted/old" in (tmp_path / "eval" / "eval.md").read_text()
+    # a gallery-side module given as the query adapter is refused before any work
+    gal = run_adapter_fit(
+        AdapterFitConfig(
+            old_gallery=str(tmp_path / "g-old"),
+            new_gallery=str(tmp_path / "g-new"),
+            output=str(tmp_path / "ga"),
+            holdout=0.5,
+            gate={"queries": 50},
+        ),
+        progress=False,
+    )
+    cfg.query_adapter = gal["adapter"]["uri"]
+    with pytest.raises(EvaluationError, match="is a gallery-side module"):
+        run_evaluation(cfg, progress=False)
+    # the TorchScript export maps a batch as the artefact does
+    r = cli("adapter", "export", phi, str(tmp_path / "q.ts"))
+    assert r.returncode == 0, r.stderr
+    assert "new-model queries -> the old space" in r.stdout and "FutureWarning" not in r.stderr
+    ts = torch.jit.load(str(tmp_path / "q.ts"))
+    x = torch.randn(3, 12)
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            ts(x).numpy(), build_upgrade_module(load_artifact(phi))(x).numpy(), atol=1e-5
+        )
