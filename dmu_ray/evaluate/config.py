@@ -105,7 +105,25 @@ class NewModelSpec(StrictModel):
     )
 
 
-class EvaluateConfig(StrictModel):
+class ReadChecks(StrictModel):
+    """What an evaluation checks of the vectors it computes figures from (the pairing report and the
+    generations matrix alike)."""
+
+    verify_galleries: bool = Field(
+        default=True,
+        description="check every stored gallery file against its manifest (bytes, sha256, rows) before its "
+        "vectors are used; false reads them as they are",
+    )
+    max_quarantined_share: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="stop when a gallery or query set lost more than this share of its rows to quarantine "
+        "(e.g. a model that outputs NaN), naming the model and the reason",
+    )
+
+
+class EvaluateConfig(ReadChecks):
     """``dmu-ray evaluate``: every query/gallery model pairing on a labelled query set and gallery,
     for one new model (``new_model``) or several side by side (``new_models``); each query/gallery
     set is embedded once per distinct model artefact, however many times it is named."""
@@ -183,18 +201,6 @@ class EvaluateConfig(StrictModel):
 
     output: str = Field(description="folder for eval.json, eval.md and plots (local or s3://)")
     title: str = "retrieval by query/gallery model pairing"
-    verify_galleries: bool = Field(
-        default=True,
-        description="check every stored gallery file against its manifest (bytes, sha256, rows) before its "
-        "vectors are used; false reads them as they are",
-    )
-    max_quarantined_share: float = Field(
-        default=0.01,
-        ge=0,
-        le=1,
-        description="stop when a gallery or query set lost more than this share of its rows to quarantine "
-        "(e.g. a model that outputs NaN), naming the model and the reason",
-    )
     check_gallery_models: bool = Field(
         default=True,
         description="refuse a gallery whose dmu.model says another model (or no upgrade module) made it "
@@ -256,7 +262,7 @@ class GalleryStateSpec(StrictModel):
         return self
 
 
-class MatrixConfig(StrictModel):
+class MatrixConfig(ReadChecks):
     """``dmu-ray evaluate`` over generations (``kind: evaluate-matrix``): every query model against
     every gallery state (v1's gallery never refreshed, refreshed once or twice, embedded by each
     generation...), one retrieval evaluation per cell, a heat map of the headline metric."""
@@ -273,18 +279,6 @@ class MatrixConfig(StrictModel):
     exact_max: int = Field(default=2_000_000, ge=1, description="exact search up to this gallery size")
     nprobe: int = Field(default=16, ge=1)
     pq_m: int | None = Field(default=None, ge=1)
-    verify_galleries: bool = Field(
-        default=True,
-        description="check every stored gallery file against its manifest (bytes, sha256, rows) before its "
-        "vectors are used; false reads them as they are",
-    )
-    max_quarantined_share: float = Field(
-        default=0.01,
-        ge=0,
-        le=1,
-        description="stop when a gallery or query set lost more than this share of its rows to quarantine "
-        "(e.g. a model that outputs NaN), naming the model and the reason",
-    )
     pool: ActorPoolConfig = Field(default_factory=lambda: ActorPoolConfig(batch_size=256))
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
