@@ -39,6 +39,7 @@ __all__ = [
     "resolve",
     "write_bytes_atomic",
     "create_exclusive",
+    "release_if_alone",
     "check_relative",
     "read_bytes",
     "redact",
@@ -153,6 +154,16 @@ class Location:
                 continue
             out.append(rel)
         return sorted(out)
+
+    def all_files(self) -> list[str]:
+        """Paths of every file below this location at any depth, hidden and ``_`` names included
+        (what a claim's owner must know is there); none when it cannot be listed."""
+        sel = pafs.FileSelector(self.path, allow_not_found=True, recursive=True)
+        try:
+            infos = self.fs.get_file_info(sel)
+        except (OSError, ValueError):
+            return []
+        return [i.path for i in infos if i.type == pafs.FileType.File]
 
 
 @dataclass(frozen=True)
@@ -317,6 +328,18 @@ def create_exclusive(loc: Location, data: bytes) -> bool:
         os.unlink(tmp)
         with contextlib.suppress(OSError):
             os.rmdir(posixpath.join(parent, TMP_DIR))  # only when empty
+
+
+def release_if_alone(loc: Location, name: str) -> bool:
+    """Delete the claim ``name`` under ``loc`` (what :func:`create_exclusive` made) when it is the only
+    file below ``loc``: a job that claimed a location and failed before writing anything else frees
+    it. True when it was removed."""
+    if [p.rsplit("/", 1)[-1] for p in loc.all_files()] != [name]:
+        return False
+    with contextlib.suppress(OSError):
+        loc.fs.delete_file(loc.join(name).path)
+        return True
+    return False
 
 
 def _s3_client(cfg: StorageConfig | None):

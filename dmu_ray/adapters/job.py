@@ -9,6 +9,7 @@ checked after the join, before anything is fitted or written besides the held-ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -158,12 +159,8 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
             progress=say,
         )
     finally:
-        if not work.is_s3:
-            import shutil
-
-            shutil.rmtree(work.path, ignore_errors=True)
-        else:
-            work.fs.delete_dir_contents(work.path, missing_dir_ok=True)
+        with contextlib.suppress(OSError):  # the join's bucket files, on disk or S3 alike
+            work.fs.delete_dir(work.path)
     smaller = min(old.num_rows, new.num_rows)
     share = counts.matched / smaller
     say(

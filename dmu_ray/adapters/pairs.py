@@ -71,11 +71,19 @@ def _bucket_file(task: dict) -> dict:
     return {"file": rel, "rows": t.num_rows}
 
 
-def _read_bucket(loc: Location) -> tuple[np.ndarray, np.ndarray]:
+def _read_folder(loc: Location) -> pa.Table | None:
+    """Every data Parquet file directly under ``loc`` as one table (None when there is none)."""
     names = loc.list_files(".parquet", data_only=True)
     if not names:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
-    t = pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names])
+        return None
+    return pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names])
+
+
+def _read_bucket(loc: Location, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and ``(n, dim)`` vectors of one side's rows of a bucket (none: empty arrays)."""
+    t = _read_folder(loc)
+    if t is None:
+        return np.empty(0, np.int64), np.empty((0, dim), np.float32)
     return t.column(ID).to_numpy(zero_copy_only=False), embedding_matrix(t.column(EMB)).astype(np.float32)
 
 
@@ -83,29 +91,27 @@ def _join_bucket(task: dict) -> dict:
     """Stage 2 (one bucket): join old and new rows on the id; statistics of the fitted pairs,
     the held-out pairs written for the gate."""
     work, k, dims = task["work"], task["bucket"], task["dims"]
-    old_ids, old = _read_bucket(work.join("old", f"b{k:05d}"))
-    new_ids, new = _read_bucket(work.join("new", f"b{k:05d}"))
+    old_ids, old = _read_bucket(work.join("old", f"b{k:05d}"), dims[0])
+    new_ids, new = _read_bucket(work.join("new", f"b{k:05d}"), dims[1])
     _, io, jn = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
-    ids = old_ids[io]
-    x = old[io] if len(io) else np.empty((0, dims[0]), np.float32)
-    y = new[jn] if len(jn) else np.empty((0, dims[1]), np.float32)
+    ids, x, y = old_ids[io], old[io], new[jn]
     hold = unit_hash(id_keys(ids), HOLDOUT_SALT + task["seed"]) < task["holdout"]
     src, dst = (x, y) if task["direction"] == "gallery" else (y, x)
     fit = ~hold
-    stats = PairStats.of(src[fit], dst[fit]) if fit.any() else PairStats.empty(src.shape[1], dst.shape[1])
+    stats = PairStats.of(src[fit], dst[fit])  # zero rows give zero sums of the right shapes
     if hold.any():
         order = np.argsort(ids[hold], kind="stable")
         held = pa.table(
             {
                 ID: pa.array(ids[hold][order]),
-                "old": embedding_array(x[hold][order].astype(np.float32)),
-                "new": embedding_array(y[hold][order].astype(np.float32)),
+                "old": embedding_array(x[hold][order]),
+                "new": embedding_array(y[hold][order]),
             }
         )
         write_parquet_atomic(task["holdout_loc"].join(f"part-{k:05d}.parquet"), held)
     counts = PairCounts(
         matched=len(ids),
-        fitted=int((~hold).sum()),
+        fitted=int(fit.sum()),
         held_out=int(hold.sum()),
         old_only=len(old_ids) - len(ids),
         new_only=len(new_ids) - len(ids),
@@ -160,10 +166,10 @@ def join_pairs(
 
 def read_holdout(loc: Location, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, old, new)`` of the held-out pairs, sorted by id (the first ``limit`` when given)."""
-    names = loc.list_files(".parquet", data_only=True)
-    if not names:
+    t = _read_folder(loc)
+    if t is None:
         return np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
-    t = pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names]).sort_by(ID)
+    t = t.sort_by(ID)
     if limit is not None:
         t = t.slice(0, limit)
     return (

@@ -28,10 +28,6 @@ class PairStats:
     yy: float  # sum of squared entries of y
 
     @classmethod
-    def empty(cls, dx: int, dy: int) -> PairStats:
-        return cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0)
-
-    @classmethod
     def of(cls, x: np.ndarray, y: np.ndarray) -> PairStats:
         """The statistics of the pairs ``(x[i], y[i])``."""
         if len(x) != len(y):

@@ -26,7 +26,14 @@ from PIL import Image
 
 from dmu_ray.gallery import GalleryError, write_parquet_atomic
 from dmu_ray.settings import StorageConfig
-from dmu_ray.storage import Location, create_exclusive, read_bytes, resolve, write_bytes_atomic
+from dmu_ray.storage import (
+    Location,
+    create_exclusive,
+    read_bytes,
+    release_if_alone,
+    resolve,
+    write_bytes_atomic,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -87,16 +94,6 @@ def write_image_part(
 IMPORT_CLAIM = "_import.json"
 
 
-def _files_below(loc: Location) -> list[str]:
-    import pyarrow.fs as pafs
-
-    try:
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
-    except (OSError, ValueError):
-        return []
-    return [i.path for i in infos if i.type == pafs.FileType.File]
-
-
 @contextlib.contextmanager
 def claimed_folder(root: Location, source: str) -> Iterator[Location]:
     """Claim ``root`` for one data set import, exclusively: it must hold no file, and
@@ -107,7 +104,7 @@ def claimed_folder(root: Location, source: str) -> Iterator[Location]:
     if root.missing_bucket():
         raise GalleryError(root.describe_missing())
     claim = root.join(IMPORT_CLAIM)
-    held = _files_below(root)
+    held = root.all_files()
     if held:
         if root.join(DATASET_META).is_file():
             what = "a committed data set"
@@ -132,9 +129,7 @@ def claimed_folder(root: Location, source: str) -> Iterator[Location]:
     try:
         yield root
     except BaseException:
-        if [p.rsplit("/", 1)[-1] for p in _files_below(root)] == [IMPORT_CLAIM]:
-            with contextlib.suppress(OSError):
-                root.fs.delete_file(claim.path)
+        release_if_alone(root, IMPORT_CLAIM)
         raise
 
 

@@ -383,13 +383,12 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             if qk not in mq or gk not in mg:
                 continue
             pair = (mq[qk], mg[gk])
+            label = pname if pname in SHARED or not cfg.several else f"{name}:{pname}"
             dq, dg = vectors[pair[0]][2].shape[1], vectors[pair[1]][2].shape[1]
             if dq != dg:  # e.g. new/old between frozen models of two dims: an adapter maps them
-                label = pname if pname in SHARED or not cfg.several else f"{name}:{pname}"
                 skipped[label] = f"queries are {dq}-d, the gallery {dg}-d: the spaces differ"
                 continue
             if pair not in searched:
-                label = pname if pname in SHARED or not cfg.several else f"{name}:{pname}"
                 say(f"searching {label}")
                 t0 = time.perf_counter()
                 (qi, ql, qx), (gi, gl, gx) = vectors[pair[0]], vectors[pair[1]]

@@ -9,7 +9,6 @@ runs and the other fails naming the difference.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from dmu_ray.refresh.upgrade_files import (
     read_record,
     verify_record,
 )
-from dmu_ray.storage import Location, create_exclusive, read_bytes, resolve
+from dmu_ray.storage import Location, create_exclusive, read_bytes, release_if_alone, resolve
 
 JOB_MARKER = "_refresh.json"
 
@@ -324,14 +323,7 @@ def claim_output(plan: RefreshPlan) -> bool:
 def release_claim(plan: RefreshPlan) -> bool:
     """Remove this job's claim when nothing of it was committed (no commit record, no manifest), so
     that a job that failed before its first file frees its output; True when it was removed."""
-    sel = pafs.FileSelector(plan.out.path, recursive=True, allow_not_found=True)
-    held = [i for i in plan.out.fs.get_file_info(sel) if i.type == pafs.FileType.File]
-    if [i.base_name for i in held] != [JOB_MARKER]:  # commit records (_parts/) and data count too
-        return False
-    with contextlib.suppress(OSError):
-        plan.out.fs.delete_file(plan.out.join(JOB_MARKER).path)
-        return True
-    return False
+    return release_if_alone(plan.out, JOB_MARKER)  # commit records (_parts/) and data count too
 
 
 def _check_committed_files(plan: RefreshPlan) -> None:

@@ -155,7 +155,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     say(f"  training images: {why}")
     dataset = build_train_dataset(plan, cache)
     cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
-    info[PINS] = _pins(cfg, info)  # and load exactly the bytes checked here
+    info[PINS] = _pins(plan, info)  # and load exactly the bytes checked here
     board = ProgressBoard.remote()
     trainer = TorchTrainer(
         train_loop_per_worker=_train_entry,
@@ -235,11 +235,13 @@ def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan):
     return run
 
 
-def _pins(cfg: TrainConfig, info: dict[str, Any]) -> dict[str, str]:
-    """The sha256 of every artefact the workers load (old model, the classifier built for it, the
-    new model a FastFill transformation is trained against), by the absolute URI they load it from."""
-    uris = [getattr(cfg.method, k, None) for k in ("old_model", "new_model")] + [info.get("old_classifier")]
-    return {u: artifact_sha256(u, cfg.storage) for u in uris if u}
+def _pins(plan: TrainPlan, info: dict[str, Any]) -> dict[str, str]:
+    """The sha256 of every artefact the workers load, by the absolute URI they load it from: the old
+    model and FastFill's new model as the plan checked them, and the classifier ``prepare`` built."""
+    pins = {a.uri: a.sha256 for a in (plan.old, plan.new) if a is not None}
+    if info.get("old_classifier"):
+        pins[info["old_classifier"]] = artifact_sha256(info["old_classifier"], plan.cfg.storage)
+    return pins
 
 
 def _absolute_uris(cfg: TrainConfig) -> TrainConfig:
