@@ -309,3 +309,63 @@ def test_a_query_adapter_in_evaluate_and_exported_as_torchscript(ray_local, tmp_
         np.testing.assert_allclose(
             ts(x).numpy(), build_upgrade_module(load_artifact(phi))(x).numpy(), atol=1e-5
         )
+
+
+def test_mlp_uncertainty_adapter_learns_what_a_linear_map_cannot_and_orders_a_backfill(ray_local, tmp_path):
+    """New vectors that are a non-linear function of the old ones, with noise on a known part of
+    the items: the MLP trained on Ray Train (from the affine start) beats the affine map on the gate,
+    and its uncertainty head puts the noisy items first, so its partial backfill beats a random one."""
+    rng = np.random.default_rng(11)
+    n, d_old, d_new = 6000, 16, 24
+    old = rng.standard_normal((n, d_old))
+    old /= np.linalg.norm(old, axis=1, keepdims=True)
+    a, r = rng.standard_normal((d_old, d_new)), rotation(d_new, 12)[:d_old]
+    noisy = old[:, 0] > 0.25
+    new = old @ r + 2.0 * np.tanh(old @ a) / np.sqrt(d_new)
+    new += np.where(noisy, 0.25, 0.005)[:, None] * rng.standard_normal(new.shape)
+    ids = np.arange(n, dtype=np.int64)
+    g_old = gallery(str(tmp_path / "old"), ids, old, "old-m")
+    g_new = gallery(str(tmp_path / "new"), ids, new / np.linalg.norm(new, axis=1, keepdims=True), "new-m")
+    out = run_adapter_fit(
+        AdapterFitConfig(
+            old_gallery=g_old,
+            new_gallery=g_new,
+            output=str(tmp_path / "mlp"),
+            adapter="mlp-uncertainty",
+            mlp={
+                "width": 128,
+                "epochs": 20,
+                "batch_size": 32,
+                "lr": 1e-2,
+                "num_workers": 2,
+                "cpus_per_worker": 0.5,
+            },
+            holdout=0.25,
+            gate={"queries": 200, "backfill": [0.25]},
+        ),
+        progress=False,
+    )
+    fit = out["fit"]
+    assert len(fit["history"]) == 20 and fit["history"][-1]["loss"] < fit["history"][0]["loss"]
+    share = out["gate"]["share"]
+    art = load_artifact(out["adapter"]["uri"])
+    assert art.card.form == "mlp" and art.card.uncertainty and art.card.skip_linear
+    assert art.card.fit["kind"] == "mlp-uncertainty" and art.card.fit["init"] == "affine"
+    assert not (tmp_path / "mlp" / "_fit").exists() and not (tmp_path / "mlp" / "_train").exists()
+    # the affine map of the same pairs, scored on the same held-out split
+    from dmu_ray.adapters.pairs import read_holdout
+
+    h_ids, h_old, h_new = read_holdout(resolve(str(tmp_path / "mlp" / "holdout")))
+    hold = set(h_ids.tolist())
+    fit_rows = np.array([i not in hold for i in ids])
+    w, b = affine(PairStats.of(old[fit_rows], new[fit_rows]))
+    q, g = slice(0, 200), slice(200, None)
+    lin = share_of_reembedding((h_new[q], h_new[g]), {"affine": (h_new[q], h_old[g] @ w + b)}, k=10)["affine"]
+    assert share["new/upgraded"] > lin + 0.03, (share, lin)
+    assert share["backfill 25% (uncertainty)"] > share["backfill 25% (random)"] + 0.02, share
+    # the head ranks the noisy items highest
+    m = build_upgrade_module(art)
+    with torch.inference_mode():
+        _, log_var = m.forward_with_uncertainty(torch.from_numpy(old.astype(np.float32)))
+    top = np.argsort(-log_var.numpy())[: int(noisy.sum())]
+    assert noisy[top].mean() > 0.8

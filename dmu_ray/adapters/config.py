@@ -9,10 +9,36 @@ from pydantic import Field, model_validator
 from dmu_ray.schema import LOCATION, StrictModel
 from dmu_ray.settings import StorageConfig
 
-__all__ = ["AdapterFitConfig", "GateSection", "ADAPTERS"]
+__all__ = ["AdapterFitConfig", "GateSection", "MlpSection", "ADAPTERS", "CLOSED_FORMS", "TRAINED"]
 
 #: the closed-form adapters (fitted from sufficient statistics in one pass over the pairs)
-ADAPTERS = ("procrustes", "affine")
+CLOSED_FORMS = ("procrustes", "affine")
+#: the trained ones (the residual upgrade module on Ray Train; with FastFill's uncertainty head)
+TRAINED = ("mlp", "mlp-uncertainty")
+ADAPTERS = CLOSED_FORMS + TRAINED
+
+
+class MlpSection(StrictModel):
+    """How the ``mlp`` adapters train on Ray Train: a residual MLP whose skip path starts at the
+    closed-form map (``init``), fitted to the target vectors by cosine on the fitted pairs (with
+    ``mlp-uncertainty``, under FastFill's heteroscedastic loss, so its head predicts each row's
+    error). One code path for CPU and GPU workers (DDP: gloo or NCCL)."""
+
+    width: int = Field(default=1024, ge=1, description="hidden width of the residual MLP")
+    depth: int = Field(default=1, ge=1, description="hidden blocks (Linear, BatchNorm, ReLU)")
+    init: Literal["affine", "procrustes", "zero"] = Field(
+        default="affine",
+        description="where the skip path starts: the closed-form fit on the same pairs, or zero",
+    )
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=512, ge=2, description="pairs per step and worker")
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP)")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    use_gpu: bool = Field(default=False, description="one GPU per worker (NCCL); CPU workers use gloo")
+    shuffle_buffer: int = Field(default=20_000, ge=0, description="pairs in each worker's shuffle buffer")
+    seed: int = Field(default=0)
 
 
 class GateSection(StrictModel):
@@ -29,6 +55,11 @@ class GateSection(StrictModel):
         le=1,
         description="the adapter's strategy must reach this share, else the command exits 1 (a pipeline "
         "refuses the switch); unset: report only",
+    )
+    backfill: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        default=[0.1, 0.25, 0.5],
+        description="gallery side: shares of the gallery re-embedded with the new model (the rest adapted), "
+        "by policy random and, with adapter mlp-uncertainty, uncertainty (highest first)",
     )
 
 
@@ -51,11 +82,14 @@ class AdapterFitConfig(StrictModel):
         "new-model queries -> the old space (the old gallery and its index stay)",
     )
     adapter: Literal[ADAPTERS] = Field(  # type: ignore[valid-type]
-        default="procrustes", description="procrustes (orthogonal) or affine (least squares)"
+        default="procrustes",
+        description="procrustes (orthogonal), affine (least squares), mlp (residual MLP on Ray Train) or "
+        "mlp-uncertainty (with FastFill's uncertainty head: backfill --policy uncertainty)",
     )
     center: bool = Field(default=False, description="procrustes: fit on centred vectors (adds a bias)")
     ridge: float = Field(default=0.0, ge=0, description="affine: ridge penalty (per pair)")
     rank: int | None = Field(default=None, ge=1, description="affine: rank of the map (reduced-rank fit)")
+    mlp: MlpSection | None = Field(default=None, description="adapter mlp / mlp-uncertainty: the training")
     holdout: float = Field(default=0.1, gt=0, lt=1, description="seeded share of pairs held out for the gate")
     seed: int = Field(default=0, description="seed of the held-out share (by id)")
     min_matched_share: float = Field(
@@ -77,4 +111,16 @@ class AdapterFitConfig(StrictModel):
             raise ValueError("ridge and rank are options of adapter: affine")
         if self.adapter == "affine" and self.center:
             raise ValueError("center is an option of adapter: procrustes (affine always fits a bias)")
+        if self.adapter in TRAINED:
+            if self.center:
+                raise ValueError("center is an option of adapter: procrustes")
+            if self.mlp is None:
+                self.mlp = MlpSection()
+        elif self.mlp is not None:
+            raise ValueError(f"mlp is the section of adapter: mlp or mlp-uncertainty, not {self.adapter}")
+        if self.adapter == "mlp-uncertainty" and self.direction == "query":
+            raise ValueError(
+                "adapter mlp-uncertainty orders a backfill of gallery rows: it needs direction: gallery "
+                "(use mlp for a query-side adapter)"
+            )
         return self

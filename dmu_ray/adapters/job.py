@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dmu_ray.adapters.config import AdapterFitConfig
+from dmu_ray.adapters.config import TRAINED, AdapterFitConfig
 from dmu_ray.adapters.pairs import join_pairs, read_holdout
 from dmu_ray.adapters.stats import PairStats, affine, procrustes, residual
 from dmu_ray.evaluate.gate import share_of_reembedding
@@ -70,13 +70,74 @@ def check_inputs(cfg: AdapterFitConfig) -> tuple[Gallery, Gallery, Location]:
     return old, new, out
 
 
-def _fit(cfg: AdapterFitConfig, stats: PairStats) -> tuple[np.ndarray, np.ndarray]:
-    if cfg.adapter == "procrustes":
+def _closed_form(kind: str, cfg: AdapterFitConfig, stats: PairStats) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "procrustes":
         return procrustes(stats, center=cfg.center)
     return affine(stats, ridge=cfg.ridge, rank=cfg.rank)
 
 
-def _gate(cfg: AdapterFitConfig, out: Location, module: LinearMap) -> dict[str, Any]:
+def _fit(
+    cfg: AdapterFitConfig, stats: PairStats, out: Location, say, progress: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The fitted module and what the fit record adds: a closed form from the statistics, or the
+    MLP trained on Ray Train from the closed form ``mlp.init`` (its residual and history)."""
+    if cfg.adapter not in TRAINED:
+        w, b = _closed_form(cfg.adapter, cfg, stats)
+        mse = residual(stats, w, b)
+        return LinearMap.from_arrays(w, b), {"mse": mse}
+    from dmu_ray.adapters.mlp import build_mlp, train_mlp
+
+    sec = cfg.mlp
+    init = None if sec.init == "zero" else _closed_form(sec.init, cfg, stats)
+    dims = stats.xy.shape
+    module = build_mlp(*dims, sec, uncertainty=cfg.adapter == "mlp-uncertainty", init=init)
+    say(
+        f"  training the {cfg.adapter} adapter on Ray Train: {stats.n:,} pairs, {sec.num_workers} "
+        f"{'GPU' if sec.use_gpu else 'CPU'} worker(s), {sec.epochs} epochs, skip path from {sec.init}"
+    )
+    module, history = train_mlp(
+        module, sec, out.join("_fit"), stats.n, out.join("_train"), name="adapter", progress=progress
+    )
+    first, last = history[0], history[-1]
+    fell = 1 - last["loss"] / first["loss"] if first["loss"] else 0.0
+    note = (
+        f"  the training loss went {first['loss']:.4f} -> {last['loss']:.4f} in {len(history)} epochs "
+        f"(mean cosine to the target {first['cos']:.3f} -> {last['cos']:.3f})"
+    )
+    if len(history) > 1 and fell < 0.01:
+        note += (
+            f"; it fell {fell:.1%}: the MLP adds little over its {sec.init} start here; raise mlp.lr or "
+            "mlp.epochs, or keep the closed form"
+        )
+    say(note)
+    keep = ("epoch", "loss", "cos", "seconds")
+    return module, {
+        "mse": None,  # the MLP fits directions (cosine), not the target's raw vectors
+        "cos": last["cos"],
+        "init": sec.init,
+        "init_mse": None if init is None else residual(stats, *init),
+        "history": [{k: h[k] for k in keep} for h in history],
+        "options": sec.model_dump(mode="json"),
+    }
+
+
+def _backfills(cfg: AdapterFitConfig, module, ids: np.ndarray, old_part: np.ndarray, new_part: np.ndarray):
+    """Gallery side: the partial backfills of the gate's gallery, ``{name: vectors}`` (the top
+    ``f`` of the rows by each policy take their new-model vectors, the rest the adapted ones)."""
+    from dmu_ray.adapters.pairs import id_keys
+    from dmu_ray.methods.fastfill import BackfillScorer, select_top
+
+    policies = ["random"] + (["uncertainty"] if getattr(module, "uncertainty", False) else [])
+    mapped, scores = BackfillScorer(policies, module, seed=cfg.seed)(id_keys(ids), old_part)
+    out = {}
+    for f in sorted(set(cfg.gate.backfill)):
+        for policy in policies:
+            mask = select_top(id_keys(ids), scores[policy], f)
+            out[f"backfill {f:.0%} ({policy})"] = np.where(mask[:, None], new_part, mapped)
+    return out
+
+
+def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
     """Each strategy's share of new/new's top-k on the held-out pairs."""
     import torch
 
@@ -95,6 +156,9 @@ def _gate(cfg: AdapterFitConfig, out: Location, module: LinearMap) -> dict[str, 
         strategies["new/old"] = (new[q], old[r])
     name = "new/upgraded" if cfg.direction == "gallery" else "adapted/old"
     strategies[name] = (new[q], mapped[r]) if cfg.direction == "gallery" else (mapped[q], old[r])
+    if cfg.direction == "gallery":
+        for label, vectors in _backfills(cfg, module, ids[r], old[r], new[r]).items():
+            strategies[label] = (new[q], vectors)
     shares = share_of_reembedding((new[q], new[r]), strategies, k=g.k)
     passed = None if g.min_share is None else shares[name] >= g.min_share
     return {
@@ -156,6 +220,7 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
             seed=cfg.seed,
             bucket_rows=cfg.bucket_rows,
             num_cpus=cfg.num_cpus,
+            fit_loc=out.join("_fit") if cfg.adapter in TRAINED else None,
             progress=say,
         )
     finally:
@@ -174,19 +239,24 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
             f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
             "(old_gallery and new_gallery must share ids)"
         )
-    w, b = _fit(cfg, stats)
-    mse = residual(stats, w, b)
+    try:
+        module, fitted = _fit(cfg, stats, out, say, progress)
+    finally:
+        for folder in (out.join("_fit"), out.join("_train")):  # the MLP's pairs and Ray Train's run
+            with contextlib.suppress(OSError):
+                folder.fs.delete_dir(folder.path)
+    mse = fitted.pop("mse")
     spread = stats.yy / stats.n - float((stats.sy / stats.n) @ (stats.sy / stats.n))
-    module = LinearMap.from_arrays(w, b)
     ident = cfg.id or f"{src.model.model_id}->{dst.model.model_id}"
     fit = {
         "kind": cfg.adapter,
         "pairs": asdict(counts),
         "mse": mse,
-        "unexplained": mse / spread if spread > 0 else None,
+        "unexplained": mse / spread if mse is not None and spread > 0 else None,
         "options": {"center": cfg.center, "ridge": cfg.ridge, "rank": cfg.rank, "seed": cfg.seed},
         "source_gallery": src.loc.uri,
         "target_gallery": dst.loc.uri,
+        **fitted,
     }
     card = {
         "id": ident,
@@ -199,15 +269,18 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
     uri = out.join(ADAPTER_FILE).uri
     save_upgrade_module(uri, module, card, cfg.storage)
     art = load_artifact(uri, cfg.storage)
-    say(
-        f"  fitted: mean squared residual {mse:.4g} ({fit['unexplained'] or 0:.1%} of the target's spread) -> {uri}"
-    )
+    if mse is not None:
+        say(
+            f"  fitted: mean squared residual {mse:.4g} ({fit['unexplained'] or 0:.1%} of the target's spread) -> {uri}"
+        )
+    else:
+        say(f"  fitted: mean cosine to the target {fit['cos']:.4f} on the fitted pairs -> {uri}")
     gate = _gate(cfg, out, module)
     result = {
         "adapter": {"id": ident, "kind": cfg.adapter, "uri": uri, "ident": art.ident, "sha256": art.sha256},
         "direction": cfg.direction,
         "pairs": asdict(counts),
-        "fit": {k: fit[k] for k in ("mse", "unexplained")},
+        "fit": {k: fit[k] for k in ("mse", "unexplained", "cos", "history") if k in fit},
         "gate": gate,
     }
     write_bytes_atomic(out.join("gate.json"), json.dumps(result, indent=2).encode())

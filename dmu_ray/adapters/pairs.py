@@ -7,7 +7,9 @@ The join is a hash join in two passes, so no process holds either gallery:
 2. one task per bucket reads both sides' rows of that bucket, joins them on the id, and returns
    the counts (matched, old only, new only) and the sufficient statistics of its fitted pairs
    (:class:`~dmu_ray.adapters.stats.PairStats`); the held-out pairs (a seeded share by id, never
-   fitted on) are written to ``<holdout>/part-<k>.parquet`` for the label-free gate.
+   fitted on) are written to ``<holdout>/part-<k>.parquet`` for the label-free gate, and, for an
+   adapter that trains (the MLP), the fitted pairs to ``<fit>/part-<k>-<j>.parquet`` (columns
+   ``src``, ``dst``: source and target vectors, by direction) for Ray Train to stream.
 The statistics are merged on the driver: the fit sees every pair, whatever their number.
 """
 
@@ -26,6 +28,9 @@ from dmu_ray.gallery import EMB, ID, Gallery, embedding_array, embedding_matrix,
 from dmu_ray.storage import Location
 
 __all__ = ["PairCounts", "id_keys", "join_pairs", "read_holdout"]
+
+#: rows per file of the fitted pairs an MLP trains on (a Ray Data block each: bounded memory)
+FIT_FILE_ROWS = 32_768
 
 #: seeds of the two hashes of an id: its bucket, and whether it is held out (apart, so that the
 #: held-out share is the same in every bucket)
@@ -109,6 +114,13 @@ def _join_bucket(task: dict) -> dict:
             }
         )
         write_parquet_atomic(task["holdout_loc"].join(f"part-{k:05d}.parquet"), held)
+    if task.get("fit_loc") is not None and fit.any():
+        order = np.argsort(ids[fit], kind="stable")  # the same files whatever the read order
+        xs, ys = src[fit][order], dst[fit][order]
+        for j, start in enumerate(range(0, len(xs), FIT_FILE_ROWS)):
+            part = slice(start, start + FIT_FILE_ROWS)
+            pairs = pa.table({"src": embedding_array(xs[part]), "dst": embedding_array(ys[part])})
+            write_parquet_atomic(task["fit_loc"].join(f"part-{k:05d}-{j:05d}.parquet"), pairs)
     counts = PairCounts(
         matched=len(ids),
         fitted=int(fit.sum()),
@@ -130,11 +142,13 @@ def join_pairs(
     seed: int,
     bucket_rows: int,
     num_cpus: float = 1.0,
+    fit_loc: Location | None = None,
     progress=None,
 ) -> tuple[PairCounts, PairStats]:
     """Join two committed galleries on their ids (see the module docstring): the counts and the
     merged statistics of the fitted pairs, source -> target by ``direction`` (gallery: old -> new;
-    query: new -> old). Needs a Ray session."""
+    query: new -> old); the fitted pairs themselves are written under ``fit_loc`` when given.
+    Needs a Ray session."""
     import ray
 
     buckets = max(1, -(-max(old.num_rows, new.num_rows) // bucket_rows))
@@ -155,6 +169,7 @@ def join_pairs(
         "holdout": holdout,
         "direction": direction,
         "holdout_loc": holdout_loc,
+        "fit_loc": fit_loc,
     }
     results = ray.get([remote(_join_bucket).remote({**base, "bucket": k}) for k in range(buckets)])
     counts, stats = PairCounts(), None

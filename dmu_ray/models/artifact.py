@@ -126,6 +126,7 @@ def build_upgrade_module(art: Artifact):
             c.depth,
             uncertainty=c.uncertainty,
             uncertainty_from=c.uncertainty_from,
+            skip_linear=c.skip_linear,
         )
         m.load_state_dict(art.state_dict)
     except (AttributeError, RuntimeError) as err:

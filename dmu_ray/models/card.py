@@ -136,6 +136,9 @@ class UpgradeCard(_Card):
     uncertainty_from: Literal["trunk", "input"] = Field(
         default="input", description="what the uncertainty head reads (cards before it: the input)"
     )
+    skip_linear: bool = Field(
+        default=False, description="the skip path is a Linear even for equal dims (an mlp adapter's)"
+    )
     new_model_id: str | None = None
     new_model_version: str | None = None
     new_model: dict[str, Any] | None = Field(

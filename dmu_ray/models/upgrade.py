@@ -58,7 +58,8 @@ class UpgradeModule(nn.Module):
 
     ``mlp`` is ``depth`` blocks of Linear -> BatchNorm -> ReLU at ``width``, then a Linear to
     ``out_dim``; ``skip`` is the identity when ``in_dim == out_dim`` and a bias-free Linear
-    otherwise. The last layer starts at zero, so an untrained module with equal dims is the identity
+    otherwise, or always with ``skip_linear`` (an adapter between two frozen models starts from
+    the closed-form linear map there and learns the residual). The last layer starts at zero, so an untrained module with equal dims is the identity
     (old features are already compatible after BCT-style training; the MLP learns the correction).
 
     With ``uncertainty`` (FastFill), a head ``log_var`` predicts each input's log variance: how far
@@ -77,6 +78,7 @@ class UpgradeModule(nn.Module):
         depth: int = 2,
         uncertainty: bool = False,
         uncertainty_from: str = "trunk",
+        skip_linear: bool = False,
     ) -> None:
         super().__init__()
         if min(in_dim, out_dim, width, depth) < 1:
@@ -94,7 +96,10 @@ class UpgradeModule(nn.Module):
         nn.init.zeros_(last.bias)
         layers.append(last)
         self.mlp = nn.Sequential(*layers)
-        self.skip: nn.Module = nn.Identity() if in_dim == out_dim else nn.Linear(in_dim, out_dim, bias=False)
+        self.skip_linear = skip_linear
+        self.skip: nn.Module = (
+            nn.Identity() if in_dim == out_dim and not skip_linear else nn.Linear(in_dim, out_dim, bias=False)
+        )
         if uncertainty_from not in ("trunk", "input"):
             raise ValueError(f"uncertainty_from must be 'trunk' or 'input', got {uncertainty_from!r}")
         self.uncertainty, self.uncertainty_from = uncertainty, uncertainty_from
@@ -146,6 +151,7 @@ class UpgradeModule(nn.Module):
             "depth": self.depth,
             "uncertainty": self.uncertainty,
             "uncertainty_from": self.uncertainty_from,
+            "skip_linear": self.skip_linear,
         }
 
 

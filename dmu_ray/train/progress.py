@@ -99,8 +99,9 @@ class TrainWatcher:
         stream: TextIO | None = None,
         interval: float = 0.5,
         show: bool = True,
+        unit: str = "img",
     ) -> None:
-        self.board, self.name, self.on_epoch = board, name, on_epoch
+        self.board, self.name, self.on_epoch, self.unit = board, name, on_epoch, unit
         self.stream = stream or sys.stderr
         self.bar_mode = self.stream.isatty() if bar is None else bar
         self.interval, self.show = interval, show
@@ -184,7 +185,7 @@ class TrainWatcher:
             self._epoch_s.append(float(m["seconds"]))
             parts.append(f"{m['seconds']:.0f}s")
         if "samples_per_s" in m:
-            parts.append(f"{m['samples_per_s']:.0f} img/s")
+            parts.append(f"{m['samples_per_s']:.0f} {self.unit}/s")
         mean = sum(self._epoch_s) / len(self._epoch_s) if self._epoch_s else None
         parts.append(f"ETA {_clock(None if mean is None else max(0, epochs - e - 1) * mean)}")
         print(
