@@ -369,3 +369,123 @@ def test_mlp_uncertainty_adapter_learns_what_a_linear_map_cannot_and_orders_a_ba
         _, log_var = m.forward_with_uncertainty(torch.from_numpy(old.astype(np.float32)))
     top = np.argsort(-log_var.numpy())[: int(noisy.sum())]
     assert noisy[top].mean() > 0.8
+
+
+def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_through_an_adapter(
+    ray_local, tmp_path
+):
+    """Off-the-shelf end to end through the CLI on the digits set: dmu-ray samples and embeds the
+    pairs with two frozen models, fits mlp-uncertainty (gallery side) and affine (query side);
+    backfill --policy uncertainty applies the first to the old gallery, embed --query-adapter maps
+    the new model's queries into the old space with the second; wrong models are refused."""
+    from dmu_ray.data.importers import import_digits
+    from dmu_ray.evaluate.embed import embed_to_gallery
+    from dmu_ray.models.artifact import save_embedding_model
+    from dmu_ray.models.embedding import EmbeddingModel
+    from dmu_ray.models.heads import MarginHead
+
+    data = str(tmp_path / "digits")
+    import_digits(data, image_size=16)
+    torch.manual_seed(0)
+    m = {k: str(tmp_path / f"{k}.pt") for k in ("old", "new", "other", "other8")}
+    for k, dim in (("old", 8), ("new", 12), ("other", 12), ("other8", 8)):
+        save_embedding_model(m[k], EmbeddingModel("small", dim, 1), MarginHead(dim, 10), {"id": k})
+    r = cli(
+        "adapter", "pairs", "--images", f"{data}/train", "--old-model", m["old"], "--new-model", m["new"],
+        "--output", str(tmp_path / "pairs"), "--sample", "600", "--seed", "3", "--quiet",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "600 rows, 8-d" in r.stdout and "600 rows, 12-d" in r.stdout
+    po, pn = Gallery.open(str(tmp_path / "pairs" / "old")), Gallery.open(str(tmp_path / "pairs" / "new"))
+    ids = po.read(columns=["id"]).column("id").to_numpy()
+    assert po.num_rows == pn.num_rows == 600
+    assert set(ids) == set(pn.read(columns=["id"]).column("id").to_numpy())
+    from dmu_ray.adapters.sample import sample_ids
+
+    everything = Gallery.open  # the same seed draws the same 600 ids from the set's ids in any order
+    del everything
+    all_ids = np.arange(ids.max() + 1000)
+    assert len(sample_ids(all_ids, 600, 3)) == 600
+    np.testing.assert_array_equal(sample_ids(all_ids[::-1].copy(), 600, 3), sample_ids(all_ids, 600, 3))
+
+    def fit(name: str, **over) -> dict:
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(
+            yaml.safe_dump(
+                {
+                    "old_gallery": str(tmp_path / "pairs" / "old"),
+                    "new_gallery": str(tmp_path / "pairs" / "new"),
+                    "output": str(tmp_path / name),
+                    "holdout": 0.3,
+                    "gate": {"queries": 50, "backfill": [0.5]},
+                    **over,
+                }
+            )
+        )
+        res = cli("adapter", "fit", "--config", str(p), "--quiet")
+        assert res.returncode == 0, res.stderr
+        return json.loads((tmp_path / name / "gate.json").read_text())
+
+    up = fit("up", adapter="mlp-uncertainty", mlp={"width": 32, "epochs": 2, "batch_size": 64})
+    assert {"backfill 50% (uncertainty)", "backfill 50% (random)"} <= set(up["gate"]["share"])
+    # backfill by the adapter's uncertainty: the old gallery (all digits) in the new space
+    embed_to_gallery(f"{data}/gallery", m["old"], str(tmp_path / "g-old"), rows_per_file=300)
+    bf = tmp_path / "bf.yaml"
+    bf.write_text(
+        yaml.safe_dump(
+            {
+                "source": str(tmp_path / "g-old"),
+                "images": f"{data}/gallery",
+                "module": up["adapter"]["uri"],
+                "new_model": m["new"],
+                "output": str(tmp_path / "mixed"),
+                "policy": "uncertainty",
+                "fraction": 0.2,
+                "pool": {"max_actors": 1, "batch_size": 256},
+            }
+        )
+    )
+    r = cli("backfill", "--config", str(bf), "--quiet")
+    assert r.returncode == 0, r.stderr
+    mixed = Gallery.open(str(tmp_path / "mixed"))
+    b = mixed.manifest.extra["backfill"]
+    assert b["policy"] == "uncertainty" and b["rows_new"] == round(0.2 * mixed.num_rows)
+    assert mixed.model.dim == 12
+    # a gallery of another model is refused by its lineage before any work
+    embed_to_gallery(f"{data}/gallery", m["other8"], str(tmp_path / "g-other"))
+    ref = tmp_path / "ref.yaml"
+    ref.write_text(
+        yaml.safe_dump(
+            {
+                "source": str(tmp_path / "g-other"),
+                "output": str(tmp_path / "x"),
+                "module": up["adapter"]["uri"],
+            }
+        )
+    )
+    r = cli("refresh", "--config", str(ref), "--quiet")
+    assert r.returncode != 0 and "other8@" in r.stderr and "old@" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+    # the query side: new-model queries embedded straight into the old space
+    qa = fit("qa", direction="query", adapter="affine")
+    r = cli(
+        "embed", "--images", f"{data}/query", "--model", m["new"], "--query-adapter", qa["adapter"]["uri"],
+        "--output", str(tmp_path / "q-adapted"), "--dtype", "float32", "--quiet",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    q = Gallery.open(str(tmp_path / "q-adapted"))
+    assert q.model.dim == 8 and q.model.upgrade_module == qa["adapter"]["ident"]
+    assert "old@" in q.model.model_id or q.model.model_id == "old"
+    qv = embedding_matrix(q.read(columns=["id", "embedding"]).sort_by("id").column("embedding"))
+    from dmu_ray.models.inference import embed_images
+
+    _, _, raw = embed_images(f"{data}/query", m["new"])
+    phi = build_upgrade_module(load_artifact(qa["adapter"]["uri"]))
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(phi(torch.from_numpy(raw)), dim=1).numpy()
+    np.testing.assert_allclose(qv, want, atol=1e-5)
+    r = cli(
+        "embed", "--images", f"{data}/query", "--model", m["other"], "--query-adapter", qa["adapter"]["uri"],
+        "--output", str(tmp_path / "q-other"), "--quiet",
+    )  # fmt: skip
+    assert r.returncode != 0 and "maps vectors of new@" in r.stderr and not (tmp_path / "q-other").exists()

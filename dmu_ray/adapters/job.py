@@ -45,6 +45,14 @@ def _open(uri: str, what: str, cfg: AdapterFitConfig) -> Gallery:
     return g
 
 
+def _space(g: Gallery) -> str | None:
+    """The space every row of ``g`` is in (the end of its lineage chains), None when they differ."""
+    from dmu_ray.lineage import chain_space
+
+    spaces = {chain_space(c) for c in g.model.chains().values()}
+    return spaces.pop() if len(spaces) == 1 else None
+
+
 def check_inputs(cfg: AdapterFitConfig) -> tuple[Gallery, Gallery, Location]:
     """Both galleries open and are of two models; the output folder can be claimed."""
     old, new = _open(cfg.old_gallery, "old_gallery", cfg), _open(cfg.new_gallery, "new_gallery", cfg)
@@ -191,6 +199,9 @@ def _report(result: dict[str, Any]) -> str:
     if gate["min_share"] is not None:
         verdict = "passes" if gate["passed"] else "does NOT pass"
         lines += ["", f"{gate['strategy']} {verdict} the gate (min_share {gate['min_share']})."]
+        others = [s for s, v in gate["share"].items() if s != gate["strategy"] and v >= gate["min_share"]]
+        if others:
+            lines.append(f"Also reaching it: {', '.join(others)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +274,9 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
         "direction": cfg.direction,
         "fit": fit,
         "method": f"adapter-{cfg.adapter}",
+        # the spaces it maps between: refresh routes (and refuses) galleries by their lineage
+        "old_model": {"id": space} if (space := _space(src)) else None,
+        "new_model": {"id": space} if (space := _space(dst)) else None,
         "new_model_id": new.model.model_id if cfg.direction == "gallery" else old.model.model_id,
         "new_model_version": (new if cfg.direction == "gallery" else old).model.version,
     }

@@ -28,6 +28,32 @@ def _cmd_adapter_fit(ns: argparse.Namespace) -> int:
     return 1 if gate["passed"] is False else 0
 
 
+def _cmd_adapter_pairs(ns: argparse.Namespace) -> int:
+    from dmu_ray.adapters.sample import make_pairs
+    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.settings import ActorPoolConfig
+
+    pool = ActorPoolConfig(batch_size=ns.batch_size, max_actors=ns.max_actors, num_cpus=ns.num_cpus)
+    ensure_ray(ns.ray_address)
+    made = make_pairs(
+        ns.images,
+        ns.old_model,
+        ns.new_model,
+        ns.output,
+        sample=ns.sample,
+        seed=ns.seed,
+        storage=_storage(ns),
+        pool=pool,
+        progress=not ns.quiet,
+    )
+    o, n = made["old"], made["new"]
+    print(
+        f"committed {ns.output}/old ({o.rows:,} rows, {o.model.dim}-d, {o.model.model_id}) and {ns.output}/new "
+        f"({n.rows:,} rows, {n.model.dim}-d, {n.model.model_id}): old_gallery and new_gallery of adapter fit"
+    )
+    return 0
+
+
 def _cmd_adapter_export(ns: argparse.Namespace) -> int:
     from dmu_ray.adapters.export import export_torchscript
 
@@ -55,14 +81,39 @@ def add_parser(sub) -> None:
         "fit",
         help="fit an old->new (gallery) or new->old (query) adapter from two galleries sharing ids",
         description="Join two committed galleries of the same items (old-model and new-model vectors) on "
-        "their ids on Ray Data, fit a closed-form adapter (orthogonal Procrustes or affine least squares) "
-        "from the pairs' sufficient statistics, write OUTPUT/adapter.pt (refresh and backfill apply a "
+        "their ids on Ray Data, fit an adapter (closed forms from the pairs' sufficient statistics: orthogonal "
+        "Procrustes, affine least squares; or a residual MLP trained on Ray Train, optionally with FastFill's "
+        "uncertainty head for backfill --policy uncertainty), write OUTPUT/adapter.pt (refresh and backfill apply a "
         "gallery-side one), and gate it on the held-out pairs without labels: the share of a full "
-        "re-embedding's top-k each strategy retrieves (OUTPUT/gate.json, gate.md). Exit 1 when "
+        "re-embedding's top-k each strategy retrieves, partial backfills included (OUTPUT/gate.json, gate.md). Exit 1 when "
         "gate.min_share is set and not reached.",
     )
     _job_args(fit, "adapter config (YAML); see configs/adapter_local.yaml")
     fit.set_defaults(func=_cmd_adapter_fit)
+    pairs = asub.add_parser(
+        "pairs",
+        help="embed a seeded sample of an image set with both models: the two galleries adapter fit joins",
+        description="Draw SAMPLE ids of an image data set part or an id,uri[,label] table (seeded by id, the "
+        "same items whatever the order of the rows), embed those images with the old and with the new model "
+        "on Ray Data, and commit OUTPUT/old and OUTPUT/new (galleries sharing ids, float32).",
+    )
+    pairs.add_argument(
+        "--images", required=True, help="image part folder (out/data/glyphs/gallery) or id,uri table"
+    )
+    pairs.add_argument("--old-model", required=True, help="old model artefact (model import or train)")
+    pairs.add_argument("--new-model", required=True, help="new model artefact")
+    pairs.add_argument("--output", required=True, help="new folder: OUTPUT/old and OUTPUT/new")
+    pairs.add_argument("--sample", type=int, help="images to pair (default: all)")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    pairs.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    pairs.add_argument("--max-actors", type=int, default=2, help="embedding actors at most (default 2)")
+    pairs.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor (default 1)")
+    pairs.add_argument(
+        "--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)"
+    )
+    pairs.add_argument("--quiet", action="store_true", help="no progress output")
+    _storage_args(pairs)
+    pairs.set_defaults(func=_cmd_adapter_pairs)
     exp = asub.add_parser(
         "export",
         help="write a fitted adapter as a TorchScript file (to put behind a serving encoder)",

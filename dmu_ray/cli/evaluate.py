@@ -20,7 +20,7 @@ def _cmd_embed(ns: argparse.Namespace) -> int:
     data = read_config_data(ns.config) if ns.config else {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {ns.config}: expected a mapping of fields")
-    for key in ("images", "model", "output", "dtype", "ray_address", "rows_per_file"):
+    for key in ("images", "model", "query_adapter", "output", "dtype", "ray_address", "rows_per_file"):
         if getattr(ns, key) is not None:
             data[key] = getattr(ns, key)
     if ns.overwrite:
@@ -70,6 +70,10 @@ def add_parser(sub) -> None:
     emb.add_argument("--config", help="embed config (YAML); see configs/embed_local.yaml")
     emb.add_argument("--images", help="image part folder, e.g. out/data/glyphs/gallery, or an id,uri table")
     emb.add_argument("--model", help="embedding model artefact (export/model.pt)")
+    emb.add_argument(
+        "--query-adapter",
+        help="query-side adapter (adapter fit, direction: query): map the vectors into the old model's space",
+    )
     emb.add_argument("--output", help="new gallery prefix")
     emb.add_argument("--dtype", choices=["float16", "float32"], help="stored vector type (default float16)")
     emb.add_argument("--overwrite", action="store_true", help="replace what the output prefix holds")

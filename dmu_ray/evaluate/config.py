@@ -41,6 +41,11 @@ class EmbedConfig(StrictModel):
         description="image data set part (e.g. out/data/glyphs/gallery) or an id,uri[,label] table"
     )
     model: str = Field(description="embedding model artefact (e.g. export/model.pt)")
+    query_adapter: str | None = Field(
+        default=None,
+        description="query-side adapter (adapter fit, direction: query) fitted from this model's vectors: "
+        "the vectors are mapped into the old model's space (queries for the old gallery)",
+    )
     output: str = Field(description="new gallery prefix (local or s3://); never inside the inputs")
     dtype: Literal["float16", "float32"] = "float16"
     overwrite: bool = Field(default=False, description="replace what the output prefix holds")

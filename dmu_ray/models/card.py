@@ -216,6 +216,20 @@ def check_compatible(
             raise CardError(f"{n[role]} has {card.num_classes} classes, the data {num_classes}")
 
 
+def check_adapter_source(card: UpgradeCard, space: str, where: str, what: str) -> None:
+    """Raise :class:`CardError` when the module records the space it was fitted from
+    (``old_model.id``) and ``what`` (of ``space``) is of another: an adapter fitted on one
+    model's vectors maps no other model's."""
+    from dmu_ray.lineage import same_space
+
+    fitted = (card.old_model or {}).get("id")
+    if fitted and not same_space(str(fitted), space):
+        raise CardError(
+            f"{where} maps vectors of {fitted} (what it was fitted on), but {what} is of {space}; fit an "
+            "adapter on that model's vectors"
+        )
+
+
 def refuse_query_adapter(card: UpgradeCard, where: str) -> None:
     """Raise :class:`CardError` for a query-side adapter (new-model queries -> the old space) given
     where a gallery-side module is needed (old vectors -> the new space)."""
