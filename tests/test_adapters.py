@@ -136,6 +136,7 @@ def test_fit_a_gallery_side_adapter_gate_it_and_refresh_with_it(ray_local, tmp_p
     assert p["fitted"] + p["held_out"] == 2700 and 400 < p["held_out"] < 700  # a seeded ~20%
     gate = out["gate"]
     assert gate["strategy"] == "new/upgraded" and gate["passed"] is True
+    assert gate["labelled"] is None  # vectors without labels: the label-free share alone
     assert gate["share"]["new/upgraded"] > 0.8 and "old/old" in gate["share"]
     assert "new/old" not in gate["share"]  # 24-d old vectors cannot be searched with 32-d queries
     saved = json.loads((tmp_path / "ad" / "gate.json").read_text())
@@ -428,6 +429,16 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
 
     up = fit("up", adapter="mlp-uncertainty", mlp={"width": 32, "epochs": 2, "batch_size": 64})
     assert {"backfill 50% (uncertainty)", "backfill 50% (random)"} <= set(up["gate"]["share"])
+    # the digits have labels: the gate adds labelled figures; new/new's R@1 recomputed by brute force
+    from dmu_ray.adapters.pairs import read_holdout_labelled
+
+    lab = up["gate"]["labelled"]
+    assert set(lab) == set(up["gate"]["share"]) | {"new/new"}
+    _, _, h_new, h_lab = read_holdout_labelled(resolve(str(tmp_path / "up" / "holdout")))
+    unit = h_new / np.linalg.norm(h_new, axis=1, keepdims=True)
+    best = (unit[:50] @ unit[50:].T).argmax(1)
+    assert lab["new/new"]["R@1"] == pytest.approx((h_lab[50:][best] == h_lab[:50]).mean())
+    assert 0 < lab["new/new"]["mAP@100"] <= 1 and "mAP@100" in (tmp_path / "up" / "gate.md").read_text()
     # backfill by the adapter's uncertainty: the old gallery (all digits) in the new space
     embed_to_gallery(f"{data}/gallery", m["old"], str(tmp_path / "g-old"), rows_per_file=300)
     bf = tmp_path / "bf.yaml"

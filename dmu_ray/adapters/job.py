@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from dmu_ray.adapters.config import TRAINED, AdapterFitConfig
-from dmu_ray.adapters.pairs import join_pairs, read_holdout
+from dmu_ray.adapters.pairs import join_pairs, read_holdout_labelled
 from dmu_ray.adapters.stats import PairStats, affine, procrustes, residual
-from dmu_ray.evaluate.gate import share_of_reembedding
+from dmu_ray.evaluate.gate import labelled_metrics, share_of_reembedding
 from dmu_ray.gallery import Gallery, GalleryError
 from dmu_ray.models.artifact import load_artifact, save_upgrade_module
 from dmu_ray.models.linear_map import LinearMap
@@ -150,7 +150,7 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
     import torch
 
     g = cfg.gate
-    ids, old, new = read_holdout(out.join("holdout"), limit=g.queries + g.max_gallery)
+    ids, old, new, labels = read_holdout_labelled(out.join("holdout"), limit=g.queries + g.max_gallery)
     if len(ids) <= g.queries:
         raise AdapterError(
             f"gate: {len(ids)} held-out pairs, but gate.queries is {g.queries} and the gallery needs more; "
@@ -169,7 +169,12 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
             strategies[label] = (new[q], vectors)
     shares = share_of_reembedding((new[q], new[r]), strategies, k=g.k)
     passed = None if g.min_share is None else shares[name] >= g.min_share
+    labelled = None
+    if labels is not None and (labels >= 0).all():  # every gate item labelled: the labelled figures too
+        both = {**strategies, "new/new": (new[q], new[r])}
+        labelled = labelled_metrics(both, labels[q], labels[r], map_at=100)
     return {
+        "labelled": labelled,
         "k": min(g.k, len(ids) - g.queries),
         "queries": g.queries,
         "gallery": len(ids) - g.queries,
@@ -195,7 +200,21 @@ def _report(result: dict[str, Any]) -> str:
         "| strategy | share |",
         "| --- | --- |",
     ]
-    lines += [f"| {s} | {v:.4f} |" for s, v in gate["share"].items()]
+    if gate.get("labelled"):
+        lab = gate["labelled"]
+        lines[-2:] = ["| strategy | share | R@1 | mAP@100 |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| {s} | {v:.4f} | {lab[s]['R@1']:.4f} | {lab[s]['mAP@100']:.4f} |"
+            for s, v in gate["share"].items()
+        ]
+        nn = lab["new/new"]
+        lines += [
+            f"| new/new | 1 | {nn['R@1']:.4f} | {nn['mAP@100']:.4f} |",
+            "",
+            "(labelled figures: the items' labels)",
+        ]
+    else:
+        lines += [f"| {s} | {v:.4f} |" for s, v in gate["share"].items()]
     if gate["min_share"] is not None:
         verdict = "passes" if gate["passed"] else "does NOT pass"
         lines += ["", f"{gate['strategy']} {verdict} the gate (min_share {gate['min_share']})."]

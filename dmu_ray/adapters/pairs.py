@@ -27,6 +27,7 @@ from dmu_ray.data.splits import unit_hash
 from dmu_ray.gallery import EMB, ID, Gallery, embedding_array, embedding_matrix, write_parquet_atomic
 from dmu_ray.storage import Location
 
+LABEL = "label"
 __all__ = ["PairCounts", "id_keys", "join_pairs", "read_holdout"]
 
 #: rows per file of the fitted pairs an MLP trains on (a Ray Data block each: bounded memory)
@@ -66,7 +67,8 @@ def id_keys(ids: np.ndarray) -> np.ndarray:
 def _bucket_file(task: dict) -> dict:
     """Stage 1 (one gallery file): its rows split into buckets, one Parquet file per bucket."""
     g, rel, side, work, buckets = task["gallery"], task["file"], task["side"], task["work"], task["buckets"]
-    t = g.parquet_file(rel).read(columns=[ID, EMB])
+    f = g.parquet_file(rel)
+    t = f.read(columns=[ID, EMB] + ([LABEL] if LABEL in f.schema_arrow.names else []))
     ids = t.column(ID).to_numpy(zero_copy_only=False)
     which = (unit_hash(id_keys(ids), BUCKET_SALT) * buckets).astype(np.int64)
     stem = rel.replace("/", "__")
@@ -84,35 +86,43 @@ def _read_folder(loc: Location) -> pa.Table | None:
     return pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names])
 
 
-def _read_bucket(loc: Location, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ids and ``(n, dim)`` vectors of one side's rows of a bucket (none: empty arrays)."""
+def _read_bucket(loc: Location, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ids, ``(n, dim)`` vectors and labels (None: the gallery has none) of one side's rows of a
+    bucket (none: empty arrays)."""
     t = _read_folder(loc)
     if t is None:
-        return np.empty(0, np.int64), np.empty((0, dim), np.float32)
-    return t.column(ID).to_numpy(zero_copy_only=False), embedding_matrix(t.column(EMB)).astype(np.float32)
+        return np.empty(0, np.int64), np.empty((0, dim), np.float32), None
+    labels = t.column(LABEL).fill_null(-1).to_numpy() if LABEL in t.column_names else None
+    return (
+        t.column(ID).to_numpy(zero_copy_only=False),
+        embedding_matrix(t.column(EMB)).astype(np.float32),
+        labels,
+    )
 
 
 def _join_bucket(task: dict) -> dict:
     """Stage 2 (one bucket): join old and new rows on the id; statistics of the fitted pairs,
     the held-out pairs written for the gate."""
     work, k, dims = task["work"], task["bucket"], task["dims"]
-    old_ids, old = _read_bucket(work.join("old", f"b{k:05d}"), dims[0])
-    new_ids, new = _read_bucket(work.join("new", f"b{k:05d}"), dims[1])
+    old_ids, old, old_labels = _read_bucket(work.join("old", f"b{k:05d}"), dims[0])
+    new_ids, new, new_labels = _read_bucket(work.join("new", f"b{k:05d}"), dims[1])
     _, io, jn = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
     ids, x, y = old_ids[io], old[io], new[jn]
+    labels = old_labels[io] if old_labels is not None else None if new_labels is None else new_labels[jn]
     hold = unit_hash(id_keys(ids), HOLDOUT_SALT + task["seed"]) < task["holdout"]
     src, dst = (x, y) if task["direction"] == "gallery" else (y, x)
     fit = ~hold
     stats = PairStats.of(src[fit], dst[fit])  # zero rows give zero sums of the right shapes
     if hold.any():
         order = np.argsort(ids[hold], kind="stable")
-        held = pa.table(
-            {
-                ID: pa.array(ids[hold][order]),
-                "old": embedding_array(x[hold][order]),
-                "new": embedding_array(y[hold][order]),
-            }
-        )
+        cols = {
+            ID: pa.array(ids[hold][order]),
+            "old": embedding_array(x[hold][order]),
+            "new": embedding_array(y[hold][order]),
+        }
+        if labels is not None:  # the gate adds labelled metrics when the items have labels
+            cols[LABEL] = pa.array(labels[hold][order])
+        held = pa.table(cols)
         write_parquet_atomic(task["holdout_loc"].join(f"part-{k:05d}.parquet"), held)
     if task.get("fit_loc") is not None and fit.any():
         order = np.argsort(ids[fit], kind="stable")  # the same files whatever the read order
@@ -181,9 +191,18 @@ def join_pairs(
 
 def read_holdout(loc: Location, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, old, new)`` of the held-out pairs, sorted by id (the first ``limit`` when given)."""
+    ids, old, new, _ = read_holdout_labelled(loc, limit)
+    return ids, old, new
+
+
+def read_holdout_labelled(
+    loc: Location, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`read_holdout` with the items' labels (-1: none; None when the galleries had none)."""
     t = _read_folder(loc)
     if t is None:
-        return np.empty(0, np.int64), np.empty((0, 0), np.float32), np.empty((0, 0), np.float32)
+        empty = np.empty((0, 0), np.float32)
+        return np.empty(0, np.int64), empty, empty, None
     t = t.sort_by(ID)
     if limit is not None:
         t = t.slice(0, limit)
@@ -191,4 +210,5 @@ def read_holdout(loc: Location, limit: int | None = None) -> tuple[np.ndarray, n
         t.column(ID).to_numpy(zero_copy_only=False),
         embedding_matrix(t.column("old")).astype(np.float32),
         embedding_matrix(t.column("new")).astype(np.float32),
+        t.column(LABEL).to_numpy() if LABEL in t.column_names else None,
     )

@@ -12,7 +12,7 @@ import numpy as np
 
 from dmu_ray.evaluate.search import SearchConfig, search
 
-__all__ = ["share_of_reembedding", "unit_rows"]
+__all__ = ["share_of_reembedding", "labelled_metrics", "unit_rows"]
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -43,4 +43,28 @@ def share_of_reembedding(
         got = search(unit_rows(q), unit_rows(g), k, cfg).ids
         hits = (got[:, :, None] == ref[:, None, :]).any(-1).sum(1)
         out[name] = float(hits.mean() / k)
+    return out
+
+
+def labelled_metrics(
+    strategies: dict[str, tuple[np.ndarray, np.ndarray]],
+    q_labels: np.ndarray,
+    g_labels: np.ndarray,
+    map_at: int = 100,
+    cfg: SearchConfig | None = None,
+) -> dict[str, dict[str, float]]:
+    """Where the items have labels: each strategy's R@1 and mAP@``map_at`` (a gallery item is
+    relevant to a query of its label; cosine search), beside the label-free share."""
+    from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance
+
+    k = min(map_at, len(g_labels))
+    n_rel = (g_labels[None, :] == q_labels[:, None]).sum(1)
+    out = {}
+    for name, (q, g) in strategies.items():
+        ranked = g_labels[search(unit_rows(q), unit_rows(g), k, cfg).ids]
+        rel = relevance(ranked, q_labels)
+        out[name] = {
+            "R@1": recall_at(rel, [1])[1],
+            f"mAP@{map_at}": float(average_precision(rel, n_rel, k).mean()),
+        }
     return out
