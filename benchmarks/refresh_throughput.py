@@ -4,6 +4,7 @@
     python benchmarks/refresh_throughput.py --rows 500000   # quicker
 
     python benchmarks/refresh_throughput.py --s3            # also S3 -> S3 on a loopback moto server
+    python benchmarks/refresh_throughput.py --module linear # a fitted linear adapter (one matmul a batch)
 
 Generates a gallery of N x d vectors on local disk, then in the same run:
 1. I/O only: every file read and written back with the gallery's write options, no module (the
@@ -36,6 +37,7 @@ import torch
 from dmu_ray.config import ActorPoolConfig, RefreshConfig, StorageConfig
 from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array, embedding_matrix, parquet_write_options
 from dmu_ray.models.artifact import save_upgrade_module
+from dmu_ray.models.linear_map import LinearMap
 from dmu_ray.models.upgrade import CPU_COMPUTE_ROWS, UpgradeModule
 from dmu_ray.ray_session import ensure_ray
 from dmu_ray.refresh import run_refresh
@@ -157,19 +159,31 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=65536)
     ap.add_argument("--workdir", default=None, help="where to put the data (default: a temp dir)")
     ap.add_argument("--s3", action="store_true", help="also refresh S3 -> S3 on a loopback moto server")
+    ap.add_argument(
+        "--module",
+        choices=["mlp", "linear"],
+        default="mlp",
+        help="the upgrade module: the residual MLP (default) or a linear adapter (adapter fit's procrustes/affine)",
+    )
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="dmu-bench-")
     src = os.path.join(work, "old")
     cpus = os.cpu_count() or 2
     print(
-        f"# {args.rows:,} x {args.dim} float16, files of {args.rows_per_file:,} rows, psi width {args.width}, {cpus} cores"
+        f"# {args.rows:,} x {args.dim} float16, files of {args.rows_per_file:,} rows, "
+        + ("a linear adapter" if args.module == "linear" else f"psi width {args.width}")
+        + f", {cpus} cores"
     )
     if not os.path.exists(os.path.join(src, "_manifest.json")):
         t0 = time.perf_counter()
         make_gallery(src, args.rows, args.dim, args.rows_per_file)
         print(f"# generated in {time.perf_counter() - t0:.1f}s")
-    module = UpgradeModule(args.dim, args.out_dim, args.width, 2).eval()
+    if args.module == "linear":
+        w = np.linalg.qr(np.random.default_rng(1).standard_normal((args.dim, args.dim)))[0][:, : args.out_dim]
+        module = LinearMap.from_arrays(w.astype(np.float32))
+    else:
+        module = UpgradeModule(args.dim, args.out_dim, args.width, 2).eval()
     module_uri = os.path.join(work, "psi.pt")
     save_upgrade_module(module_uri, module, {"id": "bench"})
 

@@ -500,3 +500,38 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
         "--output", str(tmp_path / "q-other"), "--quiet",
     )  # fmt: skip
     assert r.returncode != 0 and "maps vectors of new@" in r.stderr and not (tmp_path / "q-other").exists()
+
+
+def test_co_partitioned_galleries_join_in_one_pass_with_the_two_pass_joins_result(ray_local, tmp_path):
+    """Galleries holding the same ids file for file are joined file pair by file pair; the counts,
+    statistics and held-out pairs equal those of the two-pass hash join of the same vectors."""
+    from dmu_ray.adapters.pairs import join_pairs, read_holdout
+
+    rng = np.random.default_rng(21)
+    ids = np.arange(900, dtype=np.int64)
+    x, y = rng.standard_normal((900, 6)), rng.standard_normal((900, 4))
+    o = Gallery.open(gallery(str(tmp_path / "o"), ids, x, "o", files=3))
+    n3 = Gallery.open(gallery(str(tmp_path / "n3"), ids, y, "n", files=3))  # same files: one pass
+    n2 = Gallery.open(gallery(str(tmp_path / "n2"), ids, y, "n", files=2))  # other files: two passes
+    said: dict[str, list[str]] = {"n3": [], "n2": []}
+    got = {}
+    for name, g in (("n3", n3), ("n2", n2)):
+        got[name] = join_pairs(
+            o,
+            g,
+            resolve(str(tmp_path / f"w-{name}")),
+            resolve(str(tmp_path / f"h-{name}")),
+            direction="gallery",
+            holdout=0.2,
+            seed=0,
+            bucket_rows=400,
+            progress=said[name].append,
+        )
+    assert any("one pass" in m for m in said["n3"]) and not any("one pass" in m for m in said["n2"])
+    (c3, s3), (c2, s2) = got["n3"], got["n2"]
+    assert c3 == c2 and c3.matched == 900
+    for key in ("sx", "sy", "xx", "xy"):
+        np.testing.assert_allclose(getattr(s3, key), getattr(s2, key), rtol=1e-6, atol=1e-4)
+    h3, h2 = read_holdout(resolve(str(tmp_path / "h-n3"))), read_holdout(resolve(str(tmp_path / "h-n2")))
+    np.testing.assert_array_equal(h3[0], h2[0])
+    np.testing.assert_allclose(h3[2], h2[2])

@@ -11,6 +11,13 @@ The join is a hash join in two passes, so no process holds either gallery:
    adapter that trains (the MLP), the fitted pairs to ``<fit>/part-<k>-<j>.parquet`` (columns
    ``src``, ``dst``: source and target vectors, by direction) for Ray Train to stream.
 The statistics are merged on the driver: the fit sees every pair, whatever their number.
+
+Galleries written file for file from one listing (``adapter pairs``, or any two embeddings of the
+same sorted ids with the same rows per file) are co-partitioned: file ``i`` of each holds the same
+ids. Then one pass suffices: one task per file pair reads both ids columns, and when they are
+equal, the vectors, and returns the statistics (and writes the held-out pairs) straight away. If
+any file pair differs, the results of that pass are dropped and the two-pass join runs (the wasted
+work is a read of the ids).
 """
 
 from __future__ import annotations
@@ -92,20 +99,49 @@ def _read_bucket(loc: Location, dim: int) -> tuple[np.ndarray, np.ndarray, np.nd
     t = _read_folder(loc)
     if t is None:
         return np.empty(0, np.int64), np.empty((0, dim), np.float32), None
-    labels = t.column(LABEL).fill_null(-1).to_numpy() if LABEL in t.column_names else None
-    return (
-        t.column(ID).to_numpy(zero_copy_only=False),
-        embedding_matrix(t.column(EMB)).astype(np.float32),
-        labels,
-    )
+    return _side_of(t)
 
 
 def _join_bucket(task: dict) -> dict:
     """Stage 2 (one bucket): join old and new rows on the id; statistics of the fitted pairs,
     the held-out pairs written for the gate."""
     work, k, dims = task["work"], task["bucket"], task["dims"]
-    old_ids, old, old_labels = _read_bucket(work.join("old", f"b{k:05d}"), dims[0])
-    new_ids, new, new_labels = _read_bucket(work.join("new", f"b{k:05d}"), dims[1])
+    old_side = _read_bucket(work.join("old", f"b{k:05d}"), dims[0])
+    new_side = _read_bucket(work.join("new", f"b{k:05d}"), dims[1])
+    return _join_rows(task, k, old_side, new_side)
+
+
+def _side_of(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    labels = table.column(LABEL).fill_null(-1).to_numpy() if LABEL in table.column_names else None
+    return (
+        table.column(ID).to_numpy(zero_copy_only=False),
+        embedding_matrix(table.column(EMB)).astype(np.float32),
+        labels,
+    )
+
+
+def _direct_pair(task: dict) -> dict | None:
+    """One pass (co-partitioned galleries): file ``k`` of each read and joined, or None when the
+    two files do not hold the same ids (the caller then runs the two-pass join)."""
+    old, new, k = task["old"], task["new"], task["bucket"]
+    fo, fn = old.parquet_file(task["files"][0]), new.parquet_file(task["files"][1])
+    if fo.metadata.num_rows != fn.metadata.num_rows:
+        return None
+    if not np.array_equal(
+        fo.read(columns=[ID]).column(ID).to_numpy(), fn.read(columns=[ID]).column(ID).to_numpy()
+    ):
+        return None
+    sides = []
+    for f in (fo, fn):
+        sides.append(_side_of(f.read(columns=[ID, EMB] + ([LABEL] if LABEL in f.schema_arrow.names else []))))
+    return _join_rows(task, k, sides[0], sides[1])
+
+
+def _join_rows(task: dict, k: int, old_side: tuple, new_side: tuple) -> dict:
+    """Join one part's old and new rows on the id: statistics of the fitted pairs; held-out (and,
+    for an MLP, fitted) pairs written as part ``k``."""
+    old_ids, old, old_labels = old_side
+    new_ids, new, new_labels = new_side
     _, io, jn = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
     ids, x, y = old_ids[io], old[io], new[jn]
     labels = old_labels[io] if old_labels is not None else None if new_labels is None else new_labels[jn]
@@ -161,9 +197,32 @@ def join_pairs(
     Needs a Ray session."""
     import ray
 
-    buckets = max(1, -(-max(old.num_rows, new.num_rows) // bucket_rows))
     dims = (old.model.dim, new.model.dim)
     remote = ray.remote(num_cpus=num_cpus)
+    base = {
+        "dims": dims,
+        "seed": seed,
+        "holdout": holdout,
+        "direction": direction,
+        "holdout_loc": holdout_loc,
+        "fit_loc": fit_loc,
+    }
+    if len(old.files) == len(new.files):  # perhaps co-partitioned: one pass, file pair by file pair
+        direct = ray.get(
+            [
+                remote(_direct_pair).remote({**base, "old": old, "new": new, "files": pair, "bucket": k})
+                for k, pair in enumerate(zip(old.files, new.files, strict=True))
+            ]
+        )
+        if all(r is not None for r in direct):
+            if progress:
+                progress(f"  pairs: {len(direct)} file pair(s) holding the same ids, joined in one pass")
+            return _merged(direct)
+        for folder in (holdout_loc, fit_loc):  # what the pass wrote goes; the two-pass join rewrites it
+            if folder is not None:
+                for name in folder.list_files(".parquet"):
+                    folder.fs.delete_file(folder.join(name).path)
+    buckets = max(1, -(-max(old.num_rows, new.num_rows) // bucket_rows))
     stage1 = [
         remote(_bucket_file).remote({"gallery": g, "file": f, "side": side, "work": work, "buckets": buckets})
         for side, g in (("old", old), ("new", new))
@@ -172,16 +231,13 @@ def join_pairs(
     ray.get(stage1)
     if progress:
         progress(f"  pairs: {len(stage1)} gallery file(s) split into {buckets} bucket(s)")
-    base = {
-        "work": work,
-        "dims": dims,
-        "seed": seed,
-        "holdout": holdout,
-        "direction": direction,
-        "holdout_loc": holdout_loc,
-        "fit_loc": fit_loc,
-    }
-    results = ray.get([remote(_join_bucket).remote({**base, "bucket": k}) for k in range(buckets)])
+    results = ray.get(
+        [remote(_join_bucket).remote({**base, "work": work, "bucket": k}) for k in range(buckets)]
+    )
+    return _merged(results)
+
+
+def _merged(results: list[dict]) -> tuple[PairCounts, PairStats]:
     counts, stats = PairCounts(), None
     for r in sorted(results, key=lambda r: r["bucket"]):
         counts = counts.add(r["counts"])
