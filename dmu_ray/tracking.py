@@ -45,10 +45,21 @@ def metric_key(name: str) -> str:
     return _INVALID.sub("_", name.replace("@", "_at_"))
 
 
+#: where runs whose storage is on object storage are recorded by default: an embedded store on the
+#: driver's local disk (``$DMU_RAY_HOME``, default ``~/.dmu-ray``), since none can live on S3
+HOME_ENV, HOME_DEFAULT = "DMU_RAY_HOME", "~/.dmu-ray"
+
+
+def local_store_folder() -> Path:
+    """The local folder of the embedded store used when a job's root is on object storage."""
+    return Path(os.environ.get(HOME_ENV) or HOME_DEFAULT).expanduser().resolve() / "mlflow"
+
+
 def store_for(tc: TrackingConfig, root: Location) -> tuple[str | None, str | None, str]:
-    """``(tracking URI, artefact location, why off)``: the configured URI, else
-    ``$MLFLOW_TRACKING_URI``, else SQLite in ``root`` (a local folder) with artefacts beside it;
-    ``(None, None, reason)`` when tracking is off."""
+    """``(tracking URI, artefact location, note)``: the configured URI, else
+    ``$MLFLOW_TRACKING_URI``, else SQLite in ``root`` (a local folder) with artefacts beside it,
+    else (``root`` on object storage) SQLite in :func:`local_store_folder` on the driver's disk,
+    with a note saying where; ``(None, None, "")`` when tracking is off."""
     if not tc.enabled:
         return None, None, ""
     if tc.uri:
@@ -56,17 +67,17 @@ def store_for(tc: TrackingConfig, root: Location) -> tuple[str | None, str | Non
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env, None, ""
+    note = ""
     if root.is_s3:
-        return (
-            None,
-            None,
-            (
-                f"tracking: off ({root.uri} is on object storage, where no embedded MLflow store can live; "
-                "set tracking.uri to a server to track these runs)"
-            ),
+        folder = local_store_folder()
+        note = (
+            f"tracking: {root.uri} is on object storage, where no embedded MLflow store can live; runs are "
+            f"recorded on this machine in {folder / DB_NAME} (set tracking.uri to a shared server, or "
+            f"${HOME_ENV} to move it)"
         )
-    folder = Path(root.path).resolve()
-    return f"sqlite:///{folder / DB_NAME}", (folder / ARTIFACTS).as_uri(), ""
+    else:
+        folder = Path(root.path).resolve()
+    return f"sqlite:///{folder / DB_NAME}", (folder / ARTIFACTS).as_uri(), note
 
 
 def _quiet_mlflow() -> None:
@@ -90,11 +101,11 @@ class Tracker:
     @classmethod
     def open(cls, tc: TrackingConfig, root: Location, *, say=None) -> Tracker | None:
         """Open the store (creating the embedded one and the experiment when needed); ``None``
-        when tracking is off (``say`` gets the reason, if there is one)."""
-        uri, artifacts, why = store_for(tc, root)
+        when tracking is off (``say`` gets where an S3 job's runs are recorded)."""
+        uri, artifacts, note = store_for(tc, root)
+        if note and say is not None:
+            say(note)
         if uri is None:
-            if why and say is not None:
-                say(why)
             return None
         _quiet_mlflow()
         try:

@@ -17,6 +17,19 @@ from dmu_ray.config import StorageConfig
 BUCKET = "dmu-test"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dmu_home(tmp_path_factory) -> Iterator[None]:
+    """Jobs whose storage is on S3 record their runs in an embedded store under $DMU_RAY_HOME: a
+    folder of this session, never the user's home (CLI subprocesses inherit it)."""
+    old = os.environ.get("DMU_RAY_HOME")
+    os.environ["DMU_RAY_HOME"] = str(tmp_path_factory.mktemp("dmu-home"))
+    yield
+    if old is None:
+        os.environ.pop("DMU_RAY_HOME", None)
+    else:
+        os.environ["DMU_RAY_HOME"] = old
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

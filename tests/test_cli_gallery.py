@@ -42,6 +42,10 @@ def test_import_then_inspect_on_s3(s3, tmp_path):
     assert info["rows"] == 2100 and info["dtype"] == "float16" and info["files"] == 3
     r = run("gallery", "validate", uri, "--endpoint-url", s3.endpoint)
     assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
+    # stderr is a pipe here, as in a log file: one line per progress update, none run together
+    updates = [line for line in r.stderr.splitlines() if "checked" in line]
+    assert len(updates) == 3 and "\r" not in r.stderr, r.stderr
+    assert all(line.count("checked") == 1 for line in updates), r.stderr
     # credentials (from the AWS chain) never show up
     assert "testing" not in r.stdout + r.stderr
 

@@ -206,6 +206,14 @@ def test_cli_folder_import_inspect_and_validate(tmp_path):
     assert "label(s) outside [0, 3)" in r.stdout and "_dataset.json says" in r.stdout
     r = cli("data", "import", "folder", str(tmp_path / "photos"), str(tmp_path / "ds"), "--quiet")
     assert r.returncode == 2 and "already holds files" in r.stderr
+    # a folder without a bad file: the progress says so instead of naming an empty reasons file
+    for c in ("cat", "dog"):
+        for i in range(3):
+            (tmp_path / "clean" / c).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "clean" / c / f"{i}.png").write_bytes(image_bytes(10 * len(c) + i, "PNG"))
+    r = cli("data", "import", "folder", str(tmp_path / "clean"), str(tmp_path / "ds2"), "--size", "16")
+    assert r.returncode == 0, r.stderr
+    assert "nothing quarantined" in r.stderr and "reasons in" not in r.stderr, r.stderr
 
 
 def test_decode_fits_non_square_images_by_centre_crop():

@@ -87,8 +87,18 @@ def test_torchscript_from_s3_with_the_cli_and_bad_models(s3, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "6-d embeddings" in r.stdout and "no classifier" in r.stdout
+    assert "FutureWarning" not in r.stderr  # torch's TorchScript deprecation is not the user's concern
     art = load_artifact(dest, s3.storage)
     assert art.card.source == "torchscript" and art.card.preprocessing.std == [0.25]
+    # an artefact already there is not replaced silently: galleries name its bytes
+    again = ("model", "import", f"s3://{s3.bucket}/models/tiny.pt", dest, "--id", "prod-v2", "--channels", "1",
+             "--size", "16", "--mean", "0.5", "--std", "0.25", "--endpoint-url", s3.endpoint)  # fmt: skip
+    r = cli(*again)
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert load_artifact(dest, s3.storage).sha256 == art.sha256
+    r = cli(*again, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert load_artifact(dest, s3.storage).card.id == "prod-v2"
     model, _ = build_embedding_model(art)
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():

@@ -24,8 +24,11 @@ def test_store_and_metric_names(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
     assert store_for(TrackingConfig(), local)[0] == "http://from-env:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    off = store_for(TrackingConfig(), resolve("s3://bucket/runs"))
-    assert off[0] is None and "set tracking.uri" in off[2]
+    # a root on object storage: an embedded store on the driver's disk, and a note saying where
+    monkeypatch.setenv("DMU_RAY_HOME", str(tmp_path / "home"))
+    uri, _, note = store_for(TrackingConfig(), resolve("s3://bucket/runs"))
+    assert uri == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+    assert "runs are recorded on this machine in" in note and str(tmp_path / "home") in note
     assert metric_key("dmu:new/old/mAP@100") == "dmu:new/old/mAP_at_100"
     assert metric_key("TAR@FAR=0.001") == "TAR_at_FAR_0.001"
     assert flatten({"optim": {"lr": 0.1, "epochs": 2}, "ks": [1, 5]}) == {

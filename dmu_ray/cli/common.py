@@ -48,7 +48,18 @@ def _job_config(cls, ns: argparse.Namespace, load=None):
 
 
 def _progress(msg: str) -> None:
-    print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+    """A progress update: redrawn in place on a terminal; one line each elsewhere (log files,
+    Ray job logs, pipes), so updates never run together."""
+    if sys.stderr.isatty():
+        print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _progress_done() -> None:
+    """End a run of :func:`_progress` updates (the line drawn in place, on a terminal)."""
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
 
 
 def _literal_choices(model, field: str) -> list[str]:

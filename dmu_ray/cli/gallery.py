@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from dmu_ray.cli.common import (
     _progress,
+    _progress_done,
     _storage,
     _storage_args,
 )
@@ -35,7 +35,7 @@ def _cmd_gallery_import(ns: argparse.Namespace) -> int:
         storage=_storage(ns),
         progress=_progress,
     )
-    print(file=sys.stderr)
+    _progress_done()
     print(
         f"committed {ns.dest}: {m.rows:,} rows in {len(m.files)} file(s), dim {m.model.dim} {m.model.dtype}, "
         f"{m.quarantined_rows:,} quarantined" + (f" ({m.quarantine_reasons})" if m.quarantined_rows else "")
@@ -88,7 +88,7 @@ def _cmd_gallery_validate(ns: argparse.Namespace) -> int:
     rep = validate_gallery(
         g, checksums=not ns.no_checksums, duplicates=not ns.no_duplicate_check, progress=_progress
     )
-    print(file=sys.stderr)
+    _progress_done()
     for w in rep.warnings:
         print(f"warning: {w}")
     for p in rep.problems:

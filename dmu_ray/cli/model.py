@@ -29,6 +29,7 @@ def _cmd_model_import(ns: argparse.Namespace) -> int:
         std=_floats(ns.std),
         version=ns.model_version,
         storage=_storage(ns),
+        overwrite=ns.overwrite,
     )
     p = card.preprocessing
     print(
@@ -72,5 +73,6 @@ def add_parser(sub) -> None:
     mim.add_argument("--size", type=int, help="input side in pixels (default: the model's own)")
     mim.add_argument("--mean", help="per-channel mean, comma-separated (default: the model's own)")
     mim.add_argument("--std", help="per-channel std, comma-separated (default: the model's own)")
+    mim.add_argument("--overwrite", action="store_true", help="replace an artefact already at DEST")
     _storage_args(mim)
     mim.set_defaults(func=_cmd_model_import)

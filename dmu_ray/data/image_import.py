@@ -294,7 +294,11 @@ def _import_claimed(
     write_dataset_info(root, info)  # the commit: readers refuse a folder without it
     say(
         f"  imported {imported:,} ({', '.join(f'{p} {n:,}' for p, n in rows.items())}), "
-        f"quarantined {quarantined.num_rows:,} (reasons in {root.join(QUARANTINE).uri})"
+        + (
+            f"quarantined {quarantined.num_rows:,} (reasons in {root.join(QUARANTINE).uri})"
+            if quarantined.num_rows
+            else "nothing quarantined"
+        )
     )
     return info
 

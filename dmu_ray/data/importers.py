@@ -164,13 +164,15 @@ def render_glyph_set(
             p: ([], [], []) for p in ("train", "query", "gallery")
         }
         for fi, path in enumerate(fonts):
-            if progress:
+            if progress and sys.stderr.isatty():  # redrawn in place on a terminal
                 print(
                     f"\r  rendering typeface {fi + 1}/{len(fonts)}: {path.name:<40}",
                     end="",
                     file=sys.stderr,
                     flush=True,
                 )
+            elif progress and (fi + 1) % 25 == 0:  # logs: a line every 25 typefaces
+                print(f"  rendering typeface {fi + 1}/{len(fonts)}", file=sys.stderr, flush=True)
             try:
                 font = ImageFont.truetype(str(path), render_px)
             except OSError:  # a file fontconfig lists but FreeType cannot open
@@ -192,7 +194,7 @@ def render_glyph_set(
                         parts["train"][0].append(encode_png(_place(glyph, image_size, rng, jitter=True)))
                         parts["train"][1].append(label)
                         parts["train"][2].append(fi)
-        if progress:
+        if progress and sys.stderr.isatty():
             print(file=sys.stderr)
         names = list(chars)
         if prune:

@@ -197,8 +197,12 @@ class TorchScriptSource(ModelSource):
     data: bytes = b""
 
     def create(self) -> nn.Module:
+        import warnings
+
         try:
-            return torch.jit.load(io.BytesIO(self.data), map_location="cpu")
+            with warnings.catch_warnings():  # torch deprecates TorchScript; the user's file still loads
+                warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+                return torch.jit.load(io.BytesIO(self.data), map_location="cpu")
         except Exception as err:  # torch raises several types for a file that is not TorchScript
             raise SourceError(f"not a TorchScript model ({type(err).__name__}: {str(err)[:200]})") from None
 
@@ -311,13 +315,21 @@ def import_model_artifact(
     std: list[float] | None = None,
     version: str = "1",
     storage: Any = None,
+    overwrite: bool = False,
 ) -> EmbeddingCard:
     """``dmu-ray model import``: ``source`` is ``torchvision:NAME`` or ``timm:NAME`` (with
     ``weights``, a state dict file, or ``pretrained``), or the URI of a TorchScript file (an
     optional ``torchscript:`` prefix); local paths and ``s3://`` work for every file. Writes the
-    artefact to ``dest`` and returns its card."""
+    artefact to ``dest`` and returns its card; a file already at ``dest`` is refused (before any
+    work) unless ``overwrite``: galleries and runs name artefacts by their bytes."""
     from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact, save_artifact
     from dmu_ray.storage import read_existing, resolve
+
+    if not overwrite and resolve(dest, storage).exists():
+        raise SourceError(
+            f"{resolve(dest, storage).uri} already exists; galleries embedded with it name its sha256: write "
+            "the import to a new file, or pass --overwrite to replace it"
+        )
 
     def fetch(uri: str) -> bytes:
         return read_existing(resolve(uri, storage), SourceError)
