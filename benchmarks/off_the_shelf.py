@@ -8,7 +8,7 @@ EfficientNet-Lite0 -> EfficientNet-Lite2 with their ImageNet weights, on a glyph
 Both networks embed every image (global-pooled features, no classifier) at ``--size`` pixels with
 ImageNet normalisation. Pairs are a seeded sample of the data set's training part (``--pairs``,
 0 = all of it) embedded by both; each adapter kind x direction is fitted with ``dmu-ray adapter
-fit`` (Ray Data join, closed form, gate on the pairs' held-out share), then measured on the data
+fit`` (Ray Data join; a closed form, or an MLP trained on Ray Train; the gate on the pairs' held-out share), then measured on the data
 set's own query and gallery parts, which no adapter saw: the share of a full re-embedding's (new/new)
 top-10 each strategy retrieves, and labelled mAP@100 beside it. Printed as a table with the
 baselines old/old (do nothing) and new/new (re-embed everything); raw figures in
@@ -38,6 +38,7 @@ from dmu_ray.models.artifact import build_upgrade_module, load_artifact
 from dmu_ray.storage import resolve
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PARTS = ("train", "query", "gallery")
 
 
 class Pooled(torch.nn.Module):
@@ -100,7 +101,11 @@ def main() -> None:
     ap.add_argument(
         "--pairs", type=int, nargs="+", default=[1000, 10000, 0], help="pair sample sizes (0: all)"
     )
-    ap.add_argument("--kinds", nargs="+", default=["procrustes", "affine"])
+    ap.add_argument(
+        "--kinds", nargs="+", default=["procrustes", "affine", "mlp", "mlp-uncertainty"], help="adapter kinds"
+    )
+    ap.add_argument("--mlp-epochs", type=int, default=20, help="epochs of the mlp kinds")
+    ap.add_argument("--mlp-width", type=int, default=1024, help="hidden width of the mlp kinds")
     ap.add_argument("--directions", nargs="+", default=["gallery", "query"])
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -113,15 +118,32 @@ def main() -> None:
     models = {"old": pretrained("efficientnet-lite0"), "new": pretrained("efficientnet-lite2")}
     vec: dict[str, dict[str, tuple]] = {}
     rates = {}
+    cache = root / "vectors.npz"  # both models' vectors of every part, kept between runs
+    if cache.exists():
+        z = np.load(cache)
+        for side in models:
+            vec[side] = {p: tuple(z[f"{side}.{p}.{k}"] for k in ("ids", "labels", "x")) for p in PARTS}
+        rates = json.loads(str(z["rates"]))
+        print(f"vectors from {cache} (delete it to embed again)", flush=True)
     for side, m in models.items():
+        if side in vec:
+            continue
         vec[side] = {}
         images, secs = 0, 0.0
-        for part in ("train", "query", "gallery"):
+        for part in PARTS:
             ids, labels, x, s = embed_part(m, resolve(str(data)).join(part), info.image_size, info.channels)
             vec[side][part] = (ids, labels, x)
             images, secs = images + len(ids), secs + s
         rates[side] = images / secs
         print(f"{side}: {images:,} images embedded, {rates[side]:,.0f} images/s (forward only)", flush=True)
+    if not cache.exists():
+        flat = {
+            f"{sd}.{p}.{k}": v
+            for sd in vec
+            for p in PARTS
+            for k, v in zip(("ids", "labels", "x"), vec[sd][p], strict=True)
+        }
+        np.savez(cache, rates=json.dumps(rates), **flat)
     # the whole training part by the old model; the pairs' new side a seeded sample of it
     t_ids, t_labels, t_old = vec["old"]["train"]
     old_g = write_gallery(str(root / "pairs" / "old"), t_ids, t_labels, t_old, "efficientnet-lite0")
@@ -148,6 +170,8 @@ def main() -> None:
         )
         for kind in a.kinds:
             for direction in a.directions:
+                if kind == "mlp-uncertainty" and direction == "query":
+                    continue  # its uncertainty orders a gallery backfill: gallery side only
                 out = root / "adapters" / f"{kind}-{direction}-{len(take)}"
                 if out.exists():
                     import shutil
@@ -161,7 +185,12 @@ def main() -> None:
                         output=str(out),
                         direction=direction,
                         adapter=kind,
-                        ridge=1e-3 if kind == "affine" else 0.0,
+                        ridge=1e-3 if kind in ("affine", "mlp", "mlp-uncertainty") else 0.0,
+                        mlp=(
+                            {"epochs": a.mlp_epochs, "width": a.mlp_width, "batch_size": 256, "lr": 1e-3}
+                            if kind.startswith("mlp")
+                            else None
+                        ),
                         holdout=0.1,
                         min_matched_share=0.0,
                         gate={"queries": max(10, min(200, len(take) // 40)), "k": 10},
