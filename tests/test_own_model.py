@@ -119,7 +119,7 @@ def test_the_own_model_walkthrough_runs_as_written(s3, tmp_path):
     prefix = f"s3://{bucket}/{root}"
     for name, body in configs.items():
         (tmp_path / name).write_text(body.replace("s3://acme", prefix))
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint}
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint, "DMU_RAY_HOME": str(tmp_path / "home")}
     exe = shutil.which("dmu-ray")
     assert exe, "the dmu-ray console script is not installed (pip install -e '.[dev]')"
     printed = {}
@@ -130,9 +130,13 @@ def test_the_own_model_walkthrough_runs_as_written(s3, tmp_path):
         )
         assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
         printed[" ".join(args[1:4])] = r.stdout
+        printed["stderr " + args[1]] = r.stderr
     assert "32-d embeddings" in printed["model import " + prefix + "/deployed/prod-v1.torchscript"]
     assert "4 classes" in printed["data import folder"] and "quarantined 1" in printed["data import folder"]
     assert "rows {'train': 0, 'query': 12, 'gallery': 24}, quarantined 0" in printed["data import table"]
+    # the runs on S3 were tracked in the embedded store on this machine, and the command said where
+    assert (tmp_path / "home" / "mlflow" / "mlflow.db").exists()
+    assert "runs are recorded on this machine in" in printed["stderr train"]
     keys = s3.keys(f"{root}/dmu/")
     assert f"{root}/dmu/runs/dmu-v2/old_classifier.pt" in keys
     assert f"{root}/dmu/data/train/_quarantine.parquet" in keys
