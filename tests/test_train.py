@@ -54,6 +54,8 @@ def test_train_recover_resume_and_dmu_on_s3(ray_local, s3, digits):
     assert again["metrics"]["steps"] == plan_training(config("old", runs, digits, storage)).rows // 64
     assert again["history"][-1]["resumed_from"] == 2
     assert again["history"][-1]["loss"] < again["history"][0]["loss"]  # it learns
+    learnt = 1 - again["history"][-1]["loss"] / again["history"][0]["loss"]
+    assert (again["notes"] == []) == (learnt >= 0.05), again["notes"]  # a stalled run would say so
     model, head = build_embedding_model(load_artifact(again["model"], s3.storage))
     assert model.dim == 32 and head.num_classes == 10
     # 3. DMU against that old model exports the new model and the upgrade module
@@ -267,3 +269,19 @@ def test_decoded_training_set_cached_once_and_whole_every_epoch(ray_local, tmp_p
     off = plan_training(config("c", str(tmp_path), digits, data={"cache": "off"}))
     forced = plan_training(config("c", str(tmp_path), digits, data={"cache": "memory"}))
     assert not cache_decision(off, 1e12)[0] and cache_decision(forced, 1e3)[0]
+
+
+def test_a_run_whose_losses_hardly_move_says_so_at_the_end():
+    from dmu_ray.train.progress import stall_notes
+
+    assert stall_notes([{"loss": 2.0}]) == []  # one epoch: nothing to judge
+    assert stall_notes([{"loss": 2.0, "compat": 1.0}, {"loss": 1.0, "compat": 0.5}]) == []
+    stalled = stall_notes(
+        [{"loss": 43.6, "compat": 40.0}, {"loss": 42.0, "compat": 39.0}, {"loss": 41.1, "compat": 38.9}]
+    )
+    assert len(stalled) == 1 and stalled[0].startswith(
+        "the compatibility loss fell 3% in 3 epochs (40 -> 38.9)"
+    )
+    assert "new/old is unlikely to beat old/old" in stalled[0] and "optim.epochs" in stalled[0]
+    only_loss = stall_notes([{"loss": 1.0}, {"loss": 0.99}])
+    assert len(only_loss) == 1 and only_loss[0].startswith("the training loss fell 1% in 2 epochs")

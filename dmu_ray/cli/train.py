@@ -22,6 +22,8 @@ def _cmd_train(ns: argparse.Namespace) -> int:
         f"model {out['model']}"
         + (f"; upgrade module {out['upgrade_module']}" if "upgrade_module" in out else "")
     )
+    for note in out.get("notes", []):
+        print(f"note: {note}")
     return 0
 
 

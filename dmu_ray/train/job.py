@@ -120,7 +120,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from dmu_ray.ray_session import ensure_ray, require_resources
-    from dmu_ray.train.progress import ProgressBoard, TrainWatcher
+    from dmu_ray.train.progress import ProgressBoard, TrainWatcher, stall_notes
 
     plan = plan_training(cfg)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -194,6 +194,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if result.error:
             raise result.error
         out = export_run(plan, result.checkpoint, result.metrics or {}, info)
+        out["notes"] = stall_notes(out.get("history", []))
         ok = True
     finally:
         if run is not None:

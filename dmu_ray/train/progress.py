@@ -191,3 +191,31 @@ class TrainWatcher:
         print(
             f"  train {self.name}: epoch {e + 1}/{epochs}: " + ", ".join(parts), file=self.stream, flush=True
         )
+
+
+#: a loss that fell less than this share over a run's epochs is reported as not learning
+STALL_SHARE = 0.05
+
+
+def stall_notes(history: list[dict[str, Any]]) -> list[str]:
+    """Sentences for the end of a training whose losses hardly moved over its epochs (the total
+    and, where the method has one, the compatibility loss ``compat``); none for one epoch."""
+    if len(history) < 2:
+        return []
+    notes = []
+    for key, what, then in (
+        ("compat", "the compatibility loss", "new/old is unlikely to beat old/old"),
+        ("loss", "the training loss", "the model has hardly learnt from these epochs"),
+    ):
+        first, last = history[0].get(key), history[-1].get(key)
+        if first is None or last is None or not first > 0:
+            continue
+        fell = 1 - last / first
+        if fell < STALL_SHARE:
+            notes.append(
+                f"{what} fell {fell:.0%} in {len(history)} epochs ({first:.4g} -> {last:.4g}): {then}; train "
+                "longer (optim.epochs), or check optim.lr and, against an imported old model, the scale of its "
+                "features and the classifier built from its class prototypes"
+            )
+            break  # one sentence: the compatibility loss's, when it stalled
+    return notes
