@@ -101,7 +101,7 @@ def test_demo_tells_its_story_quietly(tmp_path):
     ev = runs[runs_title(runs)]
     assert ev.data.metrics["dmu:new/old/mAP_at_100"] == report["dmu"]["pairings"]["new/old"]["mAP@100"]
     assert {f.path for f in client.list_artifacts(ev.info.run_id)} >= {"eval.json", "eval.md", "pairings.png"}
-    assert demo.data.metrics["dmu/compatibility"] == report["dmu"]["headline"]["compatibility"]
+    assert demo.data.metrics["dmu/new_old_vs_old_old"] == report["dmu"]["headline"]["new_old_vs_old_old"]
 
 
 def runs_title(runs) -> str:

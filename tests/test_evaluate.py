@@ -10,7 +10,7 @@ from dmu_ray.config import ConfigError, EvaluateConfig, parse_config
 from dmu_ray.evaluate.job import check_inputs
 from dmu_ray.evaluate.matrix import EvaluationError, MetricsConfig, evaluate_pairing, headline
 from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance, tar_at_far
-from dmu_ray.evaluate.report import write_report
+from dmu_ray.evaluate.report import markdown_table, write_report
 from dmu_ray.evaluate.search import SearchConfig, search
 from dmu_ray.gallery import Gallery, GalleryWriter, ModelInfo, embedding_array
 from dmu_ray.models.artifact import save_embedding_model, save_upgrade_module
@@ -153,7 +153,11 @@ def test_report_on_s3(s3):
     body = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="eval-report/eval.json")["Body"].read())
     assert body["format"] == "dmu-ray.eval/1" and body["pairings"]["new/upgraded"]["R@1"] == 0.8
     md = s3.client().get_object(Bucket=s3.bucket, Key="eval-report/eval.md")["Body"].read().decode()
-    assert "| new/upgraded | 70.00 | 80.00 |" in md and "gain without backfill (mAP@100): +20.00" in md
+    assert "| new/upgraded | 70.00 | 80.00 |" in md
+    assert (
+        "takes the old gallery from 50.00 (old/old) to 70.00 mAP@100 for new-model queries (new/upgraded): +20.00."
+        in md
+    )
     png = s3.client().get_object(Bucket=s3.bucket, Key="eval-report/pairings.png")["Body"].read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and set(files) == {"json", "markdown", "plot"}
 
@@ -210,9 +214,16 @@ def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp
     assert set(result["headline"]) == {"bct", "dmu", "dmu-again", "independent"}
     assert p["independent:new/new"] == p["independent/independent"]  # one search
     assert p["independent:new/old"]["mAP@100"] == p["bct:new/old"]["mAP@100"]  # same bytes as bct
-    assert result["headline"]["dmu"]["compatibility"] == pytest.approx(
+    assert result["headline"]["dmu"]["new_old_vs_old_old"] == pytest.approx(
         p["dmu:new/old"]["mAP@100"] - p["old/old"]["mAP@100"]
     )
+    assert result["headline"]["dmu"]["compatibility_cost"] == pytest.approx(
+        p["independent/independent"]["mAP@100"] - p["dmu:new/new"]["mAP@100"]
+    )
+    # eval.md says it in the demo's plain sentences, one vocabulary, no bullets
+    md = markdown_table(result)
+    assert "Compatibility costs dmu" in md and "dmu's queries on the untouched old gallery score" in md
+    assert "\n- " not in md
     assert p["dmu:new/new"] == p["dmu-again:new/new"]
     assert p["bct:new/new"]["mAP@100"] == p["independent/independent"]["mAP@100"]  # one artefact
     assert p["bct:new/new"]["mAP@100"] != p["dmu:new/new"]["mAP@100"]  # different models differ
@@ -222,7 +233,7 @@ def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp
     direct = evaluate_pairing("d", qx, ql, gx, gl)
     assert p["dmu:new/old"]["mAP@100"] == pytest.approx(direct["mAP@100"])
     md = (tmp_path / "eval" / "eval.md").read_text()
-    assert "| dmu:new/upgraded |" in md and "- dmu: compatibility (mAP@100)" in md and "seconds" in md
+    assert "| dmu:new/upgraded |" in md and "dmu's queries on the untouched old gallery" in md and "seconds" in md
     # one way to name the new models; shared galleries other than old belong to a model
     for bad, match in (
         ({"new_model": paths["dmu"]}, "new_model .* or new_models"),

@@ -79,20 +79,27 @@ def evaluate_pairing(
     return out
 
 
+#: the headline figures, one vocabulary everywhere (eval.json, eval.md, MLflow, the demo): name,
+#: the two pairings and the sign (+1: a - b; -1: b - a)
+HEADLINES = (
+    ("gain_without_backfill", "new/upgraded", "old/old", 1),
+    ("new_old_vs_old_old", "new/old", "old/old", 1),
+    ("compatibility_cost", "independent/independent", "new/new", 1),
+    ("gain_with_full_backfill", "new/new", "old/old", 1),
+)
+
+
 def headline(pairings: dict[str, dict[str, Any]], metric: str) -> dict[str, float]:
-    """The figures people compare: gain without backfill (new/upgraded - old/old), compatibility
-    (new/old - old/old), degradation (new/new - independent new/new, negative = worse)."""
+    """The figures people compare, differences of ``metric``: the gain without re-embedding
+    (new/upgraded - old/old), new queries on the untouched old gallery against the old model
+    (new/old - old/old), what compatibility cost the new model (independent/independent -
+    new/new; positive = a cost) and the gain of re-embedding everything (new/new - old/old)."""
 
     def get(p: str) -> float | None:
         return pairings.get(p, {}).get(metric)
 
     out = {}
-    for label, a, b in (
-        ("gain_without_backfill", "new/upgraded", "old/old"),
-        ("compatibility", "new/old", "old/old"),
-        ("new_vs_independent", "new/new", "independent/independent"),
-        ("gain_with_full_backfill", "new/new", "old/old"),
-    ):
+    for label, a, b, _ in HEADLINES:
         if get(a) is not None and get(b) is not None:
             out[label] = get(a) - get(b)
     return out

@@ -57,14 +57,50 @@ def markdown_table(result: dict[str, Any]) -> str:
     h = result.get("headline", {})
     metric = result.get("headline_metric", "mAP@100")
     per_model = {"": h} if h and not isinstance(next(iter(h.values())), dict) else h
+    models = result.get("models") or {}
     for model, figures in per_model.items():
         if figures:
-            lines.append("")
-            for k, v in figures.items():
-                lines.append(
-                    f"- {model + ': ' if model else ''}{k.replace('_', ' ')} ({metric}): {100 * v:+.2f}"
-                )
+            own = models.get(model, {}).get("pairings") or pairings
+            lines += ["", *headline_sentences(own, figures, metric, model or "the new model")]
     return "\n".join(lines) + "\n"
+
+
+def headline_sentences(
+    pairings: dict[str, Any], figures: dict[str, float], metric: str, model: str
+) -> list[str]:
+    """The headline figures as the plain sentences the demo prints (figures in percent), in the
+    vocabulary of :data:`~dmu_ray.evaluate.matrix.HEADLINES`."""
+
+    def pct(p: str) -> str:
+        return f"{100 * pairings[p][metric]:.2f}"
+
+    out = []
+    if "gain_without_backfill" in figures:
+        out.append(
+            f"Without re-embedding a single item, {model}'s upgrade module takes the old gallery from "
+            f"{pct('old/old')} (old/old) to {pct('new/upgraded')} {metric} for new-model queries (new/upgraded): "
+            f"{100 * figures['gain_without_backfill']:+.2f}."
+        )
+    if "new_old_vs_old_old" in figures:
+        out.append(
+            f"{model}'s queries on the untouched old gallery score {pct('new/old')} {metric} (new/old), against "
+            f"{pct('old/old')} for the old model itself: {100 * figures['new_old_vs_old_old']:+.2f}."
+        )
+    if "compatibility_cost" in figures:
+        cost = 100 * figures["compatibility_cost"]
+        head = (
+            f"Compatibility costs {model} {cost:.2f}" if cost > 0 else f"Compatibility costs {model} nothing"
+        )
+        out.append(
+            f"{head} {metric} on new/new: {pct('new/new')} against {pct('independent/independent')} for a new "
+            "model trained without it (independent)."
+        )
+    if "gain_with_full_backfill" in figures:
+        out.append(
+            f"Re-embedding every item with {model} (new/new) gives {pct('new/new')} {metric}: "
+            f"{100 * figures['gain_with_full_backfill']:+.2f} over old/old."
+        )
+    return out
 
 
 def _table(pairings: dict[str, Any], names: list[str], cols: list[str], seconds: bool = False) -> list[str]:
