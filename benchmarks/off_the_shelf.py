@@ -88,7 +88,8 @@ def embed_part(model: torch.nn.Module, loc, size: int, channels: int, batch: int
 
 
 def write_gallery(uri: str, ids, labels, vecs, model_id: str) -> str:
-    with GalleryWriter(resolve(uri), ModelInfo(model_id=model_id, dim=vecs.shape[1], dtype="float32")) as w:
+    info = ModelInfo(model_id=model_id, dim=vecs.shape[1], dtype="float32")
+    with GalleryWriter(resolve(uri), info, overwrite=True) as w:  # the benchmark's own folder
         w.write(pa.table({"id": ids, "embedding": embedding_array(vecs.astype(np.float32)), "label": labels}))
     return uri
 

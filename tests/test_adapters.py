@@ -403,8 +403,7 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
     assert set(ids) == set(pn.read(columns=["id"]).column("id").to_numpy())
     from dmu_ray.adapters.sample import sample_ids
 
-    everything = Gallery.open  # the same seed draws the same 600 ids from the set's ids in any order
-    del everything
+    # the same seed draws the same ids whatever the order of the rows
     all_ids = np.arange(ids.max() + 1000)
     assert len(sample_ids(all_ids, 600, 3)) == 600
     np.testing.assert_array_equal(sample_ids(all_ids[::-1].copy(), 600, 3), sample_ids(all_ids, 600, 3))
@@ -441,41 +440,35 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
     assert 0 < lab["new/new"]["mAP@100"] <= 1 and "mAP@100" in (tmp_path / "up" / "gate.md").read_text()
     # backfill by the adapter's uncertainty: the old gallery (all digits) in the new space
     embed_to_gallery(f"{data}/gallery", m["old"], str(tmp_path / "g-old"), rows_per_file=300)
-    bf = tmp_path / "bf.yaml"
-    bf.write_text(
-        yaml.safe_dump(
-            {
-                "source": str(tmp_path / "g-old"),
-                "images": f"{data}/gallery",
-                "module": up["adapter"]["uri"],
-                "new_model": m["new"],
-                "output": str(tmp_path / "mixed"),
-                "policy": "uncertainty",
-                "fraction": 0.2,
-                "pool": {"max_actors": 1, "batch_size": 256},
-            }
-        )
+    from dmu_ray.refresh.backfill import run_backfill
+    from dmu_ray.refresh.config import BackfillConfig
+
+    run_backfill(
+        BackfillConfig(
+            source=str(tmp_path / "g-old"),
+            images=f"{data}/gallery",
+            module=up["adapter"]["uri"],
+            new_model=m["new"],
+            output=str(tmp_path / "mixed"),
+            policy="uncertainty",
+            fraction=0.2,
+            pool={"max_actors": 1, "batch_size": 256},
+        ),
+        progress=False,
     )
-    r = cli("backfill", "--config", str(bf), "--quiet")
-    assert r.returncode == 0, r.stderr
     mixed = Gallery.open(str(tmp_path / "mixed"))
     b = mixed.manifest.extra["backfill"]
     assert b["policy"] == "uncertainty" and b["rows_new"] == round(0.2 * mixed.num_rows)
     assert mixed.model.dim == 12
     # a gallery of another model is refused by its lineage before any work
     embed_to_gallery(f"{data}/gallery", m["other8"], str(tmp_path / "g-other"))
-    ref = tmp_path / "ref.yaml"
-    ref.write_text(
-        yaml.safe_dump(
-            {
-                "source": str(tmp_path / "g-other"),
-                "output": str(tmp_path / "x"),
-                "module": up["adapter"]["uri"],
-            }
+    with pytest.raises(RefreshError) as err:
+        run_refresh(
+            RefreshConfig(
+                source=str(tmp_path / "g-other"), output=str(tmp_path / "x"), module=up["adapter"]["uri"]
+            )
         )
-    )
-    r = cli("refresh", "--config", str(ref), "--quiet")
-    assert r.returncode != 0 and "other8@" in r.stderr and "old@" in r.stderr, r.stderr
+    assert "other8@" in str(err.value) and "old@" in str(err.value), err.value
     assert not (tmp_path / "x").exists()
     # the query side: new-model queries embedded straight into the old space
     qa = fit("qa", direction="query", adapter="affine")

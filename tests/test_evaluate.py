@@ -233,7 +233,11 @@ def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp
     direct = evaluate_pairing("d", qx, ql, gx, gl)
     assert p["dmu:new/old"]["mAP@100"] == pytest.approx(direct["mAP@100"])
     md = (tmp_path / "eval" / "eval.md").read_text()
-    assert "| dmu:new/upgraded |" in md and "dmu's queries on the untouched old gallery" in md and "seconds" in md
+    assert (
+        "| dmu:new/upgraded |" in md
+        and "dmu's queries on the untouched old gallery" in md
+        and "seconds" in md
+    )
     # one way to name the new models; shared galleries other than old belong to a model
     for bad, match in (
         ({"new_model": paths["dmu"]}, "new_model .* or new_models"),
