@@ -86,6 +86,13 @@ def test_statistics_merged_from_parts_equal_one_pass():
     for k in ("sx", "sy", "xx", "xy"):
         np.testing.assert_allclose(getattr(merged, k), getattr(whole, k), atol=1e-10)
     assert merged.yy == pytest.approx(whole.yy)
+    # chunked accumulation: the same sums; float32 inputs (gallery vectors) to float32's precision
+    small = PairStats.of(x, y, chunk=7)
+    f32 = PairStats.of(x.astype(np.float32), y.astype(np.float32), chunk=100)
+    for k in ("sx", "sy", "xx", "xy"):
+        np.testing.assert_allclose(getattr(small, k), getattr(whole, k), atol=1e-10)
+        np.testing.assert_allclose(getattr(f32, k), getattr(whole, k), rtol=1e-5, atol=1e-4)
+    assert f32.yy == pytest.approx(whole.yy, rel=1e-6) and f32.n == 301
 
 
 def test_share_of_reembedding_counts_new_news_neighbours():

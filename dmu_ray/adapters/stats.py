@@ -28,12 +28,27 @@ class PairStats:
     yy: float  # sum of squared entries of y
 
     @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray) -> PairStats:
-        """The statistics of the pairs ``(x[i], y[i])``."""
+    def of(cls, x: np.ndarray, y: np.ndarray, chunk: int = 8192) -> PairStats:
+        """The statistics of the pairs ``(x[i], y[i])``. Products are computed at the inputs'
+        precision (float32 for gallery vectors, which hold no more; float64 inputs stay float64)
+        over ``chunk`` rows at a time and summed in float64, so memory is one chunk's and the
+        rounding that of ``chunk`` products, whatever the number of pairs."""
         if len(x) != len(y):
             raise ValueError(f"{len(x)} source rows but {len(y)} target rows")
-        x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        return cls(len(x64), x64.sum(0), y64.sum(0), x64.T @ x64, x64.T @ y64, float((y64 * y64).sum()))
+        dt = np.float64 if np.float64 in (np.asarray(x[:0]).dtype, np.asarray(y[:0]).dtype) else np.float32
+        dx, dy = np.shape(x)[1], np.shape(y)[1]
+        out = cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0)
+        for start in range(0, len(x), chunk):
+            xs = np.asarray(x[start : start + chunk], dt)
+            ys = np.asarray(y[start : start + chunk], dt)
+            both = xs.T @ np.hstack([xs, ys])  # X^T X and X^T Y in one product
+            out.n += len(xs)
+            out.sx += xs.sum(0, dtype=np.float64)
+            out.sy += ys.sum(0, dtype=np.float64)
+            out.xx += both[:, :dx]
+            out.xy += both[:, dx:]
+            out.yy += float(np.einsum("ij,ij->", ys, ys, dtype=np.float64))
+        return out
 
     def merge(self, other: PairStats) -> PairStats:
         """The statistics of both sets of pairs."""
