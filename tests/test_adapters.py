@@ -148,6 +148,7 @@ def test_fit_a_gallery_side_adapter_gate_it_and_refresh_with_it(ray_local, tmp_p
     assert "new/old" not in gate["share"]  # 24-d old vectors cannot be searched with 32-d queries
     saved = json.loads((tmp_path / "ad" / "gate.json").read_text())
     assert saved["gate"]["share"] == gate["share"] and (tmp_path / "ad" / "gate.md").exists()
+    assert (tmp_path / "ad" / "gate.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "ad" / "_pairs").exists()  # the join's buckets are removed
     art = load_artifact(out["adapter"]["uri"])
     assert (

@@ -74,7 +74,7 @@ class AdapterFitConfig(StrictModel):
         description="committed gallery of new-model vectors of (some of) the same ids"
     )
     output: Annotated[str, LOCATION] = Field(
-        description="new folder: adapter.pt (the artefact), gate.json, gate.md, holdout/ (the held-out pairs)"
+        description="new folder: adapter.pt (the artefact), gate.json, gate.md, gate.png, holdout/ (the held-out pairs)"
     )
     direction: Literal["gallery", "query"] = Field(
         default="gallery",

@@ -224,8 +224,37 @@ def _report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_gate(result: dict[str, Any]) -> bytes:
+    """Horizontal bars of each strategy's share of new/new's top-k (PNG bytes), the gate's
+    min_share as a line and the strategies reaching it in another colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dmu_ray.evaluate.report import figure_png
+
+    gate = result["gate"]
+    names = list(gate["share"])
+    vals = [gate["share"][n] for n in names]
+    floor = gate["min_share"]
+    colours = ["tab:green" if floor is not None and v >= floor else "tab:blue" for v in vals]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    bars = ax.barh(names, vals, color=colours)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    if floor is not None:
+        ax.axvline(floor, color="tab:red", linestyle="--", label=f"min_share {floor}")
+        ax.legend(loc="lower right")
+    ax.set_xlim(0, 1.05)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"share of a full re-embedding's top-{gate['k']} (new/new = 1)")
+    ax.set_title(f"adapter {result['adapter']['id']} ({result['direction']} side): the gate")
+    return figure_png(fig)
+
+
 def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Join, fit, write ``adapter.pt``, gate; returns the result (also in ``gate.json``)."""
+    """Join, fit, write ``adapter.pt``, gate; returns the result (also in ``gate.json``;
+    ``gate.md`` and ``gate.png`` say which strategy passed)."""
     from dmu_ray.ray_session import ensure_ray
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -318,6 +347,7 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
     }
     write_bytes_atomic(out.join("gate.json"), json.dumps(result, indent=2).encode())
     write_bytes_atomic(out.join("gate.md"), _report(result).encode())
+    write_bytes_atomic(out.join("gate.png"), plot_gate(result))
     shares = ", ".join(f"{s} {v:.3f}" for s, v in gate["share"].items())
     say(f"  gate (share of new/new's top-{gate['k']}): {shares}")
     return result

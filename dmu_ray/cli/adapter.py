@@ -85,7 +85,7 @@ def add_parser(sub) -> None:
         "Procrustes, affine least squares; or a residual MLP trained on Ray Train, optionally with FastFill's "
         "uncertainty head for backfill --policy uncertainty), write OUTPUT/adapter.pt (refresh and backfill apply a "
         "gallery-side one), and gate it on the held-out pairs without labels: the share of a full "
-        "re-embedding's top-k each strategy retrieves, partial backfills included (OUTPUT/gate.json, gate.md). Exit 1 when "
+        "re-embedding's top-k each strategy retrieves, partial backfills included (OUTPUT/gate.json, gate.md, gate.png). Exit 1 when "
         "gate.min_share is set and not reached.",
     )
     _job_args(fit, "adapter config (YAML); see configs/adapter_local.yaml")
