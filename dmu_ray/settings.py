@@ -138,6 +138,16 @@ SECRET_KEYS = frozenset({"access_key_id", "secret_access_key", "session_token", 
 UNION_TAGS: dict[str, Container[str]] = {}
 
 
+def _shown(value: Any, width: int = 80) -> str:
+    """A refused value as an error message echoes it: a section (mapping) by its keys, anything
+    else as its repr, cut at a whole ``width`` characters with an ellipsis (credentials redacted)."""
+    if isinstance(value, dict):
+        keys = ", ".join(str(k) for k in value)
+        return f"a section with {keys}" if len(keys) <= 2 * width else f"a section of {len(value)} keys"
+    text = redact(repr(value))
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
@@ -155,8 +165,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             if secret:
                 msg += " (value not shown)"
             elif "input" in e and e["type"] not in ("model_type", "dict_type"):
-                shown = redact(repr(e["input"]))
-                msg += f" (got {shown[:80]})"
+                msg += f" (got {_shown(e['input'])})"
         lines.append(f"  {loc}: {redact(msg)}")
     return "\n".join(lines)
 

@@ -86,3 +86,26 @@ def test_every_lifecycle_variant_can_be_asked_for():
     for name in VARIANTS:  # what the demo builds for each variant validates (e.g. no DMU field on BCT)
         cfg = _train_cfg(lc, f"{name}-s0", "new", variant_method(lc, name, "old.pt"), 1)
         assert cfg.method.name == VARIANTS[name]["name"], name
+
+
+def test_a_refused_section_is_echoed_by_its_keys_not_cut_mid_string():
+    """A check over a whole section (its input is the mapping) names the section's keys; a long
+    value is cut at a whole width with an ellipsis, never mid-string without a mark."""
+    from dmu_ray.adapters.config import AdapterFitConfig
+    from dmu_ray.settings import parse_config
+
+    data = {
+        "old_gallery": "s3://acme/a/very/long/prefix/of/the/old/gallery/that/goes/on/and/on",
+        "new_gallery": "s3://acme/b",
+        "output": "out/x",
+        "adapter": "procrustes",
+        "ridge": 1.0,
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(AdapterFitConfig, data, "a.yaml")
+    msg = str(err.value)
+    assert "ridge and rank are options of adapter: affine" in msg
+    assert "(got a section with old_gallery, new_gallery, output, adapter, ridge)" in msg
+    with pytest.raises(ConfigError) as err:
+        parse_config(AdapterFitConfig, {**data, "ridge": "x" * 200, "adapter": "affine"}, "a.yaml")
+    assert "(got '" + "x" * 76 + "...)" in str(err.value)
