@@ -31,7 +31,61 @@ class TinyNet(nn.Module):
 
 
 def test_sources_are_registered_by_prefix():
-    assert {"torchvision", "timm", "torchscript"} <= set(SOURCES)
+    assert {"torchvision", "timm", "torchscript", "export"} <= set(SOURCES)
+
+
+def test_safetensors_weights_and_a_torch_export_program_import_as_deployed(tmp_path):
+    """Issue 37: today's formats. A timm architecture's weights as safetensors embed as the same
+    weights saved by torch; a torch.export program (.pt2, dynamic batch) embeds as the network it
+    was exported from, through the CLI, without a warning; a static-batch program is refused
+    naming the fix."""
+    from safetensors.torch import save_file
+    from test_cli_gallery import run as cli
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    torch.save(net.state_dict(), tmp_path / "r18.pt")
+    x = torch.randn(2, 3, 64, 64)
+    got = {}
+    for name in ("r18.safetensors", "r18.pt"):
+        dest = str(tmp_path / f"{name}.artefact")
+        import_model_artifact("timm:resnet18", dest, model_id="v1", weights=str(tmp_path / name))
+        model, _ = build_embedding_model(load_artifact(dest))
+        with torch.no_grad():
+            got[name] = model(x)
+    torch.testing.assert_close(got["r18.safetensors"], got["r18.pt"], rtol=0, atol=0)
+    (tmp_path / "bad.safetensors").write_bytes((10).to_bytes(8, "little") + b"{ not json")
+    with pytest.raises(SourceError, match="bad.safetensors: damaged safetensors file"):
+        import_model_artifact(
+            "timm:resnet18", str(tmp_path / "b.pt"), model_id="v1", weights=str(tmp_path / "bad.safetensors")
+        )
+
+    tiny = TinyNet().eval()
+    program = torch.export.export(
+        tiny, (torch.randn(2, 1, 16, 16),), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}
+    )
+    torch.export.save(program, str(tmp_path / "tiny.pt2"))
+    r = cli(
+        "model", "import", str(tmp_path / "tiny.pt2"), str(tmp_path / "tiny.pt"), "--id", "prod-v1",
+        "--channels", "1", "--size", "16", "--mean", "0.5", "--std", "0.25",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "export as 'prod-v1', 6-d embeddings" in r.stdout and "Warning" not in r.stderr, (
+        r.stdout + r.stderr
+    )
+    art = load_artifact(str(tmp_path / "tiny.pt"))
+    assert art.card.source == "export"
+    model, _ = build_embedding_model(art)
+    model.eval()  # an exported program refuses eval(); the artefact's model takes it
+    xs = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xs), nn.functional.normalize(tiny(xs), dim=1))
+    static = torch.export.export(tiny, (torch.randn(1, 1, 16, 16),))
+    torch.export.save(static, str(tmp_path / "static.pt2"))
+    r = cli("model", "import", str(tmp_path / "static.pt2"), str(tmp_path / "s.pt"), "--id", "x",
+            "--channels", "1", "--size", "16", "--mean", "0.5", "--std", "0.5")  # fmt: skip
+    assert r.returncode == 2 and "dynamic batch dimension" in r.stderr, r.stderr
 
 
 def test_torchvision_and_timm_state_dicts_embed_as_the_network(tmp_path):

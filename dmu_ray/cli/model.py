@@ -43,7 +43,7 @@ def _cmd_model_import(ns: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     """Add this group's commands to the ``dmu-ray`` sub-parsers ``sub``."""
     mod = sub.add_parser(
-        "model", help="import a model dmu-ray did not train (torchvision, timm, TorchScript)"
+        "model", help="import a model dmu-ray did not train (torchvision, timm, TorchScript, torch.export)"
     )
     msub = mod.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     mim = msub.add_parser(
@@ -56,15 +56,17 @@ def add_parser(sub) -> None:
     )
     mim.add_argument(
         "source",
-        help="torchvision:NAME or timm:NAME (with --weights or --pretrained), or a TorchScript file "
-        "(local or s3://; an optional torchscript: prefix)",
+        help="torchvision:NAME or timm:NAME (with --weights or --pretrained), a TorchScript file (an optional "
+        "torchscript: prefix) or a torch.export program (.pt2, or an export: prefix); files local or s3://",
     )
     mim.add_argument(
         "dest", help="artefact URI to write, e.g. out/models/old.pt or s3://bucket/models/old.pt"
     )
     mim.add_argument("--id", required=True, help="model id recorded in the card and in galleries it embeds")
     mim.add_argument("--model-version", default="1", help="version recorded in the card (default 1)")
-    mim.add_argument("--weights", help="torchvision/timm: a torch.save'd state dict (local or s3://)")
+    mim.add_argument(
+        "--weights", help="torchvision/timm: a safetensors file or a torch.save'd state dict (local or s3://)"
+    )
     mim.add_argument(
         "--pretrained",
         help="torchvision: a weights name (e.g. ResNet18_Weights.IMAGENET1K_V1), fetched by torchvision",

@@ -2,7 +2,8 @@
 
 ``dmu`` is dmu-ray's own (backbone + embedding head + classifier, trained by ``dmu-ray train``);
 ``torchvision:<arch>`` and ``timm:<arch>`` build an architecture by name (without its
-classification layer) and load a state dict; ``torchscript`` loads a scripted model as deployed.
+classification layer) and load a state dict (``torch.save``d or safetensors); ``torchscript`` loads
+a scripted model and ``export`` a ``torch.export`` program (``.pt2``) as deployed.
 Each source turns a spec into the network, its output dim (probed with a dummy batch) and its
 preprocessing, resolved as timm does it: explicit overrides, then the model's own values, then
 defaults. The network and the bytes needed to rebuild it go into an ordinary artefact
@@ -101,9 +102,27 @@ class ModelSource:
         return net
 
 
+def is_safetensors(data: bytes) -> bool:
+    """Whether ``data`` is a safetensors file: a little-endian u64 header length, then its JSON."""
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 1 < n <= len(data) - 8 and data[8:9] == b"{"
+
+
 def read_state_dict(data: bytes, where: str) -> dict[str, torch.Tensor]:
-    """A ``torch.save``d state dict (or a training checkpoint holding one under ``state_dict`` or
-    ``model``), loaded with ``weights_only``; anything else is an error naming ``where``."""
+    """A state dict from a safetensors file or a ``torch.save``d one (or a training checkpoint
+    holding one under ``state_dict`` or ``model``, loaded with ``weights_only``); anything else is
+    an error naming ``where``."""
+    if is_safetensors(data):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except Exception as err:  # a header that looks right over a damaged body
+            raise SourceError(
+                f"{where}: damaged safetensors file ({type(err).__name__}: {str(err)[:200]})"
+            ) from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a file that is not a state dict
@@ -217,6 +236,53 @@ class TorchScriptSource(ModelSource):
         return self.create()
 
 
+class _Program(nn.Module):
+    """An exported program's module, which runs as it was exported: ``train()``/``eval()`` (which
+    torch refuses on it) only set this wrapper's flag."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.program = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> _Program:
+        self.training = mode
+        return self
+
+
+@register_source
+class ExportSource(TorchScriptSource):
+    """A ``torch.export`` program (``.pt2``, what ``torch.export.save`` writes), kept byte for
+    byte in the artefact (``program`` tensor) and run as its ``.module()``. Export it with a
+    dynamic batch dimension (``dynamic_shapes``): dmu-ray embeds batches of any size. Its weights
+    are the program's constants to dmu-ray: it serves as an old model (frozen), not as a new model
+    to train."""
+
+    prefix: ClassVar[str] = "export"
+
+    def create(self) -> nn.Module:
+        try:
+            program = torch.export.load(io.BytesIO(self.data))
+        except Exception as err:  # torch raises several types for a file that is not a program
+            raise SourceError(
+                f"not a torch.export program ({type(err).__name__}: {str(err)[:200]})"
+            ) from None
+        return _Program(program.module())
+
+    def to_artifact(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {"program": torch.frombuffer(bytearray(self.data), dtype=torch.uint8)}
+
+    def from_artifact(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        self.data = bytes(state["program"].numpy().tobytes())
+        return self.create()
+
+
+#: sources whose file is the model itself (no architecture name, no separate weights)
+FILE_SOURCES = ("torchscript", "export")
+
+
 def source_of(card: EmbeddingCard) -> ModelSource:
     return SOURCES[card.source](card.architecture or "")
 
@@ -257,9 +323,9 @@ def import_model(
     ``pretrained`` names torchvision's weights instead (fetched by torchvision)."""
     prefix, name = parse_source(spec)
     src = SOURCES[prefix](name)
-    if prefix == "torchscript":
+    if prefix in FILE_SOURCES:
         if weights is None:
-            raise SourceError("a torchscript import needs the model file")
+            raise SourceError(f"a {prefix} import needs the model file")
         src.data = weights
         try:
             net = src.create()
@@ -288,7 +354,15 @@ def import_model(
             f"value, or one per channel: give --mean and --std with {channels} comma-separated value(s) each, "
             f"e.g. --mean {','.join(['0.5'] * channels)} --std {','.join(['0.5'] * channels)}"
         )
-    dim = probe_dim(net, channels, pre.size or 224, where)
+    try:
+        dim = probe_dim(net, channels, pre.size or 224, where)
+    except SourceError as err:
+        if prefix != "export":
+            raise
+        raise SourceError(
+            f"{err}; a torch.export program must be exported with a dynamic batch dimension, e.g. "
+            "torch.export.export(model, (x,), dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
+        ) from None
     card = EmbeddingCard(
         id=model_id,
         source=prefix,
@@ -338,10 +412,13 @@ def import_model_artifact(
     if prefix in ("torchvision", "timm"):
         spec, data, where = source, fetch(weights) if weights else None, weights or pretrained or source
     else:
-        uri = source.removeprefix("torchscript:")
-        spec, data, where = "torchscript", fetch(uri), resolve(uri, storage).uri
+        kind = prefix if prefix in FILE_SOURCES else "export" if source.endswith(".pt2") else "torchscript"
+        uri = source.removeprefix(f"{kind}:")
+        spec, data, where = kind, fetch(uri), resolve(uri, storage).uri
         if weights:
-            raise SourceError("--weights is for torchvision:/timm: sources; a TorchScript file holds its own")
+            raise SourceError(
+                f"--weights is for torchvision:/timm: sources; a {kind} file holds its own weights"
+            )
     state, card = import_model(
         spec,
         model_id=model_id,
