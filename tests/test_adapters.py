@@ -234,6 +234,23 @@ def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output=str(tmp_path / "full")))
     r = cli("adapter", "fit", "--config", str(_cfg(tmp_path, adapter="procrustes", ridge=1.0)))
     assert r.returncode == 2 and "ridge and rank are options of adapter: affine" in r.stderr
+    # an MLP that cannot get one batch per worker, or its workers, is refused before any work
+    for mlp, words in (
+        ({"batch_size": 512, "num_workers": 2}, "fewer than one batch per worker"),
+        ({"batch_size": 16, "use_gpu": True}, "an adapter training worker"),
+    ):
+        out = tmp_path / f"o-{len(words)}"
+        with pytest.raises(Exception, match=words):
+            run_adapter_fit(
+                AdapterFitConfig(
+                    old_gallery=g_old, new_gallery=g_new, output=str(out), adapter="mlp", mlp=mlp
+                )
+            )
+        assert not out.exists()
+    with pytest.raises(ValueError, match="mlp-uncertainty orders a backfill of gallery rows"):
+        AdapterFitConfig(
+            old_gallery="a", new_gallery="b", output="c", adapter="mlp-uncertainty", direction="query"
+        )
 
 
 def _cfg(tmp_path, **over) -> str:
