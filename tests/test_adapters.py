@@ -18,7 +18,7 @@ from dmu_ray.adapters.config import AdapterFitConfig
 from dmu_ray.adapters.job import AdapterError, run_adapter_fit
 from dmu_ray.adapters.stats import PairStats, affine, procrustes, residual
 from dmu_ray.evaluate.gate import share_of_reembedding
-from dmu_ray.gallery import Gallery, GalleryWriter, ModelInfo, embedding_array, embedding_matrix
+from dmu_ray.gallery import Gallery, GalleryError, GalleryWriter, ModelInfo, embedding_array, embedding_matrix
 from dmu_ray.models.artifact import build_upgrade_module, load_artifact
 from dmu_ray.models.linear_map import LinearMap
 from dmu_ray.refresh import run_refresh
@@ -433,22 +433,16 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
     assert len(sample_ids(all_ids, 600, 3)) == 600
     np.testing.assert_array_equal(sample_ids(all_ids[::-1].copy(), 600, 3), sample_ids(all_ids, 600, 3))
 
-    def fit(name: str, **over) -> dict:
-        p = tmp_path / f"{name}.yaml"
-        p.write_text(
-            yaml.safe_dump(
-                {
-                    "old_gallery": str(tmp_path / "pairs" / "old"),
-                    "new_gallery": str(tmp_path / "pairs" / "new"),
-                    "output": str(tmp_path / name),
-                    "holdout": 0.3,
-                    "gate": {"queries": 50, "backfill": [0.5]},
-                    **over,
-                }
-            )
-        )
-        res = cli("adapter", "fit", "--config", str(p), "--quiet")
-        assert res.returncode == 0, res.stderr
+    def fit(name: str, **over) -> dict:  # the API: the command itself is run by the gallery-side test
+        cfg = {
+            "old_gallery": str(tmp_path / "pairs" / "old"),
+            "new_gallery": str(tmp_path / "pairs" / "new"),
+            "output": str(tmp_path / name),
+            "holdout": 0.3,
+            "gate": {"queries": 50, "backfill": [0.5]},
+            **over,
+        }
+        run_adapter_fit(AdapterFitConfig.model_validate(cfg), progress=False)
         return json.loads((tmp_path / name / "gate.json").read_text())
 
     up = fit("up", adapter="mlp-uncertainty", mlp={"width": 32, "epochs": 2, "batch_size": 64})
@@ -513,11 +507,20 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
     with torch.inference_mode():
         want = torch.nn.functional.normalize(phi(torch.from_numpy(raw)), dim=1).numpy()
     np.testing.assert_allclose(qv, want, atol=1e-5)
-    r = cli(
-        "embed", "--images", f"{data}/query", "--model", m["other"], "--query-adapter", qa["adapter"]["uri"],
-        "--output", str(tmp_path / "q-other"), "--quiet",
-    )  # fmt: skip
-    assert r.returncode != 0 and "maps vectors of new@" in r.stderr and not (tmp_path / "q-other").exists()
+    from dmu_ray.evaluate.config import EmbedConfig
+    from dmu_ray.evaluate.embed import run_embed
+
+    with pytest.raises(GalleryError, match="maps vectors of new@"):
+        run_embed(
+            EmbedConfig(
+                images=f"{data}/query",
+                model=m["other"],
+                query_adapter=qa["adapter"]["uri"],
+                output=str(tmp_path / "q-other"),
+            ),
+            progress=False,
+        )
+    assert not (tmp_path / "q-other").exists()
 
 
 def test_co_partitioned_galleries_join_in_one_pass_with_the_two_pass_joins_result(ray_local, tmp_path):
