@@ -10,7 +10,8 @@
    Procrustes solve. Goal: fit >= 0.9x the read.
 2. The query-side adapter's added latency per query at batch 1 on one CPU thread, at 1280-d
    (EfficientNet-Lite2's width): the fitted LinearMap against a bare ``torch.mm`` and a numpy
-   matmul of the same shape; the MLP adapter (width 1024) beside them. Goal (Drift-Adapter's
+   matmul of the same shape; a rank-128 affine adapter (stored as its factors) and the MLP adapter
+   (width 1024) beside them. Goal (Drift-Adapter's
    figure): under 10 microseconds.
 The refresh with a linear adapter against the I/O-only pass is ``refresh_throughput.py --module
 linear``. Not a test: CI never runs it.
@@ -129,6 +130,7 @@ def main() -> None:
     w = np.linalg.qr(rng.standard_normal((d, d)))[0].astype(np.float32)
     lin = LinearMap.from_arrays(w, np.zeros(d, np.float32))
     mlp = UpgradeModule(d, d, 1024, 1, skip_linear=True).fused_for_inference()
+    low = LinearMap.from_arrays(w[:, :128] @ w[:128], np.zeros(d, np.float32), rank=128)  # affine rank: 128
     x = torch.from_numpy(rng.standard_normal((1, d)).astype(np.float32))
     wt = torch.from_numpy(w)
     xn = x.numpy()
@@ -138,6 +140,7 @@ def main() -> None:
         adapted = per_call_us(lin, x, args.reps)
         normed = per_call_us(lambda v: torch.nn.functional.normalize(lin(v), dim=1), x, args.reps)
         mlp_us = per_call_us(mlp, x, max(1, args.reps // 4))
+        low_us = per_call_us(low, x, args.reps)
     print(f"# 2. query-side adapter, batch 1, {d}-d, 1 CPU thread ({args.reps:,} calls)")
     print(f"bare torch.mm (1x{d} @ {d}x{d})          {bare:8.1f} us/query")
     print(f"numpy matmul, same shape                 {npy:8.1f} us/query   {npy / bare:.2f}x torch.mm")
@@ -145,6 +148,7 @@ def main() -> None:
         f"LinearMap adapter (x W + b)              {adapted:8.1f} us/query   {adapted / bare:.2f}x torch.mm"
     )
     print(f"  with the unit-length normalisation     {normed:8.1f} us/query   {normed / bare:.2f}x torch.mm")
+    print(f"rank-128 affine adapter (stored factored) {low_us:7.1f} us/query   {low_us / bare:.2f}x torch.mm")
     print(f"mlp adapter (width 1024, fused)          {mlp_us:8.1f} us/query   {mlp_us / bare:.2f}x torch.mm")
     print("goal (Drift-Adapter's figure): under 10 us added per query")
 

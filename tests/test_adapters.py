@@ -556,3 +556,34 @@ def test_co_partitioned_galleries_join_in_one_pass_with_the_two_pass_joins_resul
     h3, h2 = read_holdout(resolve(str(tmp_path / "h-n3"))), read_holdout(resolve(str(tmp_path / "h-n2")))
     np.testing.assert_array_equal(h3[0], h2[0])
     np.testing.assert_allclose(h3[2], h2[2])
+
+
+def test_a_reduced_rank_adapter_is_stored_factored_and_loads_and_scripts_as_the_full_map(tmp_path):
+    """affine with rank: r is two thin matrices (r (in + out) numbers a row, not in x out); the
+    artefact loads as the same map, and its TorchScript export gives the same outputs."""
+    from dmu_ray.adapters.export import export_torchscript
+    from dmu_ray.models.artifact import save_upgrade_module
+    from dmu_ray.models.linear_map import LowRankMap
+
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((500, 40))
+    y = x @ rng.standard_normal((40, 4)) @ rng.standard_normal((4, 30)) + 0.01 * rng.standard_normal(
+        (500, 30)
+    )
+    w, b = affine(PairStats.of(x, y), rank=4)
+    m = LinearMap.from_arrays(w, b, rank=4)
+    assert isinstance(m, LowRankMap) and m.config()["rank"] == 4
+    assert sum(p.numel() for p in m.parameters()) == 4 * (40 + 30) + 30
+    xt = torch.from_numpy(x[:7].astype(np.float32))
+    with torch.inference_mode():
+        np.testing.assert_allclose(m(xt).numpy(), x[:7] @ w + b, rtol=1e-4, atol=1e-4)
+        save_upgrade_module(str(tmp_path / "a.pt"), m, {"id": "lr", "form": "linear"})
+        back = build_upgrade_module(load_artifact(str(tmp_path / "a.pt")))
+        assert isinstance(back, LowRankMap)
+        np.testing.assert_allclose(back(xt).numpy(), m(xt).numpy(), atol=1e-6)
+    export_torchscript(str(tmp_path / "a.pt"), str(tmp_path / "a.ts"))
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            torch.jit.load(str(tmp_path / "a.ts"))(xt).numpy(), m(xt).numpy(), atol=1e-5
+        )
+    assert type(LinearMap.from_arrays(w, b, rank=30)) is LinearMap  # no saving at full rank: the matrix

@@ -92,7 +92,8 @@ def _fit(
     if cfg.adapter not in TRAINED:
         w, b = _closed_form(cfg.adapter, cfg, stats)
         mse = residual(stats, w, b)
-        return LinearMap.from_arrays(w, b), {"mse": mse}
+        rank = cfg.rank if cfg.adapter == "affine" else None  # a reduced-rank map is stored factored
+        return LinearMap.from_arrays(w, b, rank=rank), {"mse": mse}
     from dmu_ray.adapters.mlp import build_mlp, train_mlp
 
     sec = cfg.mlp

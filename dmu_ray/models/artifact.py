@@ -113,7 +113,7 @@ def build_upgrade_module(art: Artifact):
         from dmu_ray.models.linear_map import LinearMap
 
         try:
-            m = LinearMap(c.in_dim, c.out_dim)
+            m = LinearMap.of_rank(c.in_dim, c.out_dim, c.rank)
             m.load_state_dict(art.state_dict)
         except (AttributeError, RuntimeError) as err:
             raise ArtifactError(f"{art.uri}: linear adapter does not load ({err})") from None

@@ -139,6 +139,9 @@ class UpgradeCard(_Card):
     skip_linear: bool = Field(
         default=False, description="the skip path is a Linear even for equal dims (an mlp adapter's)"
     )
+    rank: int | None = Field(
+        default=None, ge=1, description="a linear adapter stored as two factors of this rank (affine rank: r)"
+    )
     new_model_id: str | None = None
     new_model_version: str | None = None
     new_model: dict[str, Any] | None = Field(
