@@ -262,20 +262,13 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
     old, new, out = check_inputs(cfg)
     ensure_ray(cfg.ray_address)
     if cfg.mlp is not None:  # what the MLP's training needs, before anything is claimed or read
-        from dmu_ray.ray_session import require_resources
+        from dmu_ray.adapters.mlp import check_training
 
-        sec, most = cfg.mlp, min(old.num_rows, new.num_rows) * (1 - cfg.holdout)
-        if most < sec.batch_size * sec.num_workers:
-            raise AdapterError(
-                f"at most {int(most):,} pairs can be fitted (the smaller gallery less the held-out share), "
-                f"fewer than one batch per worker (mlp.batch_size {sec.batch_size} x mlp.num_workers "
-                f"{sec.num_workers}); lower them or bring more pairs"
-            )
-        require_resources(
-            {"CPU": sec.cpus_per_worker, "GPU": 1 if sec.use_gpu else 0},
-            "an adapter training worker (mlp.cpus_per_worker, mlp.use_gpu)",
-            count=sec.num_workers,
-        )
+        most = int(min(old.num_rows, new.num_rows) * (1 - cfg.holdout))
+        try:
+            check_training(cfg.mlp, "the smaller gallery less the held-out share leaves at most", most)
+        except ValueError as err:
+            raise AdapterError(str(err)) from None
     if not create_exclusive(out.join(CLAIM), cfg.model_dump_json(exclude={"storage"}).encode()):
         raise AdapterError(f"output {out.uri} was claimed by another adapter job; choose another folder")
     src, dst = (old, new) if cfg.direction == "gallery" else (new, old)

@@ -30,7 +30,7 @@ from dmu_ray.adapters.config import MlpSection
 from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import Location
 
-__all__ = ["build_mlp", "train_mlp", "STATE_FILE"]
+__all__ = ["build_mlp", "check_training", "train_mlp", "STATE_FILE"]
 
 STATE_FILE = "adapter_mlp.pt"
 #: fitted pairs smaller than this share of the object store are read once and kept there
@@ -70,6 +70,23 @@ class _Fitted(torch.nn.Module):
     def forward(self, x: torch.Tensor):
         m = self.module_
         return m.forward_with_uncertainty(x) if m.uncertainty else m(x)
+
+
+def check_training(section: MlpSection, pairs: str, rows: int) -> None:
+    """Raise ValueError unless ``rows`` fitted pairs (``pairs`` says how they were counted) give
+    every worker a batch, and the cluster can hold a worker; asks an autoscaler for them."""
+    from dmu_ray.ray_session import require_resources
+
+    if rows < section.batch_size * section.num_workers:
+        raise ValueError(
+            f"{pairs} {rows:,} pairs, fewer than one batch per worker (mlp.batch_size {section.batch_size} x "
+            f"mlp.num_workers {section.num_workers}); lower them or bring more pairs"
+        )
+    require_resources(
+        {"CPU": section.cpus_per_worker, "GPU": 1 if section.use_gpu else 0},
+        "an adapter training worker (mlp.cpus_per_worker, mlp.use_gpu)",
+        count=section.num_workers,
+    )
 
 
 def _loss(out, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -174,19 +191,9 @@ def train_mlp(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dmu_ray.ray_session import require_resources
     from dmu_ray.train.progress import ProgressBoard, TrainWatcher
 
-    if fit_rows < section.batch_size * section.num_workers:
-        raise ValueError(
-            f"{fit_rows:,} fitted pairs are fewer than one batch per worker (mlp.batch_size "
-            f"{section.batch_size} x mlp.num_workers {section.num_workers}); lower them or bring more pairs"
-        )
-    require_resources(
-        {"CPU": section.cpus_per_worker, "GPU": 1 if section.use_gpu else 0},
-        "an adapter training worker (mlp.cpus_per_worker, mlp.use_gpu)",
-        count=section.num_workers,
-    )
+    check_training(section, "the join found", fit_rows)
     files = [fit_loc.join(n).path for n in fit_loc.list_files(".parquet", data_only=True)]
     dataset = ray.data.read_parquet(files, filesystem=fit_loc.fs)
     size = fit_rows * (module.in_dim + module.out_dim) * 4
