@@ -49,23 +49,30 @@ def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: 
 
 
 def test_demo_tells_its_story_quietly(tmp_path):
-    """The demo (default BCT and DMU side by side) prints its stages, the matrices and the verdict,
-    whose numbers are those of its JSON report, and no Ray-internal line."""
+    """The demo (BCT and DMU side by side; at test size through --config) leaves every stage's
+    output, reconciles its counts, prints its stages, the matrices and the verdict, whose numbers are
+    those of its JSON report, and no Ray-internal line; DMU's upgrade lifts the old gallery; a re-run
+    reuses every finished stage and gives the same answer. (This was also test_lifecycle's
+    end-to-end test, run in-process: one run of the lifecycle checks both.)"""
     import json
 
+    import yaml
+
+    from dmu_ray.gallery import Gallery
+    from dmu_ray.gallery_ops import validate_gallery
+
     root = tmp_path / "demo"
-    args = [
-        "demo",
-        "--dataset",
-        "digits",
-        "--split",
-        "extended-data",
-        "--epochs-old",
-        "1",
-        "--epochs-new",
-        "1",
-    ]
-    args += ["--storage", str(root)]
+    tiny = {  # digits at 16 px, 32-d, 3 epochs a model
+        "image_size": 16,
+        "dim": 32,
+        "epochs_old": 3,
+        "epochs_new": 3,
+        "batch_size": 32,
+        "lr": 0.05,
+        "upgrade_width": 64,
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    args = ["demo", "--dataset", "digits", "--config", str(tmp_path / "tiny.yaml"), "--storage", str(root)]
     res = _run(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     ray_lines = [ln for ln in (res.stderr + res.stdout).splitlines() if RAY_LINE.search(ln)]
@@ -78,10 +85,37 @@ def test_demo_tells_its_story_quietly(tmp_path):
         assert f"- {v['text']}" in said
     dmu, bct = (100 * report[m]["pairings"]["new/old"]["mAP@100"] for m in ("dmu", "bct"))
     assert f"DMU scores {dmu:.2f} and BCT {bct:.2f}" in said
-    # training progress off a terminal: a line per epoch with its ETA; MLflow's INFO lines stay off
-    assert re.search(r"train dmu-s0: epoch 1/1: loss [\d.]+, \d+s, \d+ img/s, ETA 0:00", res.stderr), (
-        res.stderr
+    # the verdict quotes the evaluation's numbers, in the JSON and the Markdown report
+    gain = next(v for v in report["verdict"] if "lifts the old gallery" in v["text"])
+    up = report["dmu"]["pairings"]["new/upgraded"]["mAP@100"]
+    assert gain["figures"]["new_upgraded"] == round(100 * up, 2) and f"{100 * up:.2f}" in gain["text"]
+    assert "## Verdict" in (root / "eval/lifecycle-s0.md").read_text()
+    # every stage left its output
+    assert (root / "runs/old-s0/export/model.pt").exists()
+    for m in ("bct", "dmu"):
+        assert (root / f"runs/{m}-s0/export/model.pt").exists()
+    assert (root / "runs/dmu-s0/export/upgrade.pt").exists()
+    for f in ("eval.json", "eval.md", "pairings.png"):
+        assert (root / "eval/matrix-s0" / f).exists()
+    # counts reconcile: gallery images -> old gallery -> upgraded gallery, nothing lost
+    n_gallery = json.loads((root / "data/digits/_dataset.json").read_text())["rows"]["gallery"]
+    old = Gallery.open(str(root / "galleries/old-s0"))
+    upg = Gallery.open(str(root / "galleries/old-s0-upgraded-by-dmu-s0"))
+    assert (
+        old.manifest.rows
+        == n_gallery
+        == upg.manifest.rows_in
+        == upg.manifest.rows + upg.manifest.quarantined_rows
     )
+    assert upg.manifest.quarantined_rows == 0 and validate_gallery(upg).ok
+    assert upg.manifest.model.upgrade_module.startswith("dmu-s0-psi@")
+    p = report["dmu"]["pairings"]
+    assert set(p) == {"old/old", "new/new", "new/old", "new/upgraded"}
+    assert p["new/upgraded"]["queries"] == p["old/old"]["queries"] > 0
+    # the upgrade buys something without backfilling
+    assert p["new/upgraded"]["mAP@100"] > p["old/old"]["mAP@100"], p
+    # training progress off a terminal: a line per epoch with its ETA; MLflow's INFO lines stay off
+    assert re.search(r"train dmu-s0: epoch 1/3: loss [\d.]+, \d+s, \d+ img/s, ETA \d", res.stderr), res.stderr
     assert "INFO mlflow" not in res.stderr and "alembic" not in res.stderr
 
     # the run is browsable: MLflow's embedded store under the root, read back with MLflow's client
@@ -95,13 +129,21 @@ def test_demo_tells_its_story_quietly(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == demo.info.run_id for r in runs.values())
     assert demo.info.status == "FINISHED" and demo.data.params["methods"] == "['bct', 'dmu']"
     loss = client.get_metric_history(runs["dmu-s0"].info.run_id, "loss")
-    assert [m.step for m in loss] == [0] and loss[0].value == report_loss(root, "dmu-s0")
-    assert runs["dmu-s0"].data.params["optim.epochs"] == "1"
+    assert sorted(m.step for m in loss) == [0, 1, 2]
+    assert max(loss, key=lambda m: m.step).value == report_loss(root, "dmu-s0")
+    assert runs["dmu-s0"].data.params["optim.epochs"] == "3"
     assert runs["dmu-s0"].data.tags["dmu.upgrade_module"].endswith("dmu-s0/export/upgrade.pt")
     ev = runs[runs_title(runs)]
     assert ev.data.metrics["dmu:new/old/mAP_at_100"] == report["dmu"]["pairings"]["new/old"]["mAP@100"]
     assert {f.path for f in client.list_artifacts(ev.info.run_id)} >= {"eval.json", "eval.md", "pairings.png"}
     assert demo.data.metrics["dmu/new_old_vs_old_old"] == report["dmu"]["headline"]["new_old_vs_old_old"]
+
+    # re-running reuses every finished stage and gives the same answer
+    again = _run(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train dmu-s0: already finished" in again.stderr and "already committed" in again.stderr
+    redo = json.loads((root / "eval/lifecycle-s0.json").read_text())
+    assert redo["dmu"]["pairings"]["new/upgraded"]["mAP@100"] == p["new/upgraded"]["mAP@100"]
 
 
 def runs_title(runs) -> str:
