@@ -6,6 +6,7 @@ this facade sits at the top of the layers with the command line (docs/decisions.
 
 from __future__ import annotations
 
+from dmu_ray.adapters.config import AdapterFitConfig
 from dmu_ray.evaluate.config import (
     NEW_GALLERY_ROLES,
     EmbedConfig,
@@ -18,6 +19,7 @@ from dmu_ray.evaluate.config import (
     load_evaluate_config,
 )
 from dmu_ray.methods.registry import MethodConfig
+from dmu_ray.plan.config import BenchConfig, PlanConfig
 from dmu_ray.refresh.config import (
     BACKFILL_POLICIES,
     CURVE_POLICIES,
@@ -38,6 +40,9 @@ from dmu_ray.settings import (
 from dmu_ray.train.config import SPLITS, DataConfig, ModelConfig, OptimConfig, ScalingSection, TrainConfig
 
 __all__ = [
+    "AdapterFitConfig",
+    "BenchConfig",
+    "PlanConfig",
     "ConfigError",
     "StrictModel",
     "StorageConfig",

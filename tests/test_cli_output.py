@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from test_train import digits  # noqa: F401  (the fixture)
 
 from dmu_ray.models.artifact import save_embedding_model
@@ -114,6 +115,17 @@ def test_demo_tells_its_story_quietly(tmp_path):
     assert p["new/upgraded"]["queries"] == p["old/old"]["queries"] > 0
     # the upgrade buys something without backfilling
     assert p["new/upgraded"]["mAP@100"] > p["old/old"]["mAP@100"], p
+    # the demo ends with the plan for a billion-row gallery, from this machine's bench and its own evaluation
+    plan = json.loads((root / "plan/plan-dmu-s0/plan.json").read_text())
+    assert "The plan for a 1,000,000,000-row gallery" in res.stdout
+    for sentence in plan["sentences"]:
+        assert f"- {sentence}" in res.stdout
+    costed = {r["name"]: r for r in plan["paths"]}
+    assert costed["re-embed"]["worker_hours"] > costed["refresh"]["worker_hours"] > 0
+    assert costed["refresh"]["quality"] == pytest.approx(
+        p_up := up / report["dmu"]["pairings"]["new/new"]["mAP@100"]
+    )
+    assert p_up > 0 and (root / "plan/bench-dmu-s0/bench.json").exists()
     # training progress off a terminal: a line per epoch with its ETA; MLflow's INFO lines stay off
     assert re.search(r"train dmu-s0: epoch 1/3: loss [\d.]+, \d+s, \d+ img/s, ETA \d", res.stderr), res.stderr
     assert "INFO mlflow" not in res.stderr and "alembic" not in res.stderr

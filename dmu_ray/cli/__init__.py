@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from dmu_ray import __version__
-from dmu_ray.cli import adapter, data, evaluate, gallery, lifecycle, model, refresh, submit, train
+from dmu_ray.cli import adapter, data, evaluate, gallery, lifecycle, model, plan, refresh, submit, train
 from dmu_ray.cli.common import _err
 from dmu_ray.schema import ConfigError
 
@@ -35,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="show Ray's own logs (driver INFO lines, worker and actor output); default: errors only",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (gallery, model, data, train, evaluate, lifecycle, submit, refresh, adapter):  # help's order
+    for group in (
+        gallery,
+        model,
+        data,
+        train,
+        evaluate,
+        lifecycle,
+        submit,
+        refresh,
+        adapter,
+        plan,
+    ):  # help's order
         group.add_parser(sub)
     return p
 

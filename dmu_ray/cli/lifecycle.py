@@ -42,6 +42,16 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     print("What it says:")
     for v in summary["verdict"]:
         print(f"- {v['text']}")
+    if "plan" in summary:
+        p = summary["plan"]
+        print(
+            f"\nThe plan for a {lc.plan_rows:,}-row gallery like the demo's, upgraded to {p['method']}'s model on "
+            f"{lc.plan_workers} workers like this machine's (figures measured here by dmu-ray bench; prices are "
+            f"the demo's examples, {lc.plan_prices.cpu_worker_hour:g} {lc.plan_prices.currency} per CPU worker-hour):"
+        )
+        for s in p["sentences"]:
+            print(f"- {s}")
+        print(f"(plan: {p['files']['plan.md']})")
     return 0
 
 

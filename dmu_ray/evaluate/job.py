@@ -416,6 +416,23 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
             "independent_model": cfg.independent_model,
             "galleries": dict(cfg.galleries),
         },
+        # what was evaluated, exactly (a plan checks its evidence against its artefacts by these)
+        "artifacts": {
+            "old_model": _art_id(arts["old"]),
+            "models": {
+                n: {
+                    role: _art_id(a[key])
+                    for role, key in (("model", "model"), ("upgrade_module", "psi"), ("query_adapter", "phi"))
+                }
+                # a stored upgraded gallery: the module its manifest records (id@sha256[:12])
+                | {
+                    "upgraded_by": opened[f"{n}.upgraded"].model.upgrade_module
+                    if f"{n}.upgraded" in opened
+                    else None
+                }
+                for n, a in arts["models"].items()
+            },
+        },
         "embedded_sets": sum(k.split(":", 1)[0] in parts for k in vectors),  # embedded from images
         "dropped_rows": dropped,  # rows of an embedded set left out (NaN/Inf vectors), by set
         "skipped_pairings": skipped,
@@ -437,6 +454,11 @@ def run_evaluation(cfg: EvaluateConfig, *, progress: bool = True) -> dict[str, A
     if tracker is not None:
         _track(tracker, cfg, result, {name: data for name, data in rendered.values()})
     return result
+
+
+def _art_id(art: Artifact | None) -> dict[str, str] | None:
+    """An artefact as a report records it: where, its card id, its sha256."""
+    return None if art is None else {"uri": art.uri, "id": str(art.card.id), "sha256": art.sha256}
 
 
 def _track(tracker: Tracker, cfg: EvaluateConfig, result: dict[str, Any], files: dict[str, bytes]) -> None:
