@@ -16,6 +16,7 @@ from typing import Any
 
 from dmu_ray.adapters.config import AdapterFitConfig
 from dmu_ray.evaluate.config import EmbedConfig, EvaluateConfig, load_evaluate_config
+from dmu_ray.plan.config import BenchConfig, PlanConfig
 from dmu_ray.refresh.config import BackfillConfig, RefreshConfig
 from dmu_ray.settings import load_config
 from dmu_ray.train.config import TrainConfig
@@ -28,6 +29,8 @@ JOBS: dict[str, tuple[str, type | None]] = {
     "backfill": ("jobs/backfill.py", BackfillConfig),
     "lifecycle": ("jobs/lifecycle.py", None),
     "adapter": ("jobs/adapter_fit.py", AdapterFitConfig),
+    "bench": ("jobs/bench.py", BenchConfig),
+    "plan": ("jobs/plan.py", PlanConfig),
 }
 AGENT_WAIT_S = 90
 EXCLUDES = [".git", "out", "runs", "*.egg-info", "__pycache__", ".pytest_cache", ".whl", ".gl"]

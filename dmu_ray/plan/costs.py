@@ -74,12 +74,14 @@ def costed(
         }
     wh = sum(w.worker_hours for w in path.work)
     money = sum(w.worker_hours * prices[w.kind] for w in path.work)
-    if workers is not None:
+    if wh == 0:  # nothing to run
+        n, wall = 0, 0.0
+    elif workers is not None:
         n, wall = workers, wh / workers
     else:
         assert deadline_hours is not None
-        n = max(1, math.ceil(wh / deadline_hours)) if wh > 0 else 0
-        wall = wh / n if n else 0.0
+        n = max(1, math.ceil(wh / deadline_hours))
+        wall = wh / n
     return row | {"worker_hours": wh, "money": money, "wall_hours": wall, "workers": n, "missing": []}
 
 

@@ -388,7 +388,7 @@ def plan_sentences(result: dict[str, Any]) -> list[str]:
             out.append(f"{r['description']}: not costed, needs {'; '.join(r['missing'])}.")
             continue
         q = (
-            "quality not measured"
+            f"quality not measured ({r['evidence'].removeprefix('no evidence: ')} measures it)"
             if r["quality"] is None
             else f"{r['quality']:.0%} of a full re-embedding's {result['metric']}"
         )
