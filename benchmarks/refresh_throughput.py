@@ -149,6 +149,24 @@ def s3_server(src: str) -> tuple[object, StorageConfig, str]:
     return server, storage, "s3://bench/old"
 
 
+def _print_attribution(a: dict | None) -> None:
+    """Where the run's wall time went (the refresh's own attribution, from its commit records)."""
+    if not a:
+        return
+    print(
+        f"    wall {a['wall_s']:.1f} s: pool start {a['pool_start_s']:.1f} s, actors busy {a['busy_share']:.0%} of their wall"
+    )
+    for name, x in a["actors"].items():
+        print(
+            f"    actor {name}: {x['files']} files, first at {x['start_s']:.1f} s, busy {x['busy_s']:.1f} s, "
+            f"gaps {x['gaps_s']:.1f} s, idle tail {x['tail_s']:.1f} s"
+        )
+    print(
+        "    phases (busy s, summed over files; reader/module/encoder threads overlap): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in a["phases_s"].items())
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
@@ -222,6 +240,7 @@ def main() -> None:
         res = run_refresh(cfg, progress=False)
         where = " (S3 -> S3, loopback)" if storage else ""
         row(f"ray refresh, {actors} actor(s) x 1 CPU{where}", res.rows_per_s)
+        _print_attribution(res.extra.get("attribution"))
         start = res.extra.get("pool_start_s")
         if start is not None and res.seconds > start:
             # the same run without its fixed cost: what a longer job tends to

@@ -308,7 +308,24 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
     summary["verdict"] = verdict(results)
     if lc.plan_rows > 0:
         stage(f"plan: bench this cluster, then price every path for a {lc.plan_rows:,}-row gallery")
-        summary["plan"] = _plan(lc, data_uri, old, new, old_gallery, evaluated, progress)
+        from dmu_ray.plan.demo import demo_plan
+
+        summary["plan"] = demo_plan(
+            root=lc.root,
+            seed=lc.seed,
+            data_uri=data_uri,
+            old_model=old["model"],
+            new=new,
+            old_gallery=old_gallery,
+            eval_json=evaluated["files"]["json"],
+            rows=lc.plan_rows,
+            workers=lc.plan_workers,
+            prices=lc.plan_prices,
+            floor=lc.plan_floor,
+            epochs=lc.epochs_new,
+            storage=lc.storage,
+            progress=progress,
+        )
     summary["seconds"] = round(stage.elapsed(), 1)
     files = {
         f"lifecycle-s{lc.seed}.json": json.dumps(summary, indent=2).encode(),
@@ -321,63 +338,6 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         run.metrics(headlines | {"seconds": summary["seconds"]})
         run.files(files)
     return summary
-
-
-def _plan(
-    lc: LifecycleConfig,
-    data_uri: str,
-    old: dict[str, Any],
-    new: dict[str, dict[str, Any]],
-    old_gallery: str,
-    evaluated: dict[str, Any],
-    progress: bool,
-) -> dict[str, Any]:
-    """Bench this cluster with the demo's own models and gallery (reused when done), then the plan
-    for ``lc.plan_rows`` rows on ``lc.plan_workers`` such workers: the last new model with an
-    upgrade module (DMU in the default demo)."""
-    from dmu_ray.data.images import read_dataset_info
-    from dmu_ray.gallery import Gallery
-    from dmu_ray.plan.bench import run_bench
-    from dmu_ray.plan.config import BenchConfig, PlanConfig
-    from dmu_ray.plan.job import run_plan
-
-    with_psi = [m for m, out in new.items() if "upgrade_module" in out]
-    method = with_psi[-1] if with_psi else list(new)[-1]
-    chosen = new[method]
-    bench_dir = f"{lc.root}/plan/bench-{method}-s{lc.seed}"
-    if not resolve(bench_dir, lc.storage).join("bench.json").is_file():
-        run_bench(
-            BenchConfig(
-                output=bench_dir,
-                workers={"count": 2, "num_cpus": 1},
-                embed={"model": chosen["model"], "images": f"{data_uri}/gallery", "sample": 128},
-                refresh={"module": chosen["upgrade_module"], "gallery": old_gallery} if with_psi else None,
-                train={
-                    "model": chosen["model"],
-                    "old_model": old["model"],
-                    "images": f"{data_uri}/train",
-                    "steps": 5,
-                },
-                repeats=2,
-                storage=lc.storage,
-            ),
-            progress=progress,
-        )
-    info = read_dataset_info(data_uri, lc.storage)
-    plan = run_plan(
-        PlanConfig(
-            bench=bench_dir,
-            gallery={"rows": lc.plan_rows, "dim": Gallery.open(old_gallery, lc.storage).model.dim},
-            prices=lc.plan_prices,
-            cluster={"workers": lc.plan_workers},
-            training={"images": info.rows.get("train", 1) or 1, "epochs": lc.epochs_new},
-            evidence={"eval": evaluated["files"]["json"], "eval_model": method},
-            floor=lc.plan_floor,
-            output=f"{lc.root}/plan/plan-{method}-s{lc.seed}",
-            storage=lc.storage,
-        )
-    )
-    return {"method": method, "sentences": plan["sentences"], "files": plan["files"]}
 
 
 def evaluate_config(

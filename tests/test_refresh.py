@@ -154,6 +154,16 @@ def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
     assert 0 < run["last_run_pool_start_s"] < run["last_run_seconds"]
     assert res.extra["pool_start_s"] == run["last_run_pool_start_s"]
     assert f"{run['last_run_pool_start_s']:.1f} s of" in res.summary()
+    # issue 39: each commit record keeps its phases' busy seconds; the run's attribution sums them
+    import json
+
+    rec = json.loads((out / "_parts" / committed[1]).read_text())
+    assert {"read", "sha256", "decode", "checks", "psi", "finish", "encode", "publish"} <= set(rec["phases"])
+    assert rec["phases"]["psi"] > 0 and all(v >= 0 for v in rec["phases"].values())
+    att = run["last_run_attribution"]
+    assert att == res.extra["attribution"] and sum(a["files"] for a in att["actors"].values()) == 5
+    assert att["pool_start_s"] == run["last_run_pool_start_s"] and 0 < att["busy_share"] <= 1.5
+    assert att["phases_s"]["psi"] >= rec["phases"]["psi"]
     keep = committed[0][:-5]
     assert (out / keep).stat().st_mtime_ns == before[keep]  # committed work untouched
     ids = Gallery.open(str(out)).read(columns=["id"]).column("id").to_pylist()
@@ -394,3 +404,43 @@ def test_output_checks_on_their_own_thread_give_what_in_line_gives(tmp_path):
         in_batch = np.arange(start, min(start + 50, 230))
         want += in_batch[nan[in_batch]].tolist() + in_batch[big[in_batch] & ~nan[in_batch]].tolist()
     assert q_a.column("_dmu_source_row").to_pylist() == want
+
+
+def test_a_runs_attribution_from_its_commit_records_by_hand():
+    """Issue 39: the pool's start, each actor's busy seconds, gaps and idle tail, the phases summed."""
+    from dmu_ray.refresh.records import attribution
+
+    t0 = 1000.0
+    recs = [
+        {
+            "actor": "a",
+            "started_at": 1002.0,
+            "seconds": 3.0,
+            "rows_in": 10,
+            "phases": {"psi": 2.0, "read": 0.5},
+        },
+        {"actor": "a", "started_at": 1005.5, "seconds": 2.0, "rows_in": 10, "phases": {"psi": 1.0}},
+        {"actor": "b", "started_at": 1003.0, "seconds": 4.0, "rows_in": 5, "phases": {"encode": 1.5}},
+        {"actor": "b", "rows_in": 5},  # a record of an older dmu-ray: no times, left out
+    ]
+    a = attribution(recs, t0, 8.0)
+    assert a["pool_start_s"] == 2.0 and a["wall_s"] == 8.0
+    assert a["actors"]["a"] == {
+        "files": 2,
+        "rows": 20,
+        "start_s": 2.0,
+        "busy_s": 5.0,
+        "gaps_s": 0.5,
+        "tail_s": 0.5,
+    }
+    assert a["actors"]["b"] == {
+        "files": 1,
+        "rows": 5,
+        "start_s": 3.0,
+        "busy_s": 4.0,
+        "gaps_s": 0.0,
+        "tail_s": 1.0,
+    }
+    assert a["busy_share"] == round(9.0 / 16.0, 4)
+    assert a["phases_s"] == {"psi": 3.0, "encode": 1.5, "read": 0.5}
+    assert attribution([{"actor": "a"}], t0, 1.0) == {}

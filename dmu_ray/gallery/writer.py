@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import posixpath
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -106,6 +107,8 @@ class ChunkedParquetWriter:
         self._writer: pq.ParquetWriter | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="parquet-encode")
         self._pending = None
+        #: seconds spent encoding (on the encoder thread), waiting for it (the caller), publishing
+        self.seconds = {"encode": 0.0, "encode_wait": 0.0, "publish": 0.0}
 
     def __enter__(self) -> ChunkedParquetWriter:
         return self
@@ -121,24 +124,31 @@ class ChunkedParquetWriter:
 
     def _wait(self) -> None:
         if self._pending is not None:
+            t0 = time.perf_counter()
             pending, self._pending = self._pending, None
             pending.result()
+            self.seconds["encode_wait"] += time.perf_counter() - t0
 
     def _encode(self, table: pa.Table) -> None:
+        t0 = time.perf_counter()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
         if self._writer is None:
             opts = parquet_write_options(table.schema, self.compression)
             self._writer = pq.ParquetWriter(self._sink, table.schema, **opts)
         self._writer.write_table(table, row_group_size=self.row_group_rows)
         self.rows += table.num_rows
+        self.seconds["encode"] += time.perf_counter() - t0
 
     def commit(self, empty_schema: pa.Schema) -> FileEntry:
         """Finish the file (``empty_schema`` when no chunk came) and publish it; its entry."""
         self._wait()
         if self._writer is None:
             self._encode(empty_schema.empty_table())
+        t0 = time.perf_counter()
         self._writer.close()
-        return _publish_parquet(self.loc, self._sink.getvalue(), self.rows, self.source)
+        entry = _publish_parquet(self.loc, self._sink.getvalue(), self.rows, self.source)
+        self.seconds["publish"] += time.perf_counter() - t0
+        return entry
 
 
 def open_parquet(loc: Location, missing: str = "") -> pq.ParquetFile:

@@ -41,13 +41,8 @@ from dmu_ray.refresh.plan import (
     plan_refresh,
     release_claim,
 )
-from dmu_ray.refresh.upgrade_files import (
-    PROVENANCE,
-    FileUpgrader,
-    Overrides,
-    entry_from_record,
-    read_record,
-)
+from dmu_ray.refresh.records import attribution, entry_from_record, read_record
+from dmu_ray.refresh.upgrade_files import PROVENANCE, FileUpgrader, Overrides
 from dmu_ray.storage import Location, resolve
 
 __all__ = ["run_refresh", "plan_refresh", "RefreshResult", "RefreshError", "JOB_MARKER", "claim_output"]
@@ -206,6 +201,8 @@ def _run_claimed(
     manifest = _commit(plan, seconds, rows_now, t0_wall)
     startup = manifest.extra["refresh"].get("last_run_pool_start_s")
     extra = {} if startup is None else {"pool_start_s": startup}
+    if "last_run_attribution" in manifest.extra["refresh"]:
+        extra["attribution"] = manifest.extra["refresh"]["last_run_attribution"]
     return RefreshResult(manifest, len(plan.pending), rows_now, seconds, skipped, extra)
 
 
@@ -258,6 +255,7 @@ def _commit(plan: RefreshPlan, seconds: float, rows_now: int, t0_wall: float) ->
     )
     if starts:  # from the job's start to its first file's: the pool's start-up (fixed cost)
         manifest.extra["refresh"]["last_run_pool_start_s"] = round(max(0.0, min(starts) - t0_wall), 3)
+        manifest.extra["refresh"]["last_run_attribution"] = attribution(ran_now, t0_wall, seconds)
     if "backfill" in plan.job:
         rows_new = sum(r.get("rows_new", 0) for r in records)
         if rows_new != plan.job["backfill"]["rows_selected"]:

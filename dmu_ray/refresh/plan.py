@@ -40,12 +40,8 @@ from dmu_ray.lineage import (
 from dmu_ray.models.artifact import UPGRADE_MODULE, Artifact, build_upgrade_module, load_artifact
 from dmu_ray.models.card import CardError, check_compatible, refuse_query_adapter
 from dmu_ray.refresh.config import RefreshConfig
-from dmu_ray.refresh.upgrade_files import (
-    PROVENANCE,
-    Routing,
-    read_record,
-    verify_record,
-)
+from dmu_ray.refresh.records import read_record, verify_record
+from dmu_ray.refresh.upgrade_files import PROVENANCE, Routing
 from dmu_ray.storage import Location, create_exclusive, read_bytes, release_if_alone, resolve
 
 JOB_MARKER = "_refresh.json"

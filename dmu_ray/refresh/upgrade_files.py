@@ -23,7 +23,6 @@ the file, and nothing is written for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -37,7 +36,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -61,9 +59,10 @@ from dmu_ray.gallery import (
 )
 from dmu_ray.lineage import LINEAGE_COLUMN
 from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices, through_chain
-from dmu_ray.storage import Location, StorageError, read_bytes, write_bytes_atomic
+from dmu_ray.refresh.file_threads import Phases, in_line, prefetched, sha256_of_buffer
+from dmu_ray.refresh.records import record_name
+from dmu_ray.storage import Location, read_bytes, write_bytes_atomic
 
-PARTS_DIR = "_parts"
 PROVENANCE = "provenance"
 
 
@@ -86,71 +85,6 @@ class Overrides:
 
 class SourceIntegrityError(GalleryError):
     """A source file differs from what its gallery's manifest committed (bytes, sha256 or rows)."""
-
-
-def record_name(rel: str) -> str:
-    return f"{PARTS_DIR}/{rel}.json"
-
-
-def read_record(out: Location, rel: str) -> dict[str, Any] | None:
-    """The commit record of input file ``rel``, or None if there is none (or it is unreadable)."""
-    loc = out.join(record_name(rel))
-    if not loc.is_file():
-        return None
-    try:
-        rec = json.loads(read_bytes(loc))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def sha256_of(loc: Location, chunk: int = 8 << 20) -> str:
-    """The sha256 hex digest of a file, streamed."""
-    h = hashlib.sha256()
-    with loc.fs.open_input_stream(loc.path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_entry(out: Location, d: Any, want_path: str) -> str | None:
-    if not isinstance(d, dict) or d.get("path") != want_path:
-        return f"names {d.get('path') if isinstance(d, dict) else d!r}, not {want_path!r}"
-    try:
-        loc = out.join(want_path)
-    except StorageError as err:
-        return str(err)
-    info = loc.fs.get_file_info(loc.path)
-    if info.type != pafs.FileType.File:
-        return f"{loc.uri} is missing"
-    if info.size != d.get("bytes"):
-        return f"{loc.uri} has {info.size} bytes, the record says {d.get('bytes')}"
-    if sha256_of(loc) != d.get("sha256"):
-        return f"{loc.uri}: sha256 differs from the record"
-    return None
-
-
-def verify_record(out: Location, rel: str, rec: dict[str, Any] | None, rows_in: int) -> str | None:
-    """Why the commit record of ``rel`` does not count (None when it does): it must exist, name
-    ``rel`` and its quarantine file, account for the source's ``rows_in`` rows, and every file it
-    names must be there with the recorded size and sha256."""
-    if rec is None:
-        return "no commit record"
-    try:
-        if rec.get("source") != rel:
-            return f"the record is for {rec.get('source')!r}"
-        if rec.get("rows_in") != rows_in:
-            return f"the record counts {rec.get('rows_in')} rows in, the source file has {rows_in}"
-        q = rec.get("quarantine")
-        rows_out = rec["file"]["rows"] + (q["rows"] if q else 0)
-        if rows_out != rows_in:
-            return f"the record's rows do not reconcile ({rows_in} in, {rows_out} out + quarantined)"
-        why = _check_entry(out, rec["file"], rel)
-        if why is None and q:
-            why = _check_entry(out, q, f"{QUARANTINE_DIR}/{rel}")
-        return why
-    except (KeyError, TypeError, AttributeError) as err:
-        return f"malformed record ({err})"
 
 
 @dataclass
@@ -216,7 +150,7 @@ class FileUpgrader:
         self.expected = expected  # the source manifest's entries: each file is verified before use
 
     def open_source(
-        self, rel: str, pool: ThreadPoolExecutor | None = None
+        self, rel: str, pool: ThreadPoolExecutor | None = None, phases: Phases | None = None
     ) -> tuple[pq.ParquetFile, Callable[[], None]]:
         """The source file ``rel`` and a check that raises :class:`SourceIntegrityError` unless it
         is what its manifest entry says (bytes, sha256, rows; when one was given). The whole file is
@@ -229,16 +163,19 @@ class FileUpgrader:
         try:
             if want is None:
                 return pq.ParquetFile(loc.fs.open_input_file(loc.path)), lambda: None
+            t0 = time.perf_counter()
             data = read_bytes(loc)
+            if phases is not None:
+                phases.add("read", t0)
         except FileNotFoundError:
             raise SourceIntegrityError(f"{loc.uri}: listed in the source manifest but missing") from None
         changed = f"{loc.uri} changed after its gallery was committed"
         if len(data) != want.bytes:
             raise SourceIntegrityError(f"{changed}: {len(data)} bytes, the manifest says {want.bytes}")
-        digest = pool.submit(_sha256, data) if pool is not None else None
+        digest = pool.submit(sha256_of_buffer, data, phases) if pool is not None else None
 
         def check() -> None:
-            got = digest.result() if digest is not None else _sha256(data)
+            got = digest.result() if digest is not None else sha256_of_buffer(data)
             if got != want.sha256:
                 raise SourceIntegrityError(f"{changed}: its sha256 differs from the manifest's")
 
@@ -309,25 +246,30 @@ class FileUpgrader:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
         t0, started_at = time.perf_counter(), time.time()
         src_loc = self.src.join(rel)
+        phases = Phases()
         # two threads: the source's sha256 beside the decoding of its first batches
         with ThreadPoolExecutor(2, thread_name_prefix="parquet-read") as reader:
-            pf, check_source = self.open_source(rel, reader)
+            pf, check_source = self.open_source(rel, reader, phases)
             with ChunkedParquetWriter(self.out.join(rel), source=rel, metadata=self.meta) as writer:
                 try:
-                    batches = self._checked(pf.iter_batches(batch_size=self.batch_size), src_loc.uri)
+                    batches = self._checked(pf.iter_batches(batch_size=self.batch_size), src_loc.uri, phases)
                     rows_in, rows_new, bad_parts, reasons = self._upgrade_batches(
-                        _prefetched(batches, reader), src_loc.uri, writer
+                        prefetched(batches, reader, phases), src_loc.uri, writer, phases
                     )
                 except (SourceIntegrityError, RuntimeError, ValueError, pa.ArrowException, OSError):
                     check_source()  # a source that changed is named as such
                     raise
+                t_wait = time.perf_counter()
                 check_source()  # nothing is published for a source that changed
+                phases.add("sha256_wait", t_wait)
                 q_entry = None
                 if bad_parts:
                     q = pa.concat_tables(bad_parts, promote_options="permissive")
                     q_entry = write_parquet_atomic(self.out.join(QUARANTINE_DIR, rel), q, source=rel)
                     q_entry.path = f"{QUARANTINE_DIR}/{rel}"
                 entry = writer.commit(self._empty_output(pf.schema_arrow).schema)
+        for k, v in writer.seconds.items():
+            phases.seconds[k] += v
         entry.path = rel
         record = {
             "source": rel,
@@ -338,18 +280,28 @@ class FileUpgrader:
             "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
             "started_at": round(started_at, 3),  # wall clock (epoch s): the job times its pool's start by it
+            # busy seconds per phase, each on its thread (read, sha256, decode, checks on the reader;
+            # psi, finish on the module's; encode on the encoder; the *_wait are hand-offs)
+            "phases": phases.rounded(),
             "worker": self.worker,
             "actor": self.actor,
         }
         if entry.rows + (q_entry.rows if q_entry else 0) != rows_in:  # pragma: no cover - invariant
             raise RuntimeError(f"{rel}: rows do not reconcile: {rows_in} in, {entry.rows} out, {q_entry}")
+        t_rec = time.perf_counter()
         write_bytes_atomic(self.out.join(record_name(rel)), json.dumps(record).encode())
+        # the record's own write (returned to the caller; a record cannot hold its own write time)
+        record["seconds_record_write"] = round(time.perf_counter() - t_rec, 4)
         with self._done_lock:
             self._done += 1
         return record
 
     def _upgrade_batches(
-        self, batches: Iterator[pa.RecordBatch], where: str, writer: ChunkedParquetWriter
+        self,
+        batches: Iterator[pa.RecordBatch],
+        where: str,
+        writer: ChunkedParquetWriter,
+        phases: Phases | None = None,
     ) -> tuple[int, int, list[pa.Table], Counter[str]]:
         """Check, route and upgrade each batch, handing good rows to ``writer``; returns rows in,
         rows taken from the overrides, the quarantined rows and their reasons.
@@ -377,26 +329,47 @@ class FileUpgrader:
                 quarantine(part)
                 rows_new += hits
 
+        clock = phases or Phases()
+
+        def finish(b: _Checked, y: np.ndarray, keys: np.ndarray) -> tuple[pa.Table | None, int]:
+            t0, waited = time.perf_counter(), writer.seconds["encode_wait"]
+            out = self._finish(b, y, keys, writer)
+            clock.add(
+                "finish", t0 + (writer.seconds["encode_wait"] - waited)
+            )  # less the wait for the encoder
+            return out
+
         with ThreadPoolExecutor(1, thread_name_prefix="output-check") as finisher:
-            submit = finisher.submit if self.finish_aside else _in_line  # the thread starts on first use
+            submit = finisher.submit if self.finish_aside else in_line  # the thread starts on first use
             for b in batches:
                 rows_in += b.rows_in
+                t0 = time.perf_counter()
                 y, keys = self._route_batch(b.table, where) if b.table.num_rows else (None, None)
+                t0 = clock.add("psi", t0)
                 collect()
+                clock.add("finish_wait" if self.finish_aside else "finish", t0)
                 quarantine(b.bad)
                 if y is not None:
-                    pending = submit(self._finish, b, y, keys, writer)
+                    pending = submit(finish, b, y, keys)
+            t0 = time.perf_counter()
             collect()
+            clock.add("finish_wait" if self.finish_aside else "finish", t0)
         return rows_in, rows_new, bad_parts, reasons
 
-    def _checked(self, batches: Iterator[pa.RecordBatch], where: str) -> Iterator[_Checked]:
+    def _checked(
+        self, batches: Iterator[pa.RecordBatch], where: str, phases: Phases | None = None
+    ) -> Iterator[_Checked]:
         """Each source batch split by the contract's row checks into good rows and quarantined
-        ones (rows numbered from the file's first row)."""
-        offset = 0
+        ones (rows numbered from the file's first row); decode and check seconds into ``phases``."""
+        offset, clock = 0, phases or Phases()
+        t0 = time.perf_counter()
         for rb in batches:
+            t0 = clock.add("decode", t0)
             good, bad = split_valid(pa.Table.from_batches([rb]), self.in_dim, row_offset=offset, where=where)
+            clock.add("checks", t0)
             yield _Checked(good, bad, offset, rb.num_rows)
             offset += rb.num_rows
+            t0 = time.perf_counter()
 
     def _finish(
         self, b: _Checked, y: np.ndarray, keys: np.ndarray, writer: ChunkedParquetWriter
@@ -473,27 +446,3 @@ class _Checked:
         if self.bad is None:
             return rows
         return np.setdiff1d(rows, self.bad.column(SOURCE_ROW_COLUMN).to_numpy(), assume_unique=True)
-
-
-def _in_line(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """``fn(*args)`` run now, on this thread, as a finished future (an exception propagates)."""
-    done: Future[Any] = Future()
-    done.set_result(fn(*args))
-    return done
-
-
-def _sha256(data: pa.Buffer | bytes) -> str:
-    return hashlib.sha256(memoryview(data)).hexdigest()
-
-
-def _prefetched(it: Iterator[Any], pool: ThreadPoolExecutor) -> Iterator[Any]:
-    """``it``'s items, the next one produced on ``pool`` while the caller works on the current."""
-    end = object()
-    ahead = pool.submit(next, it, end)
-    while (item := ahead.result()) is not end:
-        ahead = pool.submit(next, it, end)
-        yield item
-
-
-def entry_from_record(d: dict[str, Any] | None) -> FileEntry | None:
-    return FileEntry(**d) if d else None
