@@ -31,7 +31,71 @@ class TinyNet(nn.Module):
 
 
 def test_sources_are_registered_by_prefix():
-    assert {"torchvision", "timm", "torchscript", "export"} <= set(SOURCES)
+    assert {"torchvision", "timm", "torchscript", "export", "onnx"} <= set(SOURCES)
+
+
+def _onnx(net: nn.Module, path, batch_axis: bool = True) -> None:
+    """``net`` written as ONNX (torch's TorchScript-based exporter: it needs only the onnx package)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.zeros(2, 1, 16, 16),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}} if batch_axis else None,
+        )
+
+
+def test_an_onnx_model_imports_and_embeds_a_gallery_on_ray_data(ray_local, tmp_path):
+    """Issue 37: an ONNX model (dynamic batch) imports through the CLI, is kept byte for byte, and
+    embeds with onnxruntime as the network does, also on Ray Data's actors; one exported with a
+    fixed batch, and a file that is not ONNX, are refused naming the fix."""
+    torch.manual_seed(3)
+    tiny = TinyNet(dim=5).eval()
+    _onnx(tiny, tmp_path / "tiny.onnx")
+    r = cli(
+        "model", "import", str(tmp_path / "tiny.onnx"), str(tmp_path / "tiny.pt"), "--id", "prod-onnx",
+        "--channels", "1", "--size", "16", "--mean", "0.5", "--std", "0.25",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "onnx as 'prod-onnx', 5-d embeddings" in r.stdout, r.stdout + r.stderr
+    art = load_artifact(str(tmp_path / "tiny.pt"))
+    assert art.card.source == "onnx"
+    assert bytes(art.state_dict["onnx"].numpy().tobytes()) == (tmp_path / "tiny.onnx").read_bytes()
+    model, _ = build_embedding_model(art)
+    xs = torch.randn(7, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(xs), nn.functional.normalize(tiny(xs), dim=1), atol=1e-5, rtol=1e-5)
+
+    data = tmp_path / "digits"
+    import_digits(str(data), image_size=16)
+    m = embed_to_gallery(str(data / "query"), str(tmp_path / "tiny.pt"), str(tmp_path / "g"), dtype="float32")
+    assert m.model.model_id == "prod-onnx" and m.model.dim == 5
+    import pyarrow.parquet as pq
+
+    t = Gallery.open(str(tmp_path / "g")).read()
+    imgs = pq.read_table(str(data / "query")).sort_by("id")
+    x = DecodeBatch(16, 1, mean=(0.5,), std=(0.25,))(imgs)["image"]
+    with torch.no_grad():
+        want = nn.functional.normalize(tiny(torch.from_numpy(x)), dim=1).numpy()
+    order = np.argsort(t.column("id").to_numpy())
+    np.testing.assert_allclose(embedding_matrix(t.column("embedding"))[order], want, atol=1e-5)
+
+    _onnx(tiny, tmp_path / "static.onnx", batch_axis=False)
+    r = cli("model", "import", str(tmp_path / "static.onnx"), str(tmp_path / "s.pt"), "--id", "x",
+            "--channels", "1", "--size", "16", "--mean", "0.5", "--std", "0.5")  # fmt: skip
+    assert r.returncode == 2 and "batches of exactly 2; export it with a dynamic batch axis" in r.stderr, (
+        r.stderr
+    )
+    (tmp_path / "not.onnx").write_bytes(b"\x08\x07 not a model")
+    r = cli("model", "import", str(tmp_path / "not.onnx"), str(tmp_path / "n.pt"), "--id", "x",
+            "--channels", "1", "--size", "16", "--mean", "0.5", "--std", "0.5")  # fmt: skip
+    assert r.returncode == 2 and "not an ONNX model" in r.stderr and "not.onnx" in r.stderr, r.stderr
 
 
 def test_safetensors_weights_and_a_torch_export_program_import_as_deployed(tmp_path):

@@ -57,7 +57,8 @@ def add_parser(sub) -> None:
     mim.add_argument(
         "source",
         help="torchvision:NAME or timm:NAME (with --weights or --pretrained), a TorchScript file (an optional "
-        "torchscript: prefix) or a torch.export program (.pt2, or an export: prefix); files local or s3://",
+        "torchscript: prefix), a torch.export program (.pt2, or an export: prefix) or an ONNX model (.onnx, or "
+        "an onnx: prefix; run by onnxruntime, never trained); files local or s3://",
     )
     mim.add_argument(
         "dest", help="artefact URI to write, e.g. out/models/old.pt or s3://bucket/models/old.pt"

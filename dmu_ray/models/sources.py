@@ -279,8 +279,66 @@ class ExportSource(TorchScriptSource):
         return self.create()
 
 
+class _OnnxModel(nn.Module):
+    """An ONNX model run by onnxruntime, as a module that takes and returns torch tensors (on the
+    input's device). It only embeds: no gradient flows through it, so it serves as a frozen model
+    (the old model of a training, a FastFill target, embed/evaluate/adapter pairs), never as a
+    model to train. The session is built from the bytes where the module is built (each Ray
+    worker), with as many threads as torch has there."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, torch.get_num_threads())
+        opts.inter_op_num_threads = 1
+        want = ("CUDAExecutionProvider", "CPUExecutionProvider")  # CUDA where onnxruntime-gpu is installed
+        providers = [p for p in want if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(data, sess_options=opts, providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        feed = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        out = self.session.run(None, {self.input: feed})[0]
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+
+
+@register_source
+class OnnxSource(TorchScriptSource):
+    """An ONNX model (``.onnx``, served by onnxruntime / Triton), kept byte for byte in the
+    artefact (``onnx`` tensor) and run with onnxruntime (:class:`_OnnxModel`): it embeds, it is
+    not trained through. Export it with a dynamic batch axis (``dynamic_axes``)."""
+
+    prefix: ClassVar[str] = "onnx"
+
+    def create(self) -> nn.Module:
+        try:
+            net = _OnnxModel(self.data)
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            raise SourceError("ONNX models need onnxruntime (pip install onnxruntime)") from None
+        except Exception as err:  # onnxruntime raises its own types for a file that is not ONNX
+            raise SourceError(f"not an ONNX model ({type(err).__name__}: {str(err)[:200]})") from None
+        batch = net.session.get_inputs()[0].shape[0]
+        if isinstance(batch, int):  # a fixed batch: dmu-ray embeds batches of every size
+            raise SourceError(
+                f"the ONNX model takes batches of exactly {batch}; export it with a dynamic batch axis, "
+                "e.g. torch.onnx.export(model, (x,), f, input_names=['x'], dynamic_axes={'x': {0: 'batch'}})"
+            )
+        return net
+
+    def to_artifact(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        return {"onnx": torch.frombuffer(bytearray(self.data), dtype=torch.uint8)}
+
+    def from_artifact(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        self.data = bytes(state["onnx"].numpy().tobytes())
+        return self.create()
+
+
 #: sources whose file is the model itself (no architecture name, no separate weights)
-FILE_SOURCES = ("torchscript", "export")
+FILE_SOURCES = ("torchscript", "export", "onnx")
 
 
 def source_of(card: EmbeddingCard) -> ModelSource:
@@ -357,6 +415,11 @@ def import_model(
     try:
         dim = probe_dim(net, channels, pre.size or 224, where)
     except SourceError as err:
+        if prefix == "onnx":
+            raise SourceError(
+                f"{err}; an ONNX model must be exported with a dynamic batch axis, e.g. torch.onnx.export(model, "
+                "(x,), f, input_names=['x'], dynamic_axes={'x': {0: 'batch'}})"
+            ) from None
         if prefix != "export":
             raise
         raise SourceError(
@@ -393,7 +456,8 @@ def import_model_artifact(
 ) -> EmbeddingCard:
     """``dmu-ray model import``: ``source`` is ``torchvision:NAME`` or ``timm:NAME`` (with
     ``weights``, a state dict file, or ``pretrained``), or the URI of a TorchScript file (an
-    optional ``torchscript:`` prefix); local paths and ``s3://`` work for every file. Writes the
+    optional ``torchscript:`` prefix), a torch.export program (``.pt2`` or ``export:``) or an ONNX
+    model (``.onnx`` or ``onnx:``); local paths and ``s3://`` work for every file. Writes the
     artefact to ``dest`` and returns its card; a file already at ``dest`` is refused (before any
     work) unless ``overwrite``: galleries and runs name artefacts by their bytes."""
     from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact, save_artifact
@@ -412,7 +476,15 @@ def import_model_artifact(
     if prefix in ("torchvision", "timm"):
         spec, data, where = source, fetch(weights) if weights else None, weights or pretrained or source
     else:
-        kind = prefix if prefix in FILE_SOURCES else "export" if source.endswith(".pt2") else "torchscript"
+        kind = (
+            prefix
+            if prefix in FILE_SOURCES
+            else "export"
+            if source.endswith(".pt2")
+            else "onnx"
+            if source.endswith(".onnx")
+            else "torchscript"
+        )
         uri = source.removeprefix(f"{kind}:")
         spec, data, where = kind, fetch(uri), resolve(uri, storage).uri
         if weights:
