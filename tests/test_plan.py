@@ -120,6 +120,13 @@ def test_bench_measures_the_jobs_work_as_a_direct_timing_does(ray_local, tmp_pat
 
     with pytest.raises(BenchError, match="already holds files"):
         run_bench(cfg, progress=False)
+    with pytest.raises(BenchError, match="need 64 CPUs at once, and the cluster has"):
+        run_bench(
+            BenchConfig.model_validate(
+                cfg.model_dump() | {"output": str(tmp_path / "b3"), "workers": {"count": 64}}
+            ),
+            progress=False,
+        )
     with pytest.raises(BenchError, match="query-side adapter"):
         run_bench(
             BenchConfig.model_validate(

@@ -317,6 +317,13 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     require_resources(
         {"CPU": w.num_cpus, "GPU": w.num_gpus}, f"a bench worker (workers.num_cpus {w.num_cpus:g})"
     )
+    have = ray.cluster_resources()
+    for key, each in (("CPU", w.num_cpus), ("GPU", w.num_gpus)):
+        if each and w.count * each > have.get(key, 0.0) + 1e-9:  # measured at once: all must be up together
+            raise BenchError(
+                f"workers: {w.count} worker(s) x {each:g} {key} need {w.count * each:g} {key}s at once, and the "
+                f"cluster has {have.get(key, 0.0):g}; lower workers.count (figures are per worker)"
+            )
     Worker = ray.remote(num_cpus=w.num_cpus, num_gpus=w.num_gpus or None)(_BenchWorker)
     threads = max(1, int(round(w.num_cpus)))
     workers = [Worker.remote(threads, w.num_gpus > 0) for _ in range(w.count)]
