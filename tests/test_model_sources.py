@@ -311,3 +311,5 @@ def test_an_imported_old_model_trains_l2(ray_local, tmp_path):
     assert (
         card.method == "l2" and card.old_model["id"].startswith("prod-v1@") and out["metrics"]["compat"] > 0
     )
+    # l2 on Ray Train (this was also test_registries' own l2 run): the old model by its URI, no psi
+    assert card.old_model["uri"] == load_artifact(old).uri and "upgrade_module" not in out

@@ -7,7 +7,6 @@ import typing
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train import config, digits  # noqa: F401  (the fixture)
 from torch import nn
 
 import dmu_ray.methods.catalog as catalog
@@ -30,7 +29,7 @@ from dmu_ray.models.artifact import load_artifact
 from dmu_ray.models.backbones import BACKBONES
 from dmu_ray.models.heads import HEADS, MarginHead
 from dmu_ray.submit import JOBS
-from dmu_ray.train.job import _saved_config, run_training
+from dmu_ray.train.job import _saved_config
 from dmu_ray.train.trainee import Trainee
 
 
@@ -139,19 +138,6 @@ def test_l2_loss_on_hand_made_features():
     ].item() == pytest.approx(1.0)
     loss.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
-def test_l2_trains_on_ray_train(ray_local, tmp_path, digits):  # noqa: F811
-    old = run_training(config("old", str(tmp_path), digits, optim={"epochs": 1}), progress=False)
-    l2 = run_training(
-        config(
-            "l2", str(tmp_path), digits, optim={"epochs": 1}, method={"name": "l2", "old_model": old["model"]}
-        ),
-        progress=False,
-    )
-    card = load_artifact(l2["model"]).card
-    assert card.method == "l2" and card.old_model["uri"] == old["model"]
-    assert l2["metrics"]["compat"] > 0 and "upgrade_module" not in l2
 
 
 def test_cards_are_typed_and_checked_at_load(tmp_path):
