@@ -114,6 +114,11 @@ class _Evidence:
             if name not in models:
                 raise PlanError(f"evidence.eval_model: {name!r} is not in {uri} (it has {', '.join(models)})")
         else:
+            if want is None and len(models) > 1:
+                raise PlanError(
+                    f"evidence.eval {uri} evaluates several new models ({', '.join(models)}) and the bench measured "
+                    "none: name the one the plan is for in evidence.eval_model"
+                )
             names = (
                 [n for n, m in models.items() if m.get("model", {}).get("sha256") == want]
                 if want
