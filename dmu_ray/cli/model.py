@@ -43,7 +43,8 @@ def _cmd_model_import(ns: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     """Add this group's commands to the ``dmu-ray`` sub-parsers ``sub``."""
     mod = sub.add_parser(
-        "model", help="import a model dmu-ray did not train (torchvision, timm, TorchScript, torch.export)"
+        "model",
+        help="import a model dmu-ray did not train (torchvision, timm, TorchScript, torch.export, ONNX)",
     )
     msub = mod.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     mim = msub.add_parser(
