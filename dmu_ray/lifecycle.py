@@ -296,7 +296,7 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
     cfg = evaluate_config(
         lc, data_uri, old_gallery, old["model"], {m: out["model"] for m, out in new.items()}, refreshed
     )
-    evaluated = run_evaluation(cfg, progress=progress)
+    evaluated = _reused_evaluation(cfg, say) or run_evaluation(cfg, progress=progress)
     results: dict[str, Any] = evaluated["models"]
     from dmu_ray.evaluate.verdict import verdict, verdict_markdown
     from dmu_ray.storage import write_bytes_atomic
@@ -338,6 +338,27 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
         run.metrics(headlines | {"seconds": summary["seconds"]})
         run.files(files)
     return summary
+
+
+def _reused_evaluation(cfg: EvaluateConfig, say) -> dict[str, Any] | None:
+    """The evaluation already at ``cfg.output`` when its fingerprint is this one's (same config,
+    artefacts, galleries and data), else None."""
+    from dmu_ray.evaluate.job import fingerprint
+    from dmu_ray.storage import read_bytes
+
+    out = resolve(cfg.output, cfg.storage)
+    try:
+        prev = json.loads(read_bytes(out.join("eval.json")))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(prev, dict) or prev.get("fingerprint") != fingerprint(cfg):
+        return None
+    say("  already evaluated (same config, models, galleries and data): " + out.join("eval.json").uri)
+    return prev | {
+        "files": {
+            k: out.join(n).uri for k, n in (("json", "eval.json"), ("md", "eval.md"), ("png", "pairings.png"))
+        }
+    }
 
 
 def evaluate_config(

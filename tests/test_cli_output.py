@@ -154,6 +154,7 @@ def test_demo_tells_its_story_quietly(tmp_path):
     again = _run(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train dmu-s0: already finished" in again.stderr and "already committed" in again.stderr
+    assert "already evaluated (same config, models, galleries and data)" in again.stderr
     redo = json.loads((root / "eval/lifecycle-s0.json").read_text())
     assert redo["dmu"]["pairings"]["new/upgraded"]["mAP@100"] == p["new/upgraded"]["mAP@100"]
 

@@ -32,7 +32,7 @@ def test_three_generations_each_against_the_one_before(ray_local, tmp_path):
     from dmu_ray.gallery_ops import inspect_gallery
     from dmu_ray.models.artifact import load_artifact
 
-    lc = tiny(tmp_path / "gen", generations=3)
+    lc = tiny(tmp_path / "gen", generations=3).model_copy(update={"epochs_old": 1, "epochs_new": 1})
     assert lc.generation_fractions() == [0.3, 0.6, 1.0]
     summary = run_lifecycle(lc, progress=False)
     root = tmp_path / "gen"

@@ -47,7 +47,7 @@ def demo_plan(
             BenchConfig(
                 output=bench_dir,
                 workers={"count": 2, "num_cpus": 1},
-                embed={"model": chosen["model"], "images": f"{data_uri}/gallery", "sample": 128},
+                embed={"model": chosen["model"], "images": f"{data_uri}/gallery", "sample": 64},
                 refresh={"module": chosen["upgrade_module"], "gallery": old_gallery} if with_psi else None,
                 train={
                     "model": chosen["model"],
