@@ -343,7 +343,8 @@ def _stages(lc: LifecycleConfig, root: Any, progress: bool, run: Any) -> dict[st
 def _reused_evaluation(cfg: EvaluateConfig, say) -> dict[str, Any] | None:
     """The evaluation already at ``cfg.output`` when its fingerprint is this one's (same config,
     artefacts, galleries and data), else None."""
-    from dmu_ray.evaluate.job import fingerprint
+    from dmu_ray.evaluate.fingerprint import fingerprint
+    from dmu_ray.evaluate.job import check_inputs
     from dmu_ray.storage import read_bytes
 
     out = resolve(cfg.output, cfg.storage)
@@ -351,7 +352,7 @@ def _reused_evaluation(cfg: EvaluateConfig, say) -> dict[str, Any] | None:
         prev = json.loads(read_bytes(out.join("eval.json")))
     except (FileNotFoundError, ValueError):
         return None
-    if not isinstance(prev, dict) or prev.get("fingerprint") != fingerprint(cfg):
+    if not isinstance(prev, dict) or prev.get("fingerprint") != fingerprint(cfg, check_inputs(cfg)):
         return None
     say("  already evaluated (same config, models, galleries and data): " + out.join("eval.json").uri)
     return prev | {
