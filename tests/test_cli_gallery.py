@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 
+#: a safety net only (a command here takes seconds to a minute or two); generous for a busy 2-core box
+CLI_TIMEOUT_S = 900
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("dmu-ray")
     assert exe, "the dmu-ray console script is not installed (pip install -e '.[dev]')"
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 def test_import_then_inspect_on_s3(s3, tmp_path):

@@ -26,7 +26,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DMU_RAY_VERBOSE", "DMU_RAY_QUIET")
     }
     cmd = [sys.executable, "-m", "dmu_ray.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)  # a safety net for a busy box
 
 
 def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: F811
@@ -49,6 +49,7 @@ def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: 
     assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
 
 
+@pytest.mark.timeout(2400)  # the demo runs twice; each run is bounded by _run's own safety net
 def test_demo_tells_its_story_quietly(tmp_path):
     """The demo (BCT and DMU side by side; at test size through --config) leaves every stage's
     output, reconciles its counts, prints its stages, the matrices and the verdict, whose numbers are

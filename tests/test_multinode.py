@@ -31,6 +31,9 @@ from dmu_ray.models.upgrade import UpgradeModule
 from dmu_ray.storage import resolve
 from dmu_ray.submit import submit
 
+#: both tests in one pytest-xdist process, one after the other: each runs a cluster of 3-CPU nodes
+pytestmark = pytest.mark.xdist_group("multinode")
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 

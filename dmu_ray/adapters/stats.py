@@ -41,12 +41,11 @@ class PairStats:
         for start in range(0, len(x), chunk):
             xs = np.asarray(x[start : start + chunk], dt)
             ys = np.asarray(y[start : start + chunk], dt)
-            both = xs.T @ np.hstack([xs, ys])  # X^T X and X^T Y in one product
             out.n += len(xs)
             out.sx += xs.sum(0, dtype=np.float64)
             out.sy += ys.sum(0, dtype=np.float64)
-            out.xx += both[:, :dx]
-            out.xy += both[:, dx:]
+            out.xx += xs.T @ xs  # numpy's BLAS takes a product of an array with its own transpose as
+            out.xy += xs.T @ ys  # a symmetric rank-k update: half the multiply-adds of a general one
             out.yy += float(np.einsum("ij,ij->", ys, ys, dtype=np.float64))
         return out
 
