@@ -7,7 +7,6 @@ import subprocess
 import numpy as np
 import pytest
 
-
 #: a safety net only (a command here takes seconds to a minute or two); generous for a busy 2-core box
 CLI_TIMEOUT_S = 900
 

@@ -26,7 +26,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DMU_RAY_VERBOSE", "DMU_RAY_QUIET")
     }
     cmd = [sys.executable, "-m", "dmu_ray.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)  # a safety net for a busy box
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=1200
+    )  # a safety net for a busy box
 
 
 def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: F811
