@@ -21,14 +21,16 @@ RAY_LINE = re.compile(
 )
 
 
+#: a safety net only (one demo run takes about 4 minutes on a quiet 2-core box)
+RUN_TIMEOUT_S = 1200
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {
         k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DMU_RAY_VERBOSE", "DMU_RAY_QUIET")
     }
     cmd = [sys.executable, "-m", "dmu_ray.cli", *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env=env, timeout=1200
-    )  # a safety net for a busy box
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
 
 
 def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: F811
