@@ -9,6 +9,7 @@ from test_model_sources import TinyNet
 from test_train import config
 
 from dmu_ray.data.importers import import_digits
+from dmu_ray.methods.old_classifier import calibrated_scale
 from dmu_ray.models.artifact import build_embedding_model, load_artifact, save_embedding_model
 from dmu_ray.models.embedding import EmbeddingModel
 from dmu_ray.models.heads import MarginHead
@@ -49,6 +50,9 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
     ids, labels, feats = embed_images(f"{digits}/train", old)
     _, head = build_embedding_model(built)
     np.testing.assert_allclose(head.weight.detach().numpy(), class_means(feats, labels, range(10)), atol=1e-5)
+    # its head: a cosine softmax without margin, scaled to classify the old features best (issue 37)
+    assert (c.head, c.m) == ("softmax", 0.0) and (head.kind, head.m) == ("softmax", 0.0)
+    assert c.s == pytest.approx(calibrated_scale(feats, labels, class_means(feats, labels, range(10)))[0])
     # DMU trained against it: compatibility and discriminativeness were measured
     m = out["metrics"]
     assert m["compat"] > 0 and 0 < m["old_d"] <= 1 and "upgrade" in m and m["constrained"] == 1.0
@@ -124,3 +128,36 @@ def test_relative_paths_in_a_train_config_mean_the_submitting_folder(
         progress=False,
     )
     assert out["metrics"]["compat"] > 0 and (tmp_path / "runs" / "rel" / "export" / "model.pt").exists()
+
+
+def test_the_prototype_head_scale_minimises_the_old_features_cross_entropy():
+    """calibrated_scale picks, among its scales, the one with the lowest cross-entropy of the old
+    features under ``s * cos``, and that is far below what a margin head gives the same features
+    when class means sit close together (the issue-37 case: a 0.3 rad ArcFace margin made the old
+    features' own loss worse than a uniform guess)."""
+    from dmu_ray.methods.old_classifier import SCALES
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=64)  # every class near one direction, as post-ReLU features are
+    means = centre + 0.35 * rng.normal(size=(20, 64))
+    labels = rng.integers(0, 20, size=4000)
+    feats = means[labels] + 0.3 * rng.normal(size=(4000, 64))
+    protos = class_means(feats, labels, range(20))
+    s, ce, top1 = calibrated_scale(feats, labels, protos)
+    x = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    cos = x @ protos.T
+
+    def cross_entropy(logits):
+        z = logits - logits.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
+
+    by_scale = [cross_entropy(t * cos) for t in SCALES]
+    assert s == SCALES[int(np.argmin(by_scale))] and ce == pytest.approx(min(by_scale))
+    assert top1 == pytest.approx(np.mean(cos.argmax(1) == labels))
+    own = cos[np.arange(len(labels)), labels]
+    arc = cos.copy()
+    arc[np.arange(len(labels)), labels] = np.cos(np.arccos(np.clip(own, -1, 1)) + 0.3)
+    assert ce < 0.5 * cross_entropy(30 * arc), (ce, cross_entropy(30 * arc))
+    # a seeded sample stands in for many rows and gives nearly the same scale
+    s_sample = calibrated_scale(feats, labels, protos, max_rows=1000)[0]
+    assert 0.5 < s_sample / s < 2

@@ -246,7 +246,6 @@ class CompatibilityMethod(Method):
                 dest,
                 build=build,
                 only_ids=ids[mine],
-                head=(cfg.model.head, cfg.model.s, cfg.model.m),
                 storage=cfg.storage,
                 pool=cfg.embed_pool,
                 progress=progress,
