@@ -81,13 +81,12 @@ def calibrated_scale(
     x = feats.astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
     cos = x @ protos.astype(np.float64).T
-    own = cos[np.arange(len(labels)), labels]
     best = (float("inf"), 1.0)
     for s in SCALES:
         z = s * (cos - cos.max(1, keepdims=True))
         ce = float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
         best = min(best, (ce, float(s)))
-    return best[1], best[0], float(np.mean(cos.argmax(1) == labels) if len(own) else 0.0)
+    return best[1], best[0], float(np.mean(cos.argmax(1) == labels))
 
 
 def build_old_classifier(
