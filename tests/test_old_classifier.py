@@ -161,3 +161,36 @@ def test_the_prototype_head_scale_minimises_the_old_features_cross_entropy():
     # a seeded sample stands in for many rows and gives nearly the same scale
     s_sample = calibrated_scale(feats, labels, protos, max_rows=1000)[0]
     assert 0.5 < s_sample / s < 2
+
+
+def test_an_old_classifier_built_with_a_margin_head_is_rebuilt_not_reused(tmp_path):
+    """A run resuming reuses its prototype classifier only when it has the calibrated head: one
+    written before (the new model's ArcFace margin over the class means) is built again."""
+    from dmu_ray.methods.old_classifier import reusable_old_classifier
+    from dmu_ray.models.artifact import EMBEDDING_MODEL, save_artifact
+
+    torch.jit.script(TinyNet(dim=8).eval()).save(str(tmp_path / "deployed.pt"))
+    import_model_artifact(
+        str(tmp_path / "deployed.pt"),
+        str(tmp_path / "old.pt"),
+        model_id="v1",
+        channels=1,
+        mean=[0.5],
+        std=[0.5],
+    )
+    old = load_artifact(str(tmp_path / "old.pt"))
+    build = np.ones(3, dtype=bool)
+    for head, m, reused in (("arcface", 0.3, False), ("softmax", 0.0, True)):
+        state = dict(old.state_dict) | {"classifier.weight": torch.eye(3, 8)}
+        card = old.card.to_dict() | {
+            "num_classes": 3,
+            "head": head,
+            "s": 30.0,
+            "m": m,
+            "classifier_classes": build.tolist(),
+            "prototype_classes": build.tolist(),
+            "derived_from": old.ident,
+        }
+        dest = str(tmp_path / f"{head}.pt")
+        save_artifact(dest, EMBEDDING_MODEL, state, card)
+        assert (reusable_old_classifier(dest, old, build, None) is not None) == reused, head
