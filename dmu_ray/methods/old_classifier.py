@@ -78,15 +78,14 @@ def calibrated_scale(
     if len(feats) > max_rows:
         pick = np.random.default_rng(seed).choice(len(feats), max_rows, replace=False)
         feats, labels = feats[pick], labels[pick]
+    from scipy.special import logsumexp
+
     x = feats.astype(np.float64)
     x /= np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
     cos = x @ protos.astype(np.float64).T
-    best = (float("inf"), 1.0)
-    for s in SCALES:
-        z = s * (cos - cos.max(1, keepdims=True))
-        ce = float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]))
-        best = min(best, (ce, float(s)))
-    return best[1], best[0], float(np.mean(cos.argmax(1) == labels))
+    own = cos[np.arange(len(labels)), labels].mean()
+    ce, s = min((float(logsumexp(s * cos, axis=1).mean() - s * own), float(s)) for s in SCALES)
+    return s, ce, float(np.mean(cos.argmax(1) == labels))
 
 
 def build_old_classifier(
