@@ -13,7 +13,8 @@ features), and ``resnet18``, dmu-ray's ResNet-18 from scratch. Methods (``--meth
 independent, bct, dmu. Each run trains ``--epochs`` epochs on the data set's training part with
 ``dmu-ray train``; each seed's models are evaluated together with ``dmu-ray evaluate`` (old/old,
 new/old, new/upgraded, new/new; mAP@100 and R@1). Per-epoch losses come from each run's history,
-with the training's own note when a loss stalled. Raw figures in ``<root>/compat_pretrained.json``.
+with the training's own note when a loss stalled. Raw figures in ``<root>/compat_pretrained.json``
+(an invocation adds its runs to those already there; the table covers them all).
 
 The data set is the fonts set (``--hangul`` Hangul syllables plus Latin, Greek and Cyrillic
 letters, every installed typeface; see docs/results.md for the Debian font packages) at
@@ -177,12 +178,15 @@ def main() -> None:
                 k: {m: v for m, v in cell.items() if m in ("mAP@100", "R@1")}
                 for k, cell in ev["models"][name]["pairings"].items()
             }
-    (root / "compat_pretrained.json").write_text(
+    raw = root / "compat_pretrained.json"
+    if raw.exists():  # runs of earlier invocations (other seeds, new models or methods) are kept
+        results = json.loads(raw.read_text())["runs"] | results
+    raw.write_text(
         json.dumps(
             {"dataset": info.name, "classes": info.num_classes, "runs": results}, indent=2, default=str
         )
     )
-    report(results, a.seeds)
+    report(results, sorted({int(n.rsplit("-s", 1)[1]) for n in results}))
 
 
 def report(results: dict[str, dict], seeds: list[int]) -> None:
@@ -204,7 +208,7 @@ def report(results: dict[str, dict], seeds: list[int]) -> None:
         loss = ", ".join(
             f"{k} {h[0][k]:.3g} -> {h[-1][k]:.3g}" for k in ("loss", "ce", "compat") if h and k in h[0]
         )
-        print(f"| {g} | " + " | ".join(cells) + f" | {loss} |")
+        print(f"| {g} ({len(runs)} seed{'s' * (len(runs) > 1)}) | " + " | ".join(cells) + f" | {loss} |")
     for name, r in results.items():
         for note in r["notes"]:
             print(f"  {name}: {note}")

@@ -405,6 +405,7 @@ def test_mlp_uncertainty_adapter_learns_what_a_linear_map_cannot_and_orders_a_ba
     assert noisy[top].mean() > 0.8
 
 
+@pytest.mark.slow
 def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_through_an_adapter(
     ray_local, tmp_path
 ):

@@ -68,6 +68,7 @@ def config(u: dict, output: str, storage, **over) -> BackfillConfig:
     return BackfillConfig.model_validate({**base, **over})
 
 
+@pytest.mark.slow
 def test_backfill_and_curve_on_s3(ray_local, s3):
     st = s3.storage
     u = make_setup(f"s3://{s3.bucket}/backfill", st)

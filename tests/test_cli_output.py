@@ -53,6 +53,7 @@ def test_quiet_by_default_and_ray_logs_with_verbose(tmp_path, digits):  # noqa: 
     assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)  # the demo runs twice; each run is bounded by _run's own safety net
 def test_demo_tells_its_story_quietly(tmp_path):
     """The demo (BCT and DMU side by side; at test size through --config) leaves every stage's

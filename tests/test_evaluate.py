@@ -162,6 +162,7 @@ def test_report_on_s3(s3):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and set(files) == {"json", "markdown", "plot"}
 
 
+@pytest.mark.slow
 def test_several_new_models_in_one_evaluation_embed_each_set_once(ray_local, tmp_path, digits, capsys):  # noqa: F811
     """``new_models``: each query/gallery set is embedded once per distinct artefact (a model named
     twice, or the same file under two paths, is embedded once), every model gets its own matrix

@@ -4,6 +4,8 @@ finished stages, is test_cli_output's demo test: one run checks the command's ou
 
 import json
 
+import pytest
+
 from dmu_ray.gallery import Gallery
 from dmu_ray.gallery_ops import validate_gallery
 from dmu_ray.lifecycle import LifecycleConfig, run_lifecycle
@@ -25,6 +27,7 @@ def tiny(root, **options) -> LifecycleConfig:
     )
 
 
+@pytest.mark.slow
 def test_three_generations_each_against_the_one_before(ray_local, tmp_path):
     """Issue 14: v1 (30% of the classes), v2 (60%, DMU against v1), v3 (all, DMU against v2); the
     cards link the generations; v1's gallery is refreshed twice (through psi_12, then psi_23),

@@ -274,6 +274,7 @@ def alive_nodes(cluster: LocalCluster) -> int:
     return -1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)  # each wait below is bounded; a loaded box needs more than the default
 def test_elastic_training_loses_a_node_and_grows_back(local_cluster, tmp_path):
     """One training worker per node (3 CPUs a node, 2 per worker, 1 left for the data pipeline).

@@ -1,7 +1,8 @@
 """docs/own-model.md, run as written (issue 12): a TorchScript model, an image folder, an image
 table and old vectors on (loopback) S3 -> model import, data import, gallery import, DMU training
 with an old classifier built from prototypes, refresh, evaluate, backfill from the table. Every
-command and config of the page is taken from the page itself; only the bucket differs."""
+command and config of the page is taken from the page itself; only the bucket differs. The
+commands join one cluster started once with `ray start --head`, as the page says they can."""
 
 import io
 import json
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_multinode import LocalCluster
 from torch import nn
 
 from dmu_ray.data.images import DecodeBatch
@@ -73,6 +75,7 @@ def embed(net, blobs: list[bytes]) -> np.ndarray:
         return nn.functional.normalize(net(torch.from_numpy(x)), dim=1).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_the_own_model_walkthrough_runs_as_written(s3, tmp_path):
     configs, commands = doc_blocks()
@@ -119,18 +122,32 @@ def test_the_own_model_walkthrough_runs_as_written(s3, tmp_path):
     prefix = f"s3://{bucket}/{root}"
     for name, body in configs.items():
         (tmp_path / name).write_text(body.replace("s3://acme", prefix))
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint, "DMU_RAY_HOME": str(tmp_path / "home")}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": s3.endpoint,
+        "DMU_RAY_HOME": str(tmp_path / "home"),
+        "RAY_AUTH_MODE": "disabled",  # a loopback cluster: no token to hand around (test_multinode)
+    }
     exe = shutil.which("dmu-ray")
     assert exe, "the dmu-ray console script is not installed (pip install -e '.[dev]')"
+    # the page's way to skip a cluster start per command: `ray start --head` once, with the same
+    # environment, and every command joins it through $RAY_ADDRESS
+    cluster = LocalCluster(f"/tmp/dmu-own-{uuid.uuid4().hex[:8]}", cwd=str(tmp_path))
+    cluster.env.update(env)
     printed = {}
-    for cmd in commands:
-        args = shlex.split(cmd.replace("s3://acme", prefix))
-        r = subprocess.run(
-            [exe, *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-        )
-        assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
-        printed[" ".join(args[1:4])] = r.stdout
-        printed["stderr " + args[1]] = r.stderr
+    try:
+        cluster.start_head(cpus=2)
+        env["RAY_ADDRESS"] = f"127.0.0.1:{cluster.port}"
+        for cmd in commands:
+            args = shlex.split(cmd.replace("s3://acme", prefix))
+            r = subprocess.run(
+                [exe, *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+            )
+            assert r.returncode == 0, f"{cmd}\n{r.stdout}\n{r.stderr}"
+            printed[" ".join(args[1:4])] = r.stdout
+            printed["stderr " + args[1]] = r.stderr
+    finally:
+        cluster.stop()
     assert "32-d embeddings" in printed["model import " + prefix + "/deployed/prod-v1.torchscript"]
     assert "4 classes" in printed["data import folder"] and "quarantined 1" in printed["data import folder"]
     assert "rows {'train': 0, 'query': 12, 'gallery': 24}, quarantined 0" in printed["data import table"]

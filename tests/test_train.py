@@ -32,6 +32,7 @@ def config(name, storage_path, data_uri, storage=None, **over) -> TrainConfig:
     return TrainConfig.model_validate(base)
 
 
+@pytest.mark.slow
 def test_train_recover_resume_and_dmu_on_s3(ray_local, s3, digits):
     runs = f"s3://{s3.bucket}/runs"
     storage = s3.storage.model_dump()
@@ -156,6 +157,7 @@ def test_bad_configs_fail_before_any_worker(tmp_path, digits):
         plan_training(config("n", str(tmp_path), str(tmp_path / "nodata")))
 
 
+@pytest.mark.slow
 def test_open_class_unibct_then_fastfill_transformation(ray_local, tmp_path, digits):
     runs = str(tmp_path / "runs")
     split = {"split": "open-class", "old_fraction": 0.4}
