@@ -178,15 +178,21 @@ def main() -> None:
                 k: {m: v for m, v in cell.items() if m in ("mAP@100", "R@1")}
                 for k, cell in ev["models"][name]["pairings"].items()
             }
-    raw = root / "compat_pretrained.json"
-    if raw.exists():  # runs of earlier invocations (other seeds, new models or methods) are kept
+        results = save(root / "compat_pretrained.json", info, results)  # after each seed
+    report(results, sorted({int(n.rsplit("-s", 1)[1]) for n in results}))
+
+
+def save(raw: Path, info, results: dict[str, dict]) -> dict[str, dict]:
+    """Write the runs so far, with those of earlier invocations (other seeds, new models or
+    methods) kept; returns them all."""
+    if raw.exists():
         results = json.loads(raw.read_text())["runs"] | results
     raw.write_text(
         json.dumps(
             {"dataset": info.name, "classes": info.num_classes, "runs": results}, indent=2, default=str
         )
     )
-    report(results, sorted({int(n.rsplit("-s", 1)[1]) for n in results}))
+    return results
 
 
 def report(results: dict[str, dict], seeds: list[int]) -> None:

@@ -4,15 +4,18 @@ seconds, before anything is written, instead of hanging)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
+import ray.data
 
 from dmu_ray.settings import ActorPoolConfig
 
@@ -107,6 +110,48 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if url and address is None and os.environ.get(QUIET_ENV) != "1":
         print(f"Ray dashboard: http://{url}", file=sys.stderr, flush=True)
     log.info("ray: %s", ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def data_context(**settings: Any) -> Iterator[Any]:
+    """Ray Data's context for the datasets made and run inside the block: a copy of the current one
+    with ``settings`` applied, so a job's knobs (progress bars, actor start-up wait, autoscaling)
+    do not stay behind in the caller's process for the next job it runs. Set nested attributes
+    (``autoscaling_config``) on the yielded copy."""
+    ctx = ray.data.DataContext.get_current().copy()
+    for name, value in settings.items():
+        if not hasattr(ctx, name):
+            raise AttributeError(f"ray.data.DataContext has no setting {name!r}")
+        setattr(ctx, name, value)
+    with ray.data.DataContext.current(ctx):
+        yield ctx
+
+
+def collect_batches(ds: Any, batch_format: str = "pyarrow") -> list:
+    """Every batch of the Ray Data dataset ``ds`` (one per block), run to its end on the
+    cluster. When the run fails, the error propagates without the tracebacks of its Ray-internal
+    frames (the worker's traceback stays in its message): those frames hold the failed tasks, and
+    through them the actor pool's handles, so until Python's next cyclic collection the pool's
+    actors stayed alive holding their CPUs and GPUs, and the caller's next job on the same cluster
+    waited for them (in the suite: ten minutes, to the test's timeout)."""
+    try:
+        return list(ds.iter_batches(batch_size=None, batch_format=batch_format))
+    except BaseException as err:
+        _drop_tracebacks(err)
+        raise
+
+
+def _drop_tracebacks(err: BaseException) -> None:
+    """Clear the traceback of ``err`` and of every exception it was raised from or during."""
+    stack: list[BaseException | None] = [err]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        stack += [e.__cause__, e.__context__]
 
 
 def _init_captured(kwargs: dict) -> Any:

@@ -67,6 +67,43 @@ def test_an_imported_old_model_without_classifier_trains_dmu(ray_local, tmp_path
     assert (tmp_path / "runs" / "dmu" / "old_classifier.pt").stat().st_mtime_ns == before
 
 
+def test_unibct_scores_an_imported_old_models_prototypes_with_a_fitted_head(ray_local, tmp_path, digits):
+    """UniBCT against an old model without classifier: its prototypes get the cosine softmax that
+    classifies the old features best (as BCT's and DMU's prototype classifier), not the new head's
+    ArcFace margin; an old model with a classifier keeps that head's kind, scale and margin."""
+    torch.manual_seed(5)
+    torch.jit.script(TinyNet(dim=32).eval()).save(str(tmp_path / "deployed.pt"))
+    old = str(tmp_path / "old.pt")
+    import_model_artifact(
+        str(tmp_path / "deployed.pt"), old, model_id="prod-v1", channels=1, size=24, mean=[0.4], std=[0.3]
+    )
+    method = {"name": "unibct", "old_model": old, "refinement": "none"}
+    cfg = config("u", str(tmp_path / "runs"), digits, method=method)
+    plan = plan_training(cfg)
+    info = plan.info() | cfg.method.prepare(plan, progress=False)
+    _, labels, feats = embed_images(f"{digits}/train", old)
+    protos = np.asarray(info["prototypes"])
+    np.testing.assert_allclose(protos, class_means(feats, labels, range(10)), atol=1e-5)
+    s = calibrated_scale(feats, labels, protos)[0]
+    assert info["prototype_head"] == {"kind": "softmax", "s": pytest.approx(s), "m": 0.0}
+    t, _ = cfg.method.build(cfg, info)
+    assert (t.old_head.kind, t.old_head.m) == ("softmax", 0.0) and t.old_head.s == pytest.approx(s)
+    assert t.head.m > 0  # the new model's own head keeps its margin
+    # an old model with a classifier: its head scores the prototypes, nothing is fitted
+    save_embedding_model(
+        str(tmp_path / "own.pt"),
+        EmbeddingModel("small", 32, 1),
+        MarginHead(32, 10, "cosface", 20.0, 0.2),
+        {"id": "own"},
+    )
+    cfg = config("v", str(tmp_path / "runs"), digits, method=method | {"old_model": str(tmp_path / "own.pt")})
+    plan = plan_training(cfg)
+    info = plan.info() | cfg.method.prepare(plan, progress=False)
+    assert "prototype_head" not in info
+    t, _ = cfg.method.build(cfg, info)
+    assert (t.old_head.kind, t.old_head.s, t.old_head.m) == ("cosface", 20.0, pytest.approx(0.2))
+
+
 def test_bct_extends_the_old_classifier_to_new_classes_unless_told_not_to(ray_local, tmp_path, digits):
     """An old dmu-ray model that knew classes 0-5 only: BCT (extended-class, all classes) gets
     rows 6-9 from the old model's class means, keeps rows 0-5 as trained; 'exclude' builds none."""

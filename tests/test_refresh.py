@@ -1,13 +1,16 @@
 """Gallery refresh on a real local Ray cluster, against local disk and the loopback S3 server."""
 
+import gc
 import itertools
 import json
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 import torch
 
 from dmu_ray.config import ActorPoolConfig, RefreshConfig
@@ -137,8 +140,28 @@ def interrupted_refresh(tmp_path, fail_after: int):
     return cfg, out
 
 
+def cpus_come_back(safety_net_s: float = 120.0) -> bool:
+    """Whether every CPU of the local cluster is free again (polled; the wait is a safety net)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    end = time.monotonic() + safety_net_s
+    while ray.available_resources().get("CPU", 0) < total:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
-    cfg, out = interrupted_refresh(tmp_path, 2)
+    # a failed run's actors stop with it: Python's cyclic collector (off here) is not what frees
+    # their CPUs for the next job (the ONNX embedding after this test once waited 10 minutes)
+    gc.disable()
+    try:
+        cfg, out = interrupted_refresh(tmp_path, 2)
+        assert cpus_come_back(), "the failed refresh's actors still hold CPUs"
+    finally:
+        gc.enable()
     committed = sorted(p.name for p in (out / "_parts").glob("*.json"))
     assert len(committed) == 2
     assert not (out / "_manifest.json").exists()
@@ -180,9 +203,17 @@ def test_bad_rows_and_wrong_dim_shard_are_quarantined(ray_local, tmp_path):
     wrong = source_table(30, 200, dim=DIM + 4)
     forge_gallery(str(tmp_path / "old"), None, {"a.parquet": good, "b.parquet": nan_t, "c.parquet": wrong})
     make_module(str(tmp_path / "psi.pt"), None)
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.wait_for_min_actors_s, ctx.autoscaling_config.actor_pool_util_upscaling_threshold)
     res = run_refresh(
         cfg_for(str(tmp_path / "old"), str(tmp_path / "new"), str(tmp_path / "psi.pt"), None), progress=False
     )
+    # the refresh's Ray Data knobs stay in its own context: the caller's next job starts as before
+    after = ray.data.DataContext.get_current()
+    assert (
+        after.wait_for_min_actors_s,
+        after.autoscaling_config.actor_pool_util_upscaling_threshold,
+    ) == before
     m = res.manifest
     assert m.rows == 50 + 38 and m.quarantined_rows == 2 + 30 and m.rows_in == 120
     assert m.quarantine_reasons == {

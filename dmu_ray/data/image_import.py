@@ -220,28 +220,32 @@ def _import_claimed(
 ) -> DatasetInfo:
     import ray.data
 
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import collect_batches, data_context, ensure_ray
 
     table = _assign_parts(listing.table, opts)
     found = table.num_rows
     say(f"import {listing.source}: {found:,} files, {len(listing.class_names)} classes -> {root.uri}")
     ensure_ray(ray_address)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    blocks = max(1, -(-found // opts.rows_per_file))
-    ds = (
-        ray.data.from_arrow(table)
-        .repartition(blocks)
-        .map_batches(
-            import_block,
-            fn_kwargs=dict(
-                dest=root.uri, storage=storage, size=opts.size, channels=opts.channels, reencode=opts.reencode
-            ),
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=opts.num_cpus,
+    with data_context(enable_progress_bars=progress):
+        blocks = max(1, -(-found // opts.rows_per_file))
+        ds = (
+            ray.data.from_arrow(table)
+            .repartition(blocks)
+            .map_batches(
+                import_block,
+                fn_kwargs=dict(
+                    dest=root.uri,
+                    storage=storage,
+                    size=opts.size,
+                    channels=opts.channels,
+                    reencode=opts.reencode,
+                ),
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=opts.num_cpus,
+            )
         )
-    )
-    parts_out = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+        parts_out = collect_batches(ds)
     out = (
         pa.concat_tables(parts_out)
         if parts_out

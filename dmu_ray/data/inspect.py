@@ -163,25 +163,23 @@ def _check_batch(batch: pa.Table, size: int, channels: int) -> pa.Table:
 def _undecodable(uri: str, info, storage: StorageConfig | None, progress: bool) -> list[str]:
     import ray.data
 
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import collect_batches, data_context, ensure_ray
 
     ensure_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = progress
     loc = resolve(uri, storage)
     problems = []
     for part in PARTS:
         if not info.rows.get(part):
             continue
         p = loc.join(part)
-        ds = ray.data.read_parquet(p.path, filesystem=p.fs, file_extensions=["parquet"]).select_columns(
-            ["id", "image"]
-        )
-        ds = ds.map_batches(
-            _check_batch,
-            fn_kwargs={"size": info.image_size, "channels": info.channels},
-            batch_format="pyarrow",
-        )
-        bad = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+        with data_context(enable_progress_bars=progress):
+            ds = ray.data.read_parquet(p.path, filesystem=p.fs, file_extensions=["parquet"])
+            ds = ds.select_columns(["id", "image"]).map_batches(
+                _check_batch,
+                fn_kwargs={"size": info.image_size, "channels": info.channels},
+                batch_format="pyarrow",
+            )
+            bad = [b for b in collect_batches(ds) if b.num_rows]
         if bad:
             t = pa.concat_tables(bad)
             problems.append(

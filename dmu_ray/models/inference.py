@@ -142,7 +142,7 @@ def embed_images(
     the driver read (``sha256``, when given, is what the caller recorded and must match too)."""
     import ray.data
 
-    from dmu_ray.ray_session import ensure_ray, require_pool
+    from dmu_ray.ray_session import collect_batches, ensure_ray, require_pool
 
     storage = storage or StorageConfig()
     pool = pool or ActorPoolConfig(batch_size=256)
@@ -183,7 +183,7 @@ def embed_images(
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
     )
-    parts = [p for p in ds.iter_batches(batch_size=None, batch_format="numpy") if len(p["id"])]
+    parts = [p for p in collect_batches(ds, "numpy") if len(p["id"])]
     if not parts and only_ids is not None:  # no id has an image: the caller says what that means
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, card.dim), np.float32)
     if not parts:

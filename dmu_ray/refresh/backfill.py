@@ -153,7 +153,7 @@ def score_gallery(
     id (a Ray Data pass over the gallery's files)."""
     import ray
 
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import collect_batches, ensure_ray
 
     cfg, src = plan.cfg, plan.source
     ensure_ray(cfg.ray_address)
@@ -175,7 +175,7 @@ def score_gallery(
         num_cpus=cfg.pool.num_cpus,
         num_gpus=cfg.pool.num_gpus or None,
     )
-    parts = [b for b in ds.iter_batches(batch_size=None, batch_format="numpy") if len(b["id"])]
+    parts = [b for b in collect_batches(ds, "numpy") if len(b["id"])]
     if not parts:
         raise BackfillError(f"{src.loc.uri}: no valid rows to score")
     ids = np.concatenate([b["id"] for b in parts])

@@ -139,7 +139,7 @@ def _run_claimed(
     fail_after_files: int | None,
     overrides: Overrides | None,
 ) -> RefreshResult:
-    import ray
+    from dmu_ray.ray_session import data_context
 
     pool = cfg.pool
     for rel, why in plan.redo.items():
@@ -151,52 +151,10 @@ def _run_claimed(
     t0, t0_wall = time.perf_counter(), time.time()
     rows_now = 0
     if plan.pending:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = progress
         # a backstop for a pool whose node went away after the check above: fail, do not hang
-        ctx.wait_for_min_actors_s = int(max(600, 2 * pool.resource_wait_s))
-        # One file in flight per actor (below) caps a pool's utilisation at 100%; Ray Data grows a
-        # pool only above its threshold (175% by default), so min_actors < max_actors would never
-        # scale. At 100% every actor is busy: files waiting then start another actor.
-        auto = ctx.autoscaling_config
-        auto.actor_pool_util_upscaling_threshold = min(auto.actor_pool_util_upscaling_threshold, 1.0)
-        expected = {f.path: f for f in plan.source.manifest.files if f.path in set(plan.pending)}
-        files_at_once = pool.files_in_flight()
-        ds = ray.data.from_items([{"path": p} for p in plan.pending], override_num_blocks=len(plan.pending))
-        ds = ds.map_batches(
-            _RefreshActor,
-            fn_constructor_kwargs={
-                "plan_args": {
-                    "cfg": cfg,
-                    "src": plan.source.loc,
-                    "out": plan.out,
-                    "model": plan.model,
-                    "module_uris": [a.uri for a in plan.artifacts],
-                    "module_sha256": [a.sha256 for a in plan.artifacts],
-                    "routing": plan.routing,
-                    "expected": expected,
-                    "fail_after_files": fail_after_files,
-                    "overrides": ray.put(overrides) if overrides is not None else None,
-                }
-            },
-            batch_size=1,
-            batch_format="pyarrow",
-            # One file per call is a large unit and its input is only a path: no prefetch beyond
-            # the files an actor works on at once (one on a CPU actor), so the first actor up does
-            # not queue files that idle actors could take. Several at once run concurrently in the
-            # actor (threads), so one file's Parquet work overlaps another's psi on the GPU.
-            compute=ray.data.ActorPoolStrategy(
-                min_size=pool.min_actors,
-                max_size=pool.max_actors,
-                max_tasks_in_flight_per_actor=files_at_once,
-                max_concurrent_calls_per_actor=files_at_once,
-                enable_true_multi_threading=files_at_once > 1,
-            ),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus or None,
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows_now += sum(batch.column("rows_in").to_pylist())
+        wait_s = int(max(600, 2 * pool.resource_wait_s))
+        with data_context(enable_progress_bars=progress, wait_for_min_actors_s=wait_s) as ctx:
+            rows_now = _upgrade_files(plan, cfg, ctx, fail_after_files, overrides)
     seconds = time.perf_counter() - t0
     manifest = _commit(plan, seconds, rows_now, t0_wall)
     startup = manifest.extra["refresh"].get("last_run_pool_start_s")
@@ -204,6 +162,58 @@ def _run_claimed(
     if "last_run_attribution" in manifest.extra["refresh"]:
         extra["attribution"] = manifest.extra["refresh"]["last_run_attribution"]
     return RefreshResult(manifest, len(plan.pending), rows_now, seconds, skipped, extra)
+
+
+def _upgrade_files(
+    plan: RefreshPlan, cfg: RefreshConfig, ctx, fail_after_files: int | None, overrides: Overrides | None
+) -> int:
+    """Run the pending files through the refresh actors on Ray Data (in ``ctx``); the rows read."""
+    import ray
+
+    from dmu_ray.ray_session import collect_batches
+
+    pool = cfg.pool
+    # One file in flight per actor (below) caps a pool's utilisation at 100%; Ray Data grows a
+    # pool only above its threshold (175% by default), so min_actors < max_actors would never
+    # scale. At 100% every actor is busy: files waiting then start another actor.
+    auto = ctx.autoscaling_config
+    auto.actor_pool_util_upscaling_threshold = min(auto.actor_pool_util_upscaling_threshold, 1.0)
+    expected = {f.path: f for f in plan.source.manifest.files if f.path in set(plan.pending)}
+    files_at_once = pool.files_in_flight()
+    ds = ray.data.from_items([{"path": p} for p in plan.pending], override_num_blocks=len(plan.pending))
+    ds = ds.map_batches(
+        _RefreshActor,
+        fn_constructor_kwargs={
+            "plan_args": {
+                "cfg": cfg,
+                "src": plan.source.loc,
+                "out": plan.out,
+                "model": plan.model,
+                "module_uris": [a.uri for a in plan.artifacts],
+                "module_sha256": [a.sha256 for a in plan.artifacts],
+                "routing": plan.routing,
+                "expected": expected,
+                "fail_after_files": fail_after_files,
+                "overrides": ray.put(overrides) if overrides is not None else None,
+            }
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        # One file per call is a large unit and its input is only a path: no prefetch beyond
+        # the files an actor works on at once (one on a CPU actor), so the first actor up does
+        # not queue files that idle actors could take. Several at once run concurrently in the
+        # actor (threads), so one file's Parquet work overlaps another's psi on the GPU.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=pool.min_actors,
+            max_size=pool.max_actors,
+            max_tasks_in_flight_per_actor=files_at_once,
+            max_concurrent_calls_per_actor=files_at_once,
+            enable_true_multi_threading=files_at_once > 1,
+        ),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+    )
+    return sum(sum(b.column("rows_in").to_pylist()) for b in collect_batches(ds))
 
 
 def _commit(plan: RefreshPlan, seconds: float, rows_now: int, t0_wall: float) -> Manifest:

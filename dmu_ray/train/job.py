@@ -119,7 +119,7 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from dmu_ray.ray_session import ensure_ray, require_resources
+    from dmu_ray.ray_session import data_context, ensure_ray, require_resources
     from dmu_ray.train.progress import ProgressBoard, TrainWatcher, stall_notes
 
     plan = plan_training(cfg)
@@ -145,66 +145,66 @@ def run_training(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         count=cfg.scaling.min_workers or cfg.scaling.num_workers,
     )
     _claim_run(plan)
-    ray.data.DataContext.get_current().enable_progress_bars = progress
-    storage_loc = resolve(cfg.storage_path, cfg.storage)
-    if not storage_loc.is_s3:
-        storage_loc.fs.create_dir(storage_loc.path, recursive=True)
-    info = plan.info()
-    info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
-    cache, why = cache_decision(plan, ray.cluster_resources().get("object_store_memory", 0.0))
-    say(f"  training images: {why}")
-    dataset = build_train_dataset(plan, cache)
-    cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
-    info[PINS] = _pins(plan, info)  # and load exactly the bytes checked here
-    board = ProgressBoard.remote()
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_entry,
-        train_loop_config={
-            "cfg": cfg.model_dump(mode="json", round_trip=True) | _secrets(cfg),
-            "info": info,
-            "run_uri": plan.run_uri,
-            "stream_epochs": not cache,  # one stream of every epoch: WorkerLoop takes an epoch at a time
-            "progress": board,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=_worker_count(cfg.scaling),
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={
-                "CPU": cfg.scaling.cpus_per_worker,
-                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
+    with data_context(enable_progress_bars=progress):  # not left set for the caller's next job
+        storage_loc = resolve(cfg.storage_path, cfg.storage)
+        if not storage_loc.is_s3:
+            storage_loc.fs.create_dir(storage_loc.path, recursive=True)
+        info = plan.info()
+        info.update(cfg.method.prepare(plan, progress))  # driver-side work of the method, if any
+        cache, why = cache_decision(plan, ray.cluster_resources().get("object_store_memory", 0.0))
+        say(f"  training images: {why}")
+        dataset = build_train_dataset(plan, cache)
+        cfg = _absolute_uris(cfg)  # workers run in another folder (Ray Train's run folder)
+        info[PINS] = _pins(plan, info)  # and load exactly the bytes checked here
+        board = ProgressBoard.remote()
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_entry,
+            train_loop_config={
+                "cfg": cfg.model_dump(mode="json", round_trip=True) | _secrets(cfg),
+                "info": info,
+                "run_uri": plan.run_uri,
+                "stream_epochs": not cache,  # one stream of every epoch: WorkerLoop takes an epoch at a time
+                "progress": board,
             },
-            placement_strategy=cfg.scaling.placement_strategy,
-            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=storage_loc.path,
-            storage_filesystem=storage_loc.fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": dataset},
-    )
-    run, ok = None, False
-    try:
-        run = _track_start(tracker, cfg, plan)
-        on_epoch = None if run is None else (lambda m: run.metrics(m, step=int(m["epoch"])))
-        with TrainWatcher(board, cfg.name, on_epoch=on_epoch, show=progress):
-            result = trainer.fit()
-        if result.error:
-            raise result.error
-        out = export_run(plan, result.checkpoint, result.metrics or {}, info)
-        out["notes"] = stall_notes(out.get("history", []))
-        ok = True
-    finally:
-        if run is not None:
-            if ok:
-                run.tags({f"dmu.{k}": v for k, v in out.items() if k in ("model", "upgrade_module")})
-                run.files({"export.json": json.dumps(out, indent=2, default=str).encode()})
-            run.finish(ok)
-        with contextlib.suppress(Exception):  # the board is done either way
-            ray.kill(board)
-    return out
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=_worker_count(cfg.scaling),
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={
+                    "CPU": cfg.scaling.cpus_per_worker,
+                    **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
+                },
+                placement_strategy=cfg.scaling.placement_strategy,
+                elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
+            ),
+            run_config=ray.train.RunConfig(
+                name=cfg.name,
+                storage_path=storage_loc.path,
+                storage_filesystem=storage_loc.fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+            datasets={"train": dataset},
+        )
+        run, ok = None, False
+        try:
+            run = _track_start(tracker, cfg, plan)
+            on_epoch = None if run is None else (lambda m: run.metrics(m, step=int(m["epoch"])))
+            with TrainWatcher(board, cfg.name, on_epoch=on_epoch, show=progress):
+                result = trainer.fit()
+            if result.error:
+                raise result.error
+            out = export_run(plan, result.checkpoint, result.metrics or {}, info)
+            out["notes"] = stall_notes(out.get("history", []))
+            ok = True
+        finally:
+            if run is not None:
+                if ok:
+                    run.tags({f"dmu.{k}": v for k, v in out.items() if k in ("model", "upgrade_module")})
+                    run.files({"export.json": json.dumps(out, indent=2, default=str).encode()})
+                run.finish(ok)
+            with contextlib.suppress(Exception):  # the board is done either way
+                ray.kill(board)
+        return out
 
 
 def _track_start(tracker: Tracker | None, cfg: TrainConfig, plan: TrainPlan):

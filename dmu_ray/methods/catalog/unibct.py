@@ -8,7 +8,11 @@ plain class means; at the start of each epoch in ``refine_epochs`` the prototype
 the new model's features of the previous epoch's training images (gathered from every worker):
 within each class the old features are weighted by the closed-form propagation over the new
 features' graph (:func:`~dmu_ray.methods.prototypes.graph_prototypes`). ``vote`` is the earlier
-neighbour-vote heuristic over the old features (computed once), ``none`` plain class means."""
+neighbour-vote heuristic over the old features (computed once), ``none`` plain class means.
+
+The prototypes are scored with the old classifier's head (kind, scale, margin); an imported old
+model without classifier gets a cosine softmax without margin whose scale is fitted to the old
+features (:func:`~dmu_ray.methods.old_classifier.calibrated_scale`, as for BCT and DMU)."""
 
 from __future__ import annotations
 
@@ -69,7 +73,9 @@ class UniBCT(CompatibilityMethod):
         import numpy as np
 
         from dmu_ray.data.splits import split_mask
+        from dmu_ray.methods.old_classifier import calibrated_scale
         from dmu_ray.methods.prototypes import refine_prototypes
+        from dmu_ray.models.artifact import EMBEDDING_MODEL, load_artifact
         from dmu_ray.models.inference import embed_images
         from dmu_ray.storage import resolve, write_bytes_atomic
 
@@ -89,6 +95,18 @@ class UniBCT(CompatibilityMethod):
             refine=self.refinement == "vote",
         )
         out = {"prototypes": protos.tolist(), "prototype_present": present.tolist()}
+        fitted = ""
+        if not load_artifact(self.old_model, cfg.storage, kind=EMBEDDING_MODEL).card.has_classifier:
+            # no old head to take kind, scale and margin from: a cosine softmax without margin,
+            # scaled to classify the old features best, as BCT's and DMU's prototype classifier
+            # (dmu_ray.methods.old_classifier); the new head's margin would ask for more than
+            # the old features give
+            rows = np.flatnonzero(present)
+            index = np.full(plan.data.num_classes, -1)
+            index[rows] = np.arange(len(rows))
+            scale, ce, top1 = calibrated_scale(feats[mask], index[labels[mask]], protos[rows])
+            out["prototype_head"] = {"kind": "softmax", "s": scale, "m": 0.0}
+            fitted = f", cosine softmax scale {scale:.3g} fitted to them (cross-entropy {ce:.3f}, top-1 {top1:.0%})"
         if self.refinement == "graph":
             buf = io.BytesIO()
             np.savez(buf, ids=ids[mask], feats=feats[mask].astype(np.float32))
@@ -98,7 +116,7 @@ class UniBCT(CompatibilityMethod):
         if progress:
             print(
                 f"  unibct: {int(present.sum())} class prototypes from {int(mask.sum()):,} old features "
-                f"({self.refinement})",
+                f"({self.refinement}){fitted}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -119,8 +137,12 @@ class UniBCT(CompatibilityMethod):
             )
         )
         model, head = self.fresh_model(cfg, info)
-        like = old_head if old_head is not None else head  # an imported old model may have no classifier
-        proto_head = MarginHead(old_model.dim, info["num_classes"], like.kind, like.s, like.m)
+        if old_head is not None:
+            kind, s, m = old_head.kind, old_head.s, old_head.m
+        else:  # an imported old model without classifier: the head prepare fitted (older runs: the new one's)
+            fit = info.get("prototype_head") or {"kind": head.kind, "s": head.s, "m": head.m}
+            kind, s, m = fit["kind"], fit["s"], fit["m"]
+        proto_head = MarginHead(old_model.dim, info["num_classes"], kind, s, m)
         present = torch.zeros(info["num_classes"], dtype=torch.bool)
         if info.get("prototypes") is not None:
             with torch.no_grad():
