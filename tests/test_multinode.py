@@ -194,11 +194,14 @@ def wait_for_end(cluster: LocalCluster, sid: str, timeout: float) -> None:
 
 @pytest.mark.timeout(1200)  # each wait below is bounded; a loaded box needs more than the default
 def test_refresh_job_survives_losing_a_node_and_uses_a_joining_one(local_cluster, tmp_path):
-    """Two 1-CPU nodes, one 1-CPU refresh actor on each. Once both nodes have committed a file,
-    the second node is killed, then a third node joins: the lost actor can only be restarted on the
-    new node. (Killing first leaves the head's actor alone on the remaining files, so they outlast
-    the new node's start on a busy box; joining first raced a fast job to its end.)"""
-    local_cluster.start_head(cpus=1)
+    """A head without CPUs (it runs the job's driver) and two 1-CPU nodes, one 1-CPU refresh actor
+    on each. Once both nodes have committed a file, both are killed, then a third node joins: the
+    lost actors can only be restarted there, so the rest of the work is the new node's whatever
+    the box's speed. (Killing one node of two left the survivor alone on the remaining files; on
+    a busy box it finished them before the new node had started, and the joining node was never
+    used.)"""
+    local_cluster.start_head(cpus=0)
+    first = local_cluster.add_node(cpus=1)
     second = local_cluster.add_node(cpus=1)
     n_files, rows = 24, 12000  # slow enough that files remain when the third node has joined
     src = tmp_path / "old"
@@ -240,9 +243,10 @@ def test_refresh_job_survives_losing_a_node_and_uses_a_joining_one(local_cluster
     wait_until(
         local_cluster, sid, lambda: len(nodes_that_committed()) >= 2, "a file from each node", timeout=480
     )
-    local_cluster.kill_node(second)  # the second node dies with its actor
-    assert committed() < n_files - 4, "the job was nearly done before the node could be killed"
-    local_cluster.add_node(cpus=1)  # the only place the lost actor can be restarted
+    local_cluster.kill_node(first)  # both nodes die with their actors
+    local_cluster.kill_node(second)
+    assert committed() < n_files - 4, "the job was nearly done before the nodes could be killed"
+    local_cluster.add_node(cpus=2)  # the only place the lost actors can be restarted
     wait_for_end(local_cluster, sid, timeout=480)
     g = Gallery.open(str(out))
     ids = g.read(columns=["id"]).column("id").to_numpy()
@@ -250,7 +254,7 @@ def test_refresh_job_survives_losing_a_node_and_uses_a_joining_one(local_cluster
     assert validate_gallery(g).ok
     workers = {json.loads(p.read_text())["worker"] for p in (out / "_parts").glob("*.json")}
     assert len(workers) == 3, (
-        f"files were committed by {len(workers)} node(s), not by the head, the killed and the new node"
+        f"files were committed by {len(workers)} node(s), not by the two killed and the new one"
     )
 
 
