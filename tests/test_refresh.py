@@ -3,6 +3,7 @@
 import gc
 import itertools
 import json
+import os
 import threading
 import time
 
@@ -323,6 +324,30 @@ def test_the_module_runs_in_chunks_of_rows_with_the_same_output(tmp_path, dtype)
     with torch.no_grad():
         ref = torch.nn.functional.normalize(first(torch.from_numpy(mat.astype(np.float32))), dim=1)
     np.testing.assert_allclose(chunked.upgrade_matrix(mat).astype(np.float32), ref.numpy(), atol=2e-3)
+
+
+def test_a_call_run_again_keeps_the_committed_file(tmp_path):
+    """Ray runs a file's call again when it retries a task or rebuilds outputs lost with a node's
+    object store (test_multinode's node loss did this to every file): a file committed by this
+    run is returned as committed, not upgraded and written again; a record that no longer counts
+    (its file changed) is redone."""
+    module = make_module(str(tmp_path / "psi.pt"), None)
+    src, out = resolve(str(tmp_path / "src")), resolve(str(tmp_path / "out"))
+    entry = write_parquet_atomic(src.join("a.parquet"), source_table(120, 0))
+    entry.path = "a.parquet"
+    model = ModelInfo(model_id="new", dim=24, dtype="float16", normalized=True)
+    up = FileUpgrader([module], src, out, model, batch_size=50, expected={"a.parquet": entry})
+    first = up.upgrade_file("a.parquet")
+    written = out.join("a.parquet").path
+    stamp = os.stat(written).st_mtime_ns
+    again = up.upgrade_file("a.parquet")
+    assert again["started_at"] == first["started_at"] and again["file"] == first["file"]
+    assert os.stat(written).st_mtime_ns == stamp  # not written again
+    with open(written, "ab") as f:  # the committed file no longer matches its record
+        f.write(b"x")
+    redone = up.upgrade_file("a.parquet")
+    assert redone["file"]["sha256"] == first["file"]["sha256"]  # the same rows, written anew
+    assert os.stat(written).st_mtime_ns != stamp
 
 
 def test_files_per_actor_defaults():

@@ -60,7 +60,7 @@ from dmu_ray.gallery import (
 from dmu_ray.lineage import LINEAGE_COLUMN
 from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices, through_chain
 from dmu_ray.refresh.file_threads import Phases, in_line, prefetched, sha256_of_buffer
-from dmu_ray.refresh.records import record_name
+from dmu_ray.refresh.records import read_record, record_name, verify_record
 from dmu_ray.storage import Location, read_bytes, write_bytes_atomic
 
 PROVENANCE = "provenance"
@@ -148,6 +148,19 @@ class FileUpgrader:
         self.actor = actor  # and the pool actor that did it (how far the pool grew)
         self.overrides = overrides
         self.expected = expected  # the source manifest's entries: each file is verified before use
+
+    def committed_record(self, rel: str) -> dict[str, Any] | None:
+        """The commit record of ``rel`` when the output already holds one that counts, else None.
+        The driver plans only files without one, so a record here was written by this run: Ray
+        ran the same call again (a retried task, or a task re-executed to rebuild outputs lost
+        with a node's object store). The committed file stands; it is not redone."""
+        want = self.expected.get(rel) if self.expected is not None else None
+        if want is None:
+            return None
+        rec = read_record(self.out, rel)
+        if rec is None or verify_record(self.out, rel, rec, want.rows) is not None:
+            return None
+        return rec
 
     def open_source(
         self, rel: str, pool: ThreadPoolExecutor | None = None, phases: Phases | None = None
@@ -244,6 +257,9 @@ class FileUpgrader:
         neither on Parquet nor on the contract's row checks."""
         if self._fail_after is not None and self._done >= self._fail_after:
             raise RuntimeError(f"injected failure before {rel} (fail_after_files={self._fail_after})")
+        committed = self.committed_record(rel)
+        if committed is not None:
+            return committed
         t0, started_at = time.perf_counter(), time.time()
         src_loc = self.src.join(rel)
         phases = Phases()
