@@ -107,12 +107,20 @@ def root(request, tmp_path) -> Root:
     return Root("s3", f"s3://{srv.bucket}/{uuid.uuid4().hex[:10]}", srv.storage, srv)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(s3):
-    """A real local Ray cluster (2 CPUs) for the session. Depends on ``s3`` so that the workers
-    inherit the loopback endpoint's credentials from the environment."""
+    """A real local Ray cluster (2 CPUs) for the test module. Depends on ``s3`` so that the
+    workers inherit the loopback endpoint's credentials from the environment.
+
+    One cluster per module, not per session: twice in fresh-clone runs, an in-process driver
+    that had run a worker's jobs for 20-30 minutes stopped hearing of its actors' creation (the
+    GCS logged each actor created; the driver's log showed PENDING_CREATION and nothing after), and
+    every later actor pool of that process waited to its test's timeout (docs/decisions.md). A
+    new driver per module starts with a fresh subscription."""
     import ray
 
+    if ray.is_initialized():  # a cluster an earlier test's library call started on its own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
