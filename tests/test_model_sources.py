@@ -55,9 +55,7 @@ def test_an_onnx_model_imports_and_embeds_a_gallery_on_ray_data(tmp_path):
     """Issue 37: an ONNX model (dynamic batch) imports through the CLI, is kept byte for byte, and
     embeds with onnxruntime as the network does, also on Ray Data's actors (`dmu-ray embed`, as a
     user runs it); one exported with a fixed batch, and a file that is not ONNX, are refused
-    naming the fix. (The gallery is embedded by the CLI on a cluster of its own: twice, in the
-    suite's long-lived in-process cluster, the driver never heard that this pool's actor had
-    started and waited to the test's timeout; docs/decisions.md.)"""
+    naming the fix."""
     torch.manual_seed(3)
     tiny = TinyNet(dim=5).eval()
     _onnx(tiny, tmp_path / "tiny.onnx")
@@ -74,7 +72,6 @@ def test_an_onnx_model_imports_and_embeds_a_gallery_on_ray_data(tmp_path):
     xs = torch.randn(7, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(xs), nn.functional.normalize(tiny(xs), dim=1), atol=1e-5, rtol=1e-5)
-    del model  # the session's threads end here
 
     data = tmp_path / "digits"
     import_digits(str(data), image_size=16)
