@@ -10,8 +10,10 @@ Builds under --workdir (default: a temp dir) the glyph set at --size px and an e
 1. plain loop: pyarrow read of the gallery part -> DecodeBatch (the card's preprocessing) ->
    forward, in batches, torch on every core (the yardstick);
 2. ``embed_images`` (models/inference.py, the backfill's and evaluate's embedding) with 1 actor
-   x 1 CPU, then --actors actors x 1 CPU (each timed call includes its actor pool's start, as a
-   backfill's does);
+   x 1 CPU, then --actors actors sharing what the node's CPUs leave after one for the Parquet
+   reads that feed them (1 CPU each at most; 2 actors on 2 cores get 0.5: a pool that holds every
+   CPU starves its reads, and dmu-ray refuses it). Each timed call includes its actor pool's
+   start, as a backfill's does (one torch thread per actor);
 and prints images/s, per worker, and the ratio to the plain loop (and per core). Not a test.
 """
 
@@ -79,13 +81,14 @@ def main() -> None:
 
     ensure_ray(num_cpus=cores)
     for actors in sorted({1, a.actors}):
-        pool = ActorPoolConfig(min_actors=actors, max_actors=actors, num_cpus=1.0, batch_size=a.batch)
+        cpus = min(1.0, (cores - 1) / actors) if actors > 1 else 1.0  # leave a CPU for the reads
+        pool = ActorPoolConfig(min_actors=actors, max_actors=actors, num_cpus=cpus, batch_size=a.batch)
         embed_images(part, model_uri, pool=pool)  # warm: the first run's imports and caches
         t0 = time.perf_counter()  # the timed run includes its pool's start, as every backfill's does
         ids, _, _ = embed_images(part, model_uri, pool=pool)
         rate = len(ids) / (time.perf_counter() - t0)
         print(
-            f"{f'embed_images, {actors} actor(s) x 1 CPU':<44} {rate:>9,.1f} images/s   {rate / plain:.2f}x plain"
+            f"{f'embed_images, {actors} actor(s) x {cpus:g} CPU':<44} {rate:>9,.1f} images/s   {rate / plain:.2f}x plain"
             f"   {rate / actors:,.1f} per worker ({rate / actors / (plain / cores):.2f}x the plain loop per core)"
         )
 

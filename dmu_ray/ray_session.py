@@ -326,14 +326,44 @@ def require_resources(bundle: dict[str, float], what: str, *, wait_s: float = 0.
     )
 
 
-def require_pool(pool: ActorPoolConfig, what: str) -> None:
-    """:func:`require_resources` for one actor of a Ray Data actor pool config."""
+# What Ray Data asks for each read task, and each task of a function's ``map_batches``, by default.
+TASK_CPUS = 1.0
+
+
+def _room_for_a_task(min_actors: int, num_cpus: float) -> bool:
+    """Whether ``min_actors`` actors of ``num_cpus`` CPUs each can be placed on the alive nodes
+    so that some node keeps :data:`TASK_CPUS` free (the best placement; Ray may choose worse)."""
+    cpus = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    fit = [int(c // num_cpus + 1e-9) for c in cpus]
+    for i, c in enumerate(cpus):
+        if c < TASK_CPUS:
+            continue
+        here = int((c - TASK_CPUS) // num_cpus + 1e-9)
+        if sum(fit) - fit[i] + here >= min_actors:
+            return True
+    return False
+
+
+def require_pool(pool: ActorPoolConfig, what: str, *, field: str = "pool", fed_by_tasks: bool = True) -> None:
+    """:func:`require_resources` for one actor of a Ray Data actor pool config (``field`` names it
+    in the config). A pool ``fed_by_tasks`` (Parquet reads, image fetches upstream of it) must
+    also leave CPU for one such task once its ``min_actors`` hold theirs: otherwise the actors wait
+    for input that can never be read, and the job hangs without an error (DESIGN.md section 8).
+    That is refused here, on a cluster that is not asked to grow (``resource_wait_s`` 0)."""
     require_resources(
         {"CPU": pool.num_cpus, "GPU": pool.num_gpus},
-        f"{what} (pool.num_cpus {pool.num_cpus:g}, pool.num_gpus {pool.num_gpus:g})",
+        f"{what} ({field}.num_cpus {pool.num_cpus:g}, {field}.num_gpus {pool.num_gpus:g})",
         wait_s=pool.resource_wait_s,
         count=pool.min_actors,
     )
+    if fed_by_tasks and pool.resource_wait_s == 0 and not _room_for_a_task(pool.min_actors, pool.num_cpus):
+        total = ray.cluster_resources().get("CPU", 0.0)
+        raise RayUnavailableError(
+            f"{field}.min_actors {pool.min_actors} x {field}.num_cpus {pool.num_cpus:g} ({what}) leave no "
+            f"node of this cluster ({total:g} CPUs) a free {TASK_CPUS:g} CPU for the Ray Data tasks "
+            "that read the actors' input: the job would wait forever. Give the actors fractional "
+            f"{field}.num_cpus (e.g. 0.5), or lower {field}.min_actors"
+        )
 
 
 def _probe_storage(reads: list, write_dir) -> str | None:

@@ -49,3 +49,47 @@ def test_embed_from_config_and_flags(ray_local, tmp_path, digits, capsys):  # no
     assert main(["embed", "--config", str(cfg), "--min-actors", "3", "--max-actors", "2"]) == 2
     assert "pool.max_actors: Value error, must be >= min_actors (3)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_pool_that_leaves_no_cpu_for_its_reads_is_refused(ray_local, tmp_path, digits):  # noqa: F811
+    """2 actors x 1 CPU on the 2-CPU cluster hold every CPU: Ray Data's Parquet reads that feed
+    them could never run, and the job waited forever (it did, in benchmarks/backfill_throughput.py).
+    Refused at once, naming the fields; half a CPU each runs; a refresh, whose input is file names
+    read inside its actors, keeps 2 x 1 CPU."""
+    import threading
+
+    from test_refresh import make_module, make_source
+
+    from dmu_ray.config import RefreshConfig
+    from dmu_ray.models.inference import embed_images
+    from dmu_ray.ray_session import RayUnavailableError
+    from dmu_ray.refresh import run_refresh
+    from dmu_ray.settings import ActorPoolConfig
+
+    model = str(tmp_path / "m.pt")
+    save_embedding_model(model, EmbeddingModel("small", 8, 1), MarginHead(8, 10), {"id": "m"})
+    full = ActorPoolConfig(min_actors=2, max_actors=2, num_cpus=1.0, batch_size=256)
+    got: dict = {}
+
+    def embed() -> None:
+        try:
+            got["ids"] = embed_images(f"{digits}/gallery", model, pool=full)[0]
+        except Exception as err:  # noqa: BLE001  (the assertions below say which)
+            got["err"] = err
+
+    t = threading.Thread(target=embed, daemon=True)
+    t.start()
+    t.join(300)  # a safety net: the refusal comes before any Ray Data work
+    assert not t.is_alive(), "the embedding hung: its actors hold every CPU its reads need"
+    assert isinstance(got.get("err"), RayUnavailableError), got
+    msg = str(got["err"])
+    assert "pool.min_actors 2 x pool.num_cpus 1" in msg and "fractional pool.num_cpus" in msg, msg
+
+    half = full.model_copy(update={"num_cpus": 0.5})
+    ids = embed_images(f"{digits}/gallery", model, pool=half)[0]
+    assert len(ids) == pq.read_table(f"{digits}/gallery", columns=["id"]).num_rows
+
+    src = make_source(str(tmp_path / "old"), None, files=2, rows=50)
+    make_module(str(tmp_path / "psi.pt"), None)
+    cfg = RefreshConfig(source=src, output=str(tmp_path / "new"), module=str(tmp_path / "psi.pt"), pool=full)
+    assert run_refresh(cfg, progress=False).manifest.rows == 100

@@ -248,6 +248,7 @@ class CompatibilityMethod(Method):
                 only_ids=ids[mine],
                 storage=cfg.storage,
                 pool=cfg.embed_pool,
+                pool_field="embed_pool",
                 progress=progress,
             )
         return {"old_classifier": dest}

@@ -97,6 +97,7 @@ def build_old_classifier(
     only_ids: np.ndarray | None = None,
     storage: Any = None,
     pool: Any = None,
+    pool_field: str = "pool",
     progress: bool = True,
 ) -> Artifact:
     """Write to ``dest`` the old model with a classifier whose rows for the classes in ``build``
@@ -111,7 +112,13 @@ def build_old_classifier(
 
     num_classes = len(build)
     ids, labels, feats = embed_images(
-        images_uri, old.uri, storage=storage, pool=pool, only_ids=only_ids, sha256=old.sha256
+        images_uri,
+        old.uri,
+        storage=storage,
+        pool=pool,
+        pool_field=pool_field,
+        only_ids=only_ids,
+        sha256=old.sha256,
     )
     keep = build[labels] if len(labels) else np.zeros(0, dtype=bool)
     protos, present = refine_prototypes(feats[keep], labels[keep], num_classes, refine=False)

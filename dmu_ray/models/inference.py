@@ -133,13 +133,15 @@ def embed_images(
     pool: ActorPoolConfig | None = None,
     only_ids: np.ndarray | None = None,
     sha256: str | None = None,
+    pool_field: str = "pool",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, labels, embeddings)`` of every image of ``images_uri``, or of those whose id is in
     ``only_ids``, sorted by id. ``images_uri`` is a data set part such as ``<data>/query`` (size
     and channels from the data set's ``_dataset.json`` one folder up; the model must take that
     many channels) or a table of ``id,uri[,label]`` (:func:`image_source`; label -1 when absent).
     The actors load the artefact by its absolute location and check its bytes against the sha256
-    the driver read (``sha256``, when given, is what the caller recorded and must match too)."""
+    the driver read (``sha256``, when given, is what the caller recorded and must match too).
+    ``pool_field`` names ``pool`` in the caller's config, for errors about it."""
     import ray.data
 
     from dmu_ray.ray_session import collect_batches, ensure_ray, require_pool
@@ -152,7 +154,7 @@ def embed_images(
     card = art.card
     size, channels, table = image_source(images_uri, card, storage)
     ensure_ray()
-    require_pool(pool, "an embedding actor")
+    require_pool(pool, "an embedding actor", field=pool_field)
     if table is None:
         loc = resolve(images_uri, storage)
         ds = ray.data.read_parquet(loc.path, filesystem=loc.fs, file_extensions=["parquet"])

@@ -196,6 +196,7 @@ def reembed(plan: BackfillPlan, ids: np.ndarray) -> np.ndarray:
         plan.new.uri,
         storage=cfg.storage,
         pool=cfg.embed_pool,
+        pool_field="embed_pool",
         only_ids=ids,
         sha256=plan.new.sha256,
     )
@@ -220,7 +221,7 @@ def run_backfill(cfg: BackfillConfig, *, progress: bool = True) -> RefreshResult
 
     ensure_ray(cfg.ray_address)  # the cluster can run both pools, before any work
     require_pool(cfg.pool, "a scoring/refresh actor")
-    require_pool(cfg.embed_pool, "an embedding actor (embed_pool)")
+    require_pool(cfg.embed_pool, "an embedding actor", field="embed_pool")
     request = {
         "policy": cfg.policy,
         "fraction": cfg.fraction,

@@ -115,7 +115,7 @@ def run_refresh(
     pool = cfg.pool
     if plan.pending:  # the cluster can run the pool and its workers reach the data, before any claim
         ensure_ray(cfg.ray_address)
-        require_pool(pool, "a refresh actor")
+        require_pool(pool, "a refresh actor", fed_by_tasks=False)  # its input is file names
         reads = [plan.source.loc.join(MANIFEST_NAME), *_artifact_locations(plan)]
         check_storage_from_a_worker(reads, plan.out, what=f"refresh into {plan.out.uri}")
     claimed = claim_output(plan)

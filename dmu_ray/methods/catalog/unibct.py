@@ -82,7 +82,11 @@ class UniBCT(CompatibilityMethod):
         cfg = plan.cfg
         d = cfg.data
         ids, labels, feats = embed_images(
-            plan.train_loc.uri, self.old_model, storage=cfg.storage, pool=cfg.embed_pool
+            plan.train_loc.uri,
+            self.old_model,
+            storage=cfg.storage,
+            pool=cfg.embed_pool,
+            pool_field="embed_pool",
         )
         mask = split_mask(d.split, d.role, ids, labels, d.old_fraction, d.split_seed)
         protos, present = refine_prototypes(
