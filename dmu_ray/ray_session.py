@@ -279,14 +279,13 @@ def ray_logs_dir() -> str | None:
         return None
 
 
+def _alive_resources() -> list[dict[str, float]]:
+    """The total resources of each alive node of the cluster."""
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
 def _fits(bundle: dict[str, float]) -> bool:
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        if all(have.get(k, 0.0) >= v for k, v in bundle.items()):
-            return True
-    return False
+    return any(all(have.get(k, 0.0) >= v for k, v in bundle.items()) for have in _alive_resources())
 
 
 def require_resources(bundle: dict[str, float], what: str, *, wait_s: float = 0.0, count: int = 1) -> None:
@@ -311,11 +310,8 @@ def require_resources(bundle: dict[str, float], what: str, *, wait_s: float = 0.
             request_resources(bundles=[])
     offered = sorted(
         {
-            ", ".join(
-                f"{k}: {v:g}" for k, v in sorted(n["Resources"].items()) if k in ("CPU", "GPU") or k in bundle
-            )
-            for n in ray.nodes()
-            if n.get("Alive")
+            ", ".join(f"{k}: {v:g}" for k, v in sorted(have.items()) if k in ("CPU", "GPU") or k in bundle)
+            for have in _alive_resources()
         }
     )
     raise RayUnavailableError(
@@ -330,18 +326,15 @@ def require_resources(bundle: dict[str, float], what: str, *, wait_s: float = 0.
 TASK_CPUS = 1.0
 
 
-def _room_for_a_task(min_actors: int, num_cpus: float) -> bool:
-    """Whether ``min_actors`` actors of ``num_cpus`` CPUs each can be placed on the alive nodes
-    so that some node keeps :data:`TASK_CPUS` free (the best placement; Ray may choose worse)."""
-    cpus = [float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-    fit = [int(c // num_cpus + 1e-9) for c in cpus]
-    for i, c in enumerate(cpus):
-        if c < TASK_CPUS:
-            continue
-        here = int((c - TASK_CPUS) // num_cpus + 1e-9)
-        if sum(fit) - fit[i] + here >= min_actors:
-            return True
-    return False
+def _room_for_a_task(cpus: list[float], min_actors: int, num_cpus: float) -> bool:
+    """Whether ``min_actors`` actors of ``num_cpus`` CPUs each can be placed on nodes of ``cpus``
+    CPUs so that some node keeps :data:`TASK_CPUS` free (the best placement; Ray may choose worse)."""
+
+    def holds(c: float) -> int:  # actors a node of c CPUs holds (1e-9: 0.3 / 0.1 is 2.9999...)
+        return int(c / num_cpus + 1e-9)
+
+    total = sum(holds(c) for c in cpus)
+    return any(c >= TASK_CPUS and total - holds(c) + holds(c - TASK_CPUS) >= min_actors for c in cpus)
 
 
 def require_pool(pool: ActorPoolConfig, what: str, *, field: str = "pool", fed_by_tasks: bool = True) -> None:
@@ -356,11 +349,13 @@ def require_pool(pool: ActorPoolConfig, what: str, *, field: str = "pool", fed_b
         wait_s=pool.resource_wait_s,
         count=pool.min_actors,
     )
-    if fed_by_tasks and pool.resource_wait_s == 0 and not _room_for_a_task(pool.min_actors, pool.num_cpus):
-        total = ray.cluster_resources().get("CPU", 0.0)
+    if not fed_by_tasks or pool.resource_wait_s > 0:
+        return
+    cpus = [float(have.get("CPU", 0.0)) for have in _alive_resources()]
+    if not _room_for_a_task(cpus, pool.min_actors, pool.num_cpus):
         raise RayUnavailableError(
             f"{field}.min_actors {pool.min_actors} x {field}.num_cpus {pool.num_cpus:g} ({what}) leave no "
-            f"node of this cluster ({total:g} CPUs) a free {TASK_CPUS:g} CPU for the Ray Data tasks "
+            f"node of this cluster ({sum(cpus):g} CPUs) a free {TASK_CPUS:g} CPU for the Ray Data tasks "
             "that read the actors' input: the job would wait forever. Give the actors fractional "
             f"{field}.num_cpus (e.g. 0.5), or lower {field}.min_actors"
         )
