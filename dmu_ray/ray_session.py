@@ -127,6 +127,29 @@ def data_context(**settings: Any) -> Iterator[Any]:
         yield ctx
 
 
+#: Rows of each block an actor pool is fed, in batches of the pool (:func:`map_on_pool`).
+BATCHES_PER_BLOCK = 4
+
+
+def map_on_pool(ds: Any, actor: type, pool: ActorPoolConfig, constructor_kwargs: dict[str, Any]) -> Any:
+    """``ds.map_batches`` of the callable class ``actor`` on an actor pool of ``pool`` (its sizes,
+    CPUs, GPUs and batch size; Arrow batches), its input first cut into blocks of
+    :data:`BATCHES_PER_BLOCK` batches. Ray Data hands an actor whole blocks, and its Parquet read
+    makes one block of several small files: a data set part of a few thousand images was one
+    block, embedded by one actor while the others idled (benchmarks/backfill_throughput.py: two
+    actors were no faster than one). The cut is streaming (a block is sliced as it is read)."""
+    ds = ds.repartition(target_num_rows_per_block=BATCHES_PER_BLOCK * pool.batch_size)
+    return ds.map_batches(
+        actor,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=pool.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+    )
+
+
 def collect_batches(ds: Any, batch_format: str = "pyarrow") -> list:
     """Every batch of the Ray Data dataset ``ds`` (one per block), run to its end on the
     cluster. When the run fails, the error propagates without the tracebacks of its Ray-internal

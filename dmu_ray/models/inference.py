@@ -144,7 +144,7 @@ def embed_images(
     ``pool_field`` names ``pool`` in the caller's config, for errors about it."""
     import ray.data
 
-    from dmu_ray.ray_session import collect_batches, ensure_ray, require_pool
+    from dmu_ray.ray_session import collect_batches, ensure_ray, map_on_pool, require_pool
 
     storage = storage or StorageConfig()
     pool = pool or ActorPoolConfig(batch_size=256)
@@ -167,9 +167,11 @@ def embed_images(
         ds = ds.map_batches(
             fetch_images, fn_kwargs={"storage": storage}, batch_size=None, batch_format="pyarrow"
         )
-    ds = ds.map_batches(
+    ds = map_on_pool(
+        ds,
         _EmbedActor,
-        fn_constructor_kwargs=dict(
+        pool,
+        dict(
             model_uri=art.uri,  # absolute: actors may run in another folder
             sha256=art.sha256,
             storage=storage,
@@ -179,11 +181,6 @@ def embed_images(
             gpu=pool.num_gpus > 0,
             only_ids=only_ids,
         ),
-        batch_size=pool.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus or None,
     )
     parts = [p for p in collect_batches(ds, "numpy") if len(p["id"])]
     if not parts and only_ids is not None:  # no id has an image: the caller says what that means

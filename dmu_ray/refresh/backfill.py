@@ -153,15 +153,17 @@ def score_gallery(
     id (a Ray Data pass over the gallery's files)."""
     import ray
 
-    from dmu_ray.ray_session import collect_batches, ensure_ray
+    from dmu_ray.ray_session import collect_batches, ensure_ray, map_on_pool
 
     cfg, src = plan.cfg, plan.source
     ensure_ray(cfg.ray_address)
     paths = [src.loc.join(f).path for f in src.files]
     ds = ray.data.read_parquet(paths, filesystem=src.loc.fs).select_columns(["id", EMB])
-    ds = ds.map_batches(
+    ds = map_on_pool(
+        ds,
         _ScoreActor,
-        fn_constructor_kwargs={
+        cfg.pool,
+        {
             "cfg": cfg,
             "policies": policies,
             "keep_vectors": keep_vectors,
@@ -169,11 +171,6 @@ def score_gallery(
                 f: (a.uri, a.sha256) for f, a in (("module", plan.module), ("old_model", plan.old)) if a
             },
         },
-        batch_size=cfg.pool.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.pool.min_actors, max_size=cfg.pool.max_actors),
-        num_cpus=cfg.pool.num_cpus,
-        num_gpus=cfg.pool.num_gpus or None,
     )
     parts = [b for b in collect_batches(ds, "numpy") if len(b["id"])]
     if not parts:
