@@ -15,6 +15,11 @@ Builds under --workdir (default: a temp dir) the glyph set at --size px and an e
    CPU starves its reads, and dmu-ray refuses it). Each timed call includes its actor pool's
    start, as a backfill's does (one torch thread per actor);
 and prints images/s, per worker, and the ratio to the plain loop (and per core). Not a test.
+
+Attribution, printed below the rates: the plain loop on one thread (the per-core yardstick,
+measured, not divided), split into its decode and its forward; the fixed cost of a call
+(``embed_images`` of a one-batch part with the same pool: Ray Data's start, the actors' start
+and the model's load); and each pool's rate once that fixed cost is taken off.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import tempfile
 import time
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 
@@ -64,32 +70,69 @@ def main() -> None:
     cores = os.cpu_count() or 2
     print(f"# glyphs {a.part}, {a.size} px, {a.backbone}, batch {a.batch}, {cores} cores")
 
-    # 1. the plain loop: read, decode, forward, in one process on every core
-    torch.set_num_threads(cores)
+    # 1. the plain loop: read, decode, forward, in one process on every core, then on one thread
     art = load_artifact(model_uri)
     model = build_embedding_model(art)[0].eval()
     pre = art.card.preprocessing
     decode = DecodeBatch(info.image_size, info.channels, mean=pre.mean, std=pre.std, out_size=pre.size)
-    t0 = time.perf_counter()
-    table = pads.dataset(part, format="parquet").to_table(columns=["id", "image", "label"])
-    n = table.num_rows
-    with torch.inference_mode():
-        for i in range(0, n, a.batch):
-            model(torch.from_numpy(decode(table.slice(i, a.batch))["image"]))
-    plain = n / (time.perf_counter() - t0)
+
+    def plain_loop(threads: int) -> tuple[float, float, float]:
+        """(images/s, decode s, forward s) of read -> decode -> forward on ``threads`` threads."""
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        table = pads.dataset(part, format="parquet").to_table(columns=["id", "image", "label"])
+        dec = fwd = 0.0
+        with torch.inference_mode():
+            for i in range(0, table.num_rows, a.batch):
+                t1 = time.perf_counter()
+                x = torch.from_numpy(decode(table.slice(i, a.batch))["image"])
+                t2 = time.perf_counter()
+                model(x)
+                dec, fwd = dec + t2 - t1, fwd + time.perf_counter() - t2
+        return table.num_rows / (time.perf_counter() - t0), dec, fwd
+
+    plain, _, _ = plain_loop(cores)
     print(f"{'plain loop (1 process, ' + str(cores) + ' threads)':<44} {plain:>9,.1f} images/s   1.00x")
+    one, dec1, fwd1 = plain_loop(1)
+    print(f"{'plain loop (1 process, 1 thread)':<44} {one:>9,.1f} images/s   {one / plain:.2f}x")
+
+    # a one-batch part of the same data set: what a call costs before its first image
+    tiny = os.path.join(data, "_bench_one_batch")
+    os.makedirs(tiny, exist_ok=True)
+    first = pads.dataset(part, format="parquet").head(a.batch, columns=["id", "image", "label"])
+    pq.write_table(first, os.path.join(tiny, "part-00000.parquet"))
 
     ensure_ray(num_cpus=cores)
+    fixed: dict[int, float] = {}
+    rates: dict[int, float] = {}
+    n = 0
     for actors in sorted({1, a.actors}):
         cpus = min(1.0, (cores - 1) / actors) if actors > 1 else 1.0  # leave a CPU for the reads
         pool = ActorPoolConfig(min_actors=actors, max_actors=actors, num_cpus=cpus, batch_size=a.batch)
         embed_images(part, model_uri, pool=pool)  # warm: the first run's imports and caches
+        t0 = time.perf_counter()
+        embed_images(tiny, model_uri, pool=pool)
+        fixed[actors] = time.perf_counter() - t0
         t0 = time.perf_counter()  # the timed run includes its pool's start, as every backfill's does
         ids, _, _ = embed_images(part, model_uri, pool=pool)
-        rate = len(ids) / (time.perf_counter() - t0)
+        wall, n = time.perf_counter() - t0, len(ids)
+        rate = rates[actors] = n / wall
         print(
             f"{f'embed_images, {actors} actor(s) x {cpus:g} CPU':<44} {rate:>9,.1f} images/s   {rate / plain:.2f}x plain"
-            f"   {rate / actors:,.1f} per worker ({rate / actors / (plain / cores):.2f}x the plain loop per core)"
+            f"   {rate / actors:,.1f} per worker ({rate / actors / one:.2f}x the plain loop on 1 thread)"
+        )
+
+    print(f"\n# attribution ({n:,} images)")
+    print(
+        f"plain loop on 1 thread: decode {dec1:.1f} s ({dec1 / (dec1 + fwd1):.0%}), forward {fwd1:.1f} s "
+        f"({fwd1 / (dec1 + fwd1):.0%}) of {n / one:.1f} s"
+    )
+    for actors, rate in rates.items():
+        steady = n / max(n / rate - fixed[actors], 1e-9)
+        print(
+            f"{actors} actor(s): a call's fixed cost (a one-batch part) {fixed[actors]:.1f} s of {n / rate:.1f} s; "
+            f"after it {steady:,.1f} images/s = {steady / plain:.2f}x the plain loop, "
+            f"{steady / actors / one:.2f}x the 1-thread loop per actor"
         )
 
 
