@@ -137,7 +137,8 @@ def map_on_pool(ds: Any, actor: type, pool: ActorPoolConfig, constructor_kwargs:
     :data:`BATCHES_PER_BLOCK` batches. Ray Data hands an actor whole blocks, and its Parquet read
     makes one block of several small files: a data set part of a few thousand images was one
     block, embedded by one actor while the others idled (benchmarks/backfill_throughput.py: two
-    actors were no faster than one). The cut is streaming (a block is sliced as it is read)."""
+    actors were no faster than one). The cut is Ray Data's streaming repartition: blocks are
+    sliced as they arrive, with no barrier and no shuffle."""
     ds = ds.repartition(target_num_rows_per_block=BATCHES_PER_BLOCK * pool.batch_size)
     return ds.map_batches(
         actor,
