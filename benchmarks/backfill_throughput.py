@@ -19,7 +19,9 @@ and prints images/s, per worker, and the ratio to the plain loop (and per core).
 Attribution, printed below the rates: the plain loop on one thread (the per-core yardstick,
 measured, not divided), split into its decode and its forward; the fixed cost of a call
 (``embed_images`` of a one-batch part with the same pool: Ray Data's start, the actors' start
-and the model's load); and each pool's rate once that fixed cost is taken off.
+and the model's load), and of it the share of the same pipeline with an actor that only passes
+ids through (Ray Data's start and the actors' processes, no torch, no model); and each pool's rate
+once that fixed cost is taken off.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ import pyarrow.parquet as pq
 import torch
 
 
+class _PassIds:
+    """An actor that does nothing: what Ray Data's pipeline and the actor processes cost alone."""
+
+    def __call__(self, batch):  # noqa: ANN001, ANN204  (a pyarrow Table in, a dict out)
+        return {"id": batch.column("id").to_numpy()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
@@ -44,13 +53,15 @@ def main() -> None:
     ap.add_argument("--part", default="train", help="the data set part embedded (train: 5,736 glyph images)")
     a = ap.parse_args()
 
+    import ray.data
+
     from dmu_ray.data.images import DecodeBatch, read_dataset_info
     from dmu_ray.data.importers import import_glyphs
     from dmu_ray.models.artifact import build_embedding_model, load_artifact, save_embedding_model
     from dmu_ray.models.embedding import EmbeddingModel
     from dmu_ray.models.heads import MarginHead
     from dmu_ray.models.inference import embed_images
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import collect_batches, ensure_ray, map_on_pool
     from dmu_ray.settings import ActorPoolConfig
 
     work = a.workdir or tempfile.mkdtemp(prefix="dmu-backfill-bench-")
@@ -104,6 +115,7 @@ def main() -> None:
 
     ensure_ray(num_cpus=cores)
     fixed: dict[int, float] = {}
+    bare: dict[int, float] = {}
     rates: dict[int, float] = {}
     n = 0
     for actors in sorted({1, a.actors}):
@@ -113,6 +125,9 @@ def main() -> None:
         t0 = time.perf_counter()
         embed_images(tiny, model_uri, pool=pool)
         fixed[actors] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        collect_batches(map_on_pool(ray.data.read_parquet(tiny).select_columns(["id"]), _PassIds, pool, {}))
+        bare[actors] = time.perf_counter() - t0
         t0 = time.perf_counter()  # the timed run includes its pool's start, as every backfill's does
         ids, _, _ = embed_images(part, model_uri, pool=pool)
         wall, n = time.perf_counter() - t0, len(ids)
@@ -130,7 +145,8 @@ def main() -> None:
     for actors, rate in rates.items():
         steady = n / max(n / rate - fixed[actors], 1e-9)
         print(
-            f"{actors} actor(s): a call's fixed cost (a one-batch part) {fixed[actors]:.1f} s of {n / rate:.1f} s; "
+            f"{actors} actor(s): a call's fixed cost (a one-batch part) {fixed[actors]:.1f} s of {n / rate:.1f} s "
+            f"(the same pipeline with a do-nothing actor {bare[actors]:.1f} s); "
             f"after it {steady:,.1f} images/s = {steady / plain:.2f}x the plain loop, "
             f"{steady / actors / one:.2f}x the 1-thread loop per actor"
         )
