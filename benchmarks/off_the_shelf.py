@@ -108,6 +108,13 @@ def main() -> None:
     ap.add_argument("--mlp-epochs", type=int, default=20, help="epochs of the mlp kinds")
     ap.add_argument("--mlp-width", type=int, default=1024, help="hidden width of the mlp kinds")
     ap.add_argument("--directions", nargs="+", default=["gallery", "query"])
+    ap.add_argument(
+        "--affine-ranks",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="ranks of the affine kind (0: full rank; e.g. 0 128 fits both)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     root = Path(a.root).resolve()
@@ -169,11 +176,13 @@ def main() -> None:
         new_g = write_gallery(
             str(root / "pairs" / f"new-{len(take)}"), t_ids[take], t_labels[take], t_new, "efficientnet-lite2"
         )
-        for kind in a.kinds:
+        variants = [(k, r) for k in a.kinds for r in (a.affine_ranks if k == "affine" else [0])]
+        for kind, rank in variants:
+            label = f"{kind}-r{rank}" if rank else kind
             for direction in a.directions:
                 if kind == "mlp-uncertainty" and direction == "query":
                     continue  # its uncertainty orders a gallery backfill: gallery side only
-                out = root / "adapters" / f"{kind}-{direction}-{len(take)}"
+                out = root / "adapters" / f"{label}-{direction}-{len(take)}"
                 if out.exists():
                     import shutil
 
@@ -187,6 +196,7 @@ def main() -> None:
                         direction=direction,
                         adapter=kind,
                         ridge=1e-3 if kind in ("affine", "mlp", "mlp-uncertainty") else 0.0,
+                        rank=rank or None,
                         mlp=(
                             {"epochs": a.mlp_epochs, "width": a.mlp_width, "batch_size": 256, "lr": 1e-3}
                             if kind.startswith("mlp")
@@ -211,14 +221,14 @@ def main() -> None:
                 rows.append(
                     {
                         "strategy": name,
-                        "adapter": kind,
+                        "adapter": label,
                         "pairs": int(len(take)),
                         "fit_s": round(seconds, 2),
                         "gate_share@10": gate,
                         **m,
                     }
                 )
-                print(f"  {kind:10s} {direction:7s} pairs {len(take):6,d}: {rows[-1]}", flush=True)
+                print(f"  {label:10s} {direction:7s} pairs {len(take):6,d}: {rows[-1]}", flush=True)
     full = rows[1]
     print(
         f"\n{info.name}: {info.num_classes} classes, {len(ql):,} queries, {len(gl):,} gallery items, {a.size}px"
