@@ -109,7 +109,7 @@ def test_an_actor_pool_shares_a_small_part_between_its_actors(ray_local, tmp_pat
     import pyarrow as pa
     import ray.data
 
-    from dmu_ray.ray_session import map_on_pool
+    from dmu_ray.ray_session import collect_batches, map_on_pool
     from dmu_ray.settings import ActorPoolConfig
 
     part = tmp_path / "part"
@@ -125,7 +125,7 @@ def test_an_actor_pool_shares_a_small_part_between_its_actors(ray_local, tmp_pat
     pool = ActorPoolConfig(min_actors=2, max_actors=2, num_cpus=0.5, batch_size=50)
     ds = map_on_pool(ray.data.read_parquet(str(part)), WhoEmbeds, pool, {})
     ids, by_actor = [], collections.Counter()
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for b in collect_batches(ds, "numpy"):
         ids.extend(b["id"].tolist())
         by_actor.update(b["pid"].tolist())
     assert sorted(ids) == list(range(1000))
