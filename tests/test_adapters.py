@@ -95,6 +95,37 @@ def test_statistics_merged_from_parts_equal_one_pass():
     assert f32.yy == pytest.approx(whole.yy, rel=1e-6) and f32.n == 301
 
 
+def test_the_two_pass_join_gives_every_cpu_a_bucket_where_the_rows_allow():
+    """A million pairs with room for all of them in one bucket still make one bucket per CPU (one
+    join task each, not one task joining everything), never buckets below MIN_BUCKET_ROWS, and
+    never more rows in a bucket than bucket_rows."""
+    from dmu_ray.adapters.pairs import MIN_BUCKET_ROWS, bucket_count
+
+    assert bucket_count(1_000_000, 1_000_000, slots=2) == 2
+    assert bucket_count(1_000_000, 1_000_000, slots=64) == 1_000_000 // MIN_BUCKET_ROWS
+    assert bucket_count(10_000, 1_000_000, slots=64) == 1  # too few rows to share out
+    assert bucket_count(10_000_000, 1_000_000, slots=2) == 10  # memory decides
+    assert bucket_count(2_500, 1_000, slots=1) == 3
+
+
+def test_statistics_of_selected_rows_equal_those_of_the_selection():
+    """The join passes the fitted rows as a mask (no copy of the vectors): the statistics are
+    those of the selected rows, float16 vectors included, whatever the chunking."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((301, 8)).astype(np.float16)
+    y = rng.standard_normal((301, 5)).astype(np.float16)
+    rows = rng.random(301) < 0.7
+    want = PairStats.of(x[rows].astype(np.float32), y[rows].astype(np.float32))
+    for chunk in (7, 100, 8192):
+        got = PairStats.of(x, y, chunk=chunk, rows=rows)
+        assert got.n == int(rows.sum())
+        for k in ("sx", "sy", "xx", "xy"):
+            np.testing.assert_allclose(getattr(got, k), getattr(want, k), rtol=1e-5, atol=1e-5)
+        assert got.yy == pytest.approx(want.yy, rel=1e-5)
+    with pytest.raises(ValueError, match="boolean mask of 301 rows"):
+        PairStats.of(x, y, rows=np.flatnonzero(rows))
+
+
 def test_share_of_reembedding_counts_new_news_neighbours():
     rng = np.random.default_rng(4)
     q, g = rng.standard_normal((50, 8)), rng.standard_normal((300, 8))

@@ -98,7 +98,11 @@ class AdapterFitConfig(StrictModel):
         le=1,
         description="refuse when fewer of the smaller gallery's ids have a pair in the other",
     )
-    bucket_rows: int = Field(default=1_000_000, ge=1, description="rows per bucket of the join on Ray Data")
+    bucket_rows: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="most rows per bucket of the join on Ray Data (its tasks' memory); more buckets are made to give every CPU a share",
+    )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per join task")
     id: str | None = Field(default=None, description="the adapter's id (default: <old model>-><new model>)")
     gate: GateSection = Field(default_factory=GateSection)

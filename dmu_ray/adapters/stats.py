@@ -28,19 +28,25 @@ class PairStats:
     yy: float  # sum of squared entries of y
 
     @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray, chunk: int = 8192) -> PairStats:
-        """The statistics of the pairs ``(x[i], y[i])``. Products are computed at the inputs'
-        precision (float32 for gallery vectors, which hold no more; float64 inputs stay float64)
-        over ``chunk`` rows at a time and summed in float64, so memory is one chunk's and the
-        rounding that of ``chunk`` products, whatever the number of pairs."""
+    def of(cls, x: np.ndarray, y: np.ndarray, chunk: int = 8192, rows: np.ndarray | None = None) -> PairStats:
+        """The statistics of the pairs ``(x[i], y[i])`` (only those where the boolean ``rows`` is
+        true, when given: the selection is made a chunk at a time, so no copy of the inputs is
+        made). Products are computed at float32 for inputs of float32 or less (gallery vectors,
+        float16 included, hold no more; float64 inputs stay float64) over ``chunk`` rows at a
+        time and summed in float64, so memory is one chunk's and the rounding that of ``chunk``
+        products, whatever the number of pairs."""
         if len(x) != len(y):
             raise ValueError(f"{len(x)} source rows but {len(y)} target rows")
+        if rows is not None and (rows.dtype != bool or rows.shape != (len(x),)):
+            raise ValueError(f"rows must be a boolean mask of {len(x)} rows, got {rows.dtype} {rows.shape}")
         dt = np.float64 if np.float64 in (np.asarray(x[:0]).dtype, np.asarray(y[:0]).dtype) else np.float32
         dx, dy = np.shape(x)[1], np.shape(y)[1]
         out = cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0)
         for start in range(0, len(x), chunk):
-            xs = np.asarray(x[start : start + chunk], dt)
-            ys = np.asarray(y[start : start + chunk], dt)
+            part = slice(start, start + chunk)
+            keep = slice(None) if rows is None else rows[part]
+            xs = np.asarray(x[part][keep], dt)
+            ys = np.asarray(y[part][keep], dt)
             out.n += len(xs)
             out.sx += xs.sum(0, dtype=np.float64)
             out.sy += ys.sum(0, dtype=np.float64)
