@@ -158,13 +158,25 @@ def _print_attribution(a: dict | None) -> None:
     )
     for name, x in a["actors"].items():
         print(
-            f"    actor {name}: {x['files']} files, first at {x['start_s']:.1f} s, busy {x['busy_s']:.1f} s, "
-            f"gaps {x['gaps_s']:.1f} s, idle tail {x['tail_s']:.1f} s"
+            f"    actor {name}: {x['files']} files, first at {x['start_s']:.1f} s, busy {x['busy_s']:.1f} s "
+            f"(its process's CPU {x.get('cpu_s', 0.0):.1f} s), gaps {x['gaps_s']:.1f} s, idle tail {x['tail_s']:.1f} s"
         )
     print(
         "    phases (busy s, summed over files; reader/module/encoder threads overlap): "
         + ", ".join(f"{k} {v:.1f}" for k, v in a["phases_s"].items())
     )
+    cpu = a.get("phases_cpu_s") or {}
+    if cpu:
+        print(
+            "    the same phases' CPU s (their own thread's; Arrow's pool and torch's threads not in it): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05)
+        )
+        total = sum(x.get("cpu_s", 0.0) for x in a["actors"].values())
+        print(
+            f"    actor processes' CPU in their files {total:.1f} s, of which the phases' threads "
+            f"{sum(cpu.values()):.1f} s; {os.cpu_count()} cores x wall {a['wall_s']:.1f} s = "
+            f"{(os.cpu_count() or 1) * a['wall_s']:.1f} core-seconds"
+        )
 
 
 def main() -> None:

@@ -188,6 +188,13 @@ def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
     assert att == res.extra["attribution"] and sum(a["files"] for a in att["actors"].values()) == 5
     assert att["pool_start_s"] == run["last_run_pool_start_s"] and 0 < att["busy_share"] <= 1.5
     assert att["phases_s"]["psi"] >= rec["phases"]["psi"]
+    # and the CPU seconds: each phase's thread's, never more than the phase's busy (wall) seconds
+    # (a clock's granularity aside), and the actor process's in the file
+    assert set(rec["phases_cpu"]) == set(rec["phases"]) - {"encode_wait"}
+    assert all(0 <= rec["phases_cpu"][k] <= rec["phases"][k] + 0.02 for k in rec["phases_cpu"])
+    assert rec["phases_cpu"]["psi"] > 0 and rec["cpu_s"] >= rec["phases_cpu"]["psi"]
+    assert att["phases_cpu_s"]["psi"] >= rec["phases_cpu"]["psi"]
+    assert sum(a["cpu_s"] for a in att["actors"].values()) >= rec["cpu_s"] > 0
     keep = committed[0][:-5]
     assert (out / keep).stat().st_mtime_ns == before[keep]  # committed work untouched
     ids = Gallery.open(str(out)).read(columns=["id"]).column("id").to_pylist()
@@ -474,8 +481,18 @@ def test_a_runs_attribution_from_its_commit_records_by_hand():
             "seconds": 3.0,
             "rows_in": 10,
             "phases": {"psi": 2.0, "read": 0.5},
+            "phases_cpu": {"psi": 1.5, "read": 0.1},
+            "cpu_s": 2.5,
         },
-        {"actor": "a", "started_at": 1005.5, "seconds": 2.0, "rows_in": 10, "phases": {"psi": 1.0}},
+        {
+            "actor": "a",
+            "started_at": 1005.5,
+            "seconds": 2.0,
+            "rows_in": 10,
+            "phases": {"psi": 1.0},
+            "phases_cpu": {"psi": 0.75},
+            "cpu_s": 1.25,
+        },
         {"actor": "b", "started_at": 1003.0, "seconds": 4.0, "rows_in": 5, "phases": {"encode": 1.5}},
         {"actor": "b", "rows_in": 5},  # a record of an older dmu-ray: no times, left out
     ]
@@ -486,6 +503,7 @@ def test_a_runs_attribution_from_its_commit_records_by_hand():
         "rows": 20,
         "start_s": 2.0,
         "busy_s": 5.0,
+        "cpu_s": 3.75,
         "gaps_s": 0.5,
         "tail_s": 0.5,
     }
@@ -494,6 +512,7 @@ def test_a_runs_attribution_from_its_commit_records_by_hand():
         "rows": 5,
         "start_s": 3.0,
         "busy_s": 4.0,
+        "cpu_s": 0.0,  # a record without CPU seconds counts none
         "gaps_s": 0.0,
         "tail_s": 1.0,
     }

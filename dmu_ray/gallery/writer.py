@@ -109,6 +109,8 @@ class ChunkedParquetWriter:
         self._pending = None
         #: seconds spent encoding (on the encoder thread), waiting for it (the caller), publishing
         self.seconds = {"encode": 0.0, "encode_wait": 0.0, "publish": 0.0}
+        #: CPU seconds of the encoder thread while encoding, of the caller's while publishing
+        self.cpu_seconds = {"encode": 0.0, "publish": 0.0}
 
     def __enter__(self) -> ChunkedParquetWriter:
         return self
@@ -130,7 +132,7 @@ class ChunkedParquetWriter:
             self.seconds["encode_wait"] += time.perf_counter() - t0
 
     def _encode(self, table: pa.Table) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
         if self._writer is None:
             opts = parquet_write_options(table.schema, self.compression)
@@ -138,16 +140,18 @@ class ChunkedParquetWriter:
         self._writer.write_table(table, row_group_size=self.row_group_rows)
         self.rows += table.num_rows
         self.seconds["encode"] += time.perf_counter() - t0
+        self.cpu_seconds["encode"] += time.thread_time() - c0
 
     def commit(self, empty_schema: pa.Schema) -> FileEntry:
         """Finish the file (``empty_schema`` when no chunk came) and publish it; its entry."""
         self._wait()
         if self._writer is None:
             self._encode(empty_schema.empty_table())
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         self._writer.close()
         entry = _publish_parquet(self.loc, self._sink.getvalue(), self.rows, self.source)
         self.seconds["publish"] += time.perf_counter() - t0
+        self.cpu_seconds["publish"] += time.thread_time() - c0
         return entry
 
 

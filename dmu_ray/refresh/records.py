@@ -89,9 +89,10 @@ def entry_from_record(d: dict[str, Any] | None) -> FileEntry | None:
 
 def attribution(records: list[dict[str, Any]], t0_wall: float, seconds: float) -> dict[str, Any]:
     """Where a run's wall time went, from its commit records (``started_at``, ``seconds``,
-    ``phases``): the pool's start (job start to first file), per actor its files' busy seconds, the
-    gaps between them and its idle tail, and the phases summed over every file. ``seconds`` is the
-    run's wall time from ``t0_wall`` (epoch seconds)."""
+    ``phases``, ``phases_cpu``, ``cpu_s``): the pool's start (job start to first file), per actor
+    its files' busy seconds, the CPU seconds its process used in them, the gaps between them and
+    its idle tail, and the phases summed over every file (busy seconds, and CPU seconds of each
+    phase's thread). ``seconds`` is the run's wall time from ``t0_wall`` (epoch seconds)."""
     timed = [r for r in records if isinstance(r.get("started_at"), (int, float))]
     if not timed:
         return {}
@@ -108,13 +109,17 @@ def attribution(records: list[dict[str, Any]], t0_wall: float, seconds: float) -
             "rows": sum(r["rows_in"] for r in rs),
             "start_s": round(first, 3),  # from the job's start to its first file
             "busy_s": round(busy, 3),
+            "cpu_s": round(sum(r.get("cpu_s") or 0.0 for r in rs), 3),  # its process, in its files
             "gaps_s": round(end - first - busy, 3),  # between its files (negative: files overlapped)
             "tail_s": round(seconds - end, 3),  # from its last file's end to the job's
         }
     phases: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for r in timed:
         for k, v in (r.get("phases") or {}).items():
             phases[k] = round(phases.get(k, 0.0) + v, 4)
+        for k, v in (r.get("phases_cpu") or {}).items():
+            cpu[k] = round(cpu.get(k, 0.0) + v, 4)
     busy = sum(a["busy_s"] for a in per_actor.values())
     return {
         "wall_s": round(seconds, 3),
@@ -122,4 +127,5 @@ def attribution(records: list[dict[str, Any]], t0_wall: float, seconds: float) -
         "actors": per_actor,
         "busy_share": round(busy / (len(per_actor) * seconds), 4) if seconds > 0 else None,
         "phases_s": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
+        "phases_cpu_s": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
     }

@@ -59,7 +59,7 @@ from dmu_ray.gallery import (
 )
 from dmu_ray.lineage import LINEAGE_COLUMN
 from dmu_ray.models.upgrade import UpgradeModule, compute_rows_for, in_row_slices, through_chain
-from dmu_ray.refresh.file_threads import Phases, in_line, prefetched, sha256_of_buffer
+from dmu_ray.refresh.file_threads import Phases, in_line, mark, prefetched, sha256_of_buffer
 from dmu_ray.refresh.records import read_record, record_name, verify_record
 from dmu_ray.storage import Location, read_bytes, write_bytes_atomic
 
@@ -176,7 +176,7 @@ class FileUpgrader:
         try:
             if want is None:
                 return pq.ParquetFile(loc.fs.open_input_file(loc.path)), lambda: None
-            t0 = time.perf_counter()
+            t0 = mark()
             data = read_bytes(loc)
             if phases is not None:
                 phases.add("read", t0)
@@ -260,7 +260,7 @@ class FileUpgrader:
         committed = self.committed_record(rel)
         if committed is not None:
             return committed
-        t0, started_at = time.perf_counter(), time.time()
+        t0, started_at, cpu0 = time.perf_counter(), time.time(), time.process_time()
         src_loc = self.src.join(rel)
         phases = Phases()
         # two threads: the source's sha256 beside the decoding of its first batches
@@ -275,7 +275,7 @@ class FileUpgrader:
                 except (SourceIntegrityError, RuntimeError, ValueError, pa.ArrowException, OSError):
                     check_source()  # a source that changed is named as such
                     raise
-                t_wait = time.perf_counter()
+                t_wait = mark()
                 check_source()  # nothing is published for a source that changed
                 phases.add("sha256_wait", t_wait)
                 q_entry = None
@@ -286,6 +286,8 @@ class FileUpgrader:
                 entry = writer.commit(self._empty_output(pf.schema_arrow).schema)
         for k, v in writer.seconds.items():
             phases.seconds[k] += v
+        for k, v in writer.cpu_seconds.items():
+            phases.cpu[k] += v
         entry.path = rel
         record = {
             "source": rel,
@@ -295,10 +297,14 @@ class FileUpgrader:
             "reasons": dict(reasons),
             "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
+            # the actor process's CPU seconds meanwhile, every thread (Arrow's and Ray's included);
+            # files in progress together in one actor each count all of it
+            "cpu_s": round(time.process_time() - cpu0, 4),
             "started_at": round(started_at, 3),  # wall clock (epoch s): the job times its pool's start by it
             # busy seconds per phase, each on its thread (read, sha256, decode, checks on the reader;
             # psi, finish on the module's; encode on the encoder; the *_wait are hand-offs)
             "phases": phases.rounded(),
+            "phases_cpu": phases.rounded_cpu(),  # CPU seconds of each phase's own thread
             "worker": self.worker,
             "actor": self.actor,
         }
@@ -348,18 +354,17 @@ class FileUpgrader:
         clock = phases or Phases()
 
         def finish(b: _Checked, y: np.ndarray, keys: np.ndarray) -> tuple[pa.Table | None, int]:
-            t0, waited = time.perf_counter(), writer.seconds["encode_wait"]
+            t0, waited = mark(), writer.seconds["encode_wait"]
             out = self._finish(b, y, keys, writer)
-            clock.add(
-                "finish", t0 + (writer.seconds["encode_wait"] - waited)
-            )  # less the wait for the encoder
+            # less the wait for the encoder (a wait, not CPU)
+            clock.add("finish", t0._replace(wall=t0.wall + writer.seconds["encode_wait"] - waited))
             return out
 
         with ThreadPoolExecutor(1, thread_name_prefix="output-check") as finisher:
             submit = finisher.submit if self.finish_aside else in_line  # the thread starts on first use
             for b in batches:
                 rows_in += b.rows_in
-                t0 = time.perf_counter()
+                t0 = mark()
                 y, keys = self._route_batch(b.table, where) if b.table.num_rows else (None, None)
                 t0 = clock.add("psi", t0)
                 collect()
@@ -367,7 +372,7 @@ class FileUpgrader:
                 quarantine(b.bad)
                 if y is not None:
                     pending = submit(finish, b, y, keys)
-            t0 = time.perf_counter()
+            t0 = mark()
             collect()
             clock.add("finish_wait" if self.finish_aside else "finish", t0)
         return rows_in, rows_new, bad_parts, reasons
@@ -378,14 +383,14 @@ class FileUpgrader:
         """Each source batch split by the contract's row checks into good rows and quarantined
         ones (rows numbered from the file's first row); decode and check seconds into ``phases``."""
         offset, clock = 0, phases or Phases()
-        t0 = time.perf_counter()
+        t0 = mark()
         for rb in batches:
             t0 = clock.add("decode", t0)
             good, bad = split_valid(pa.Table.from_batches([rb]), self.in_dim, row_offset=offset, where=where)
             clock.add("checks", t0)
             yield _Checked(good, bad, offset, rb.num_rows)
             offset += rb.num_rows
-            t0 = time.perf_counter()
+            t0 = mark()
 
     def _finish(
         self, b: _Checked, y: np.ndarray, keys: np.ndarray, writer: ChunkedParquetWriter
