@@ -3,7 +3,7 @@ galleries that share ids (vectors of any modality), joined on Ray Data.
 
 The join is a hash join in two passes, so no process holds either gallery:
 1. one task per gallery file reads its ids and vectors and writes them, split into ``B`` buckets by
-   a hash of the id, under ``<work>/<side>/b<k>/``;
+   a hash of the id, under ``<work>/<side>/b<k>/`` (Arrow IPC files: scratch, read once);
 2. one task per bucket reads both sides' rows of that bucket, joins them on the id, and returns
    the counts (matched, old only, new only) and the sufficient statistics of its fitted pairs
    (:class:`~dmu_ray.adapters.stats.PairStats`); the held-out pairs (a seeded share by id, never
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from dmu_ray.adapters.stats import PairStats
 from dmu_ray.data.splits import unit_hash
 from dmu_ray.gallery import EMB, ID, Gallery, embedding_array, embedding_matrix, write_parquet_atomic
-from dmu_ray.storage import Location
+from dmu_ray.storage import Location, write_bytes_atomic
 
 LABEL = "label"
 __all__ = ["PairCounts", "bucket_count", "id_keys", "join_pairs", "read_holdout"]
@@ -42,6 +42,11 @@ FIT_FILE_ROWS = 32_768
 
 #: the smallest bucket the join makes to keep every CPU busy (below it, the files' fixed costs win)
 MIN_BUCKET_ROWS = 65_536
+
+#: the join's scratch files (a bucket's rows of one gallery file): Arrow IPC, uncompressed. They
+#: are read once and removed; Parquet's encoding of the vector column (its list levels, a value at
+#: a time) cost more than the whole rest of the pass.
+SCRATCH = ".arrow"
 
 #: seeds of the two hashes of an id: its bucket, and whether it is held out (apart, so that the
 #: held-out share is the same in every bucket)
@@ -84,9 +89,10 @@ def _bucket_file(task: dict) -> dict:
     stem = rel.replace("/", "__")
     for k in np.unique(which):
         part = t.filter(pa.array(which == k))
-        # scratch, read once by the join: not compressed (float vectors gain ~10% from it, and
-        # the encoding costs more than the bytes it saves)
-        write_parquet_atomic(work.join(side, f"b{k:05d}", f"{stem}"), part, compression="none")
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, part.schema) as w:
+            w.write_table(part)
+        write_bytes_atomic(work.join(side, f"b{k:05d}", f"{stem}{SCRATCH}"), sink.getvalue())
     return {"file": rel, "rows": t.num_rows}
 
 
@@ -111,10 +117,14 @@ def _read_folder(loc: Location) -> pa.Table | None:
 def _read_bucket(loc: Location, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Ids, ``(n, dim)`` vectors and labels (None: the gallery has none) of one side's rows of a
     bucket (none: empty arrays)."""
-    t = _read_folder(loc)
-    if t is None:
+    names = loc.list_files(SCRATCH, data_only=True)
+    if not names:
         return np.empty(0, np.int64), np.empty((0, dim), np.float32), None
-    return _side_of(t)
+    parts = []
+    for n in names:
+        with loc.fs.open_input_file(loc.join(n).path) as f:
+            parts.append(pa.ipc.open_file(f).read_all())
+    return _side_of(pa.concat_tables(parts))
 
 
 def _join_bucket(task: dict) -> dict:
