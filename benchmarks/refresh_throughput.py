@@ -199,6 +199,14 @@ def main() -> None:
         default="mlp",
         help="the upgrade module: the residual MLP (default) or a linear adapter (adapter fit's procrustes/affine)",
     )
+    ap.add_argument(
+        "--files-per-actor",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="files each refresh actor works on at once, one refresh run per value (default: the "
+        "pool's own default); on a CPU actor files beyond the first are staggered (one in psi)",
+    )
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="dmu-bench-")
@@ -244,10 +252,14 @@ def main() -> None:
     row("bound: the same from CPU seconds", cpus / bound_work)
     server, s3_storage, s3_src = s3_server(src) if args.s3 else (None, None, None)
     ensure_ray(num_cpus=cpus)
-    runs = [(n, src, os.path.join(work, f"ray-{n}"), None) for n in sorted({1, cpus})]
+    runs = [
+        (n, src, os.path.join(work, f"ray-{n}-{f}"), None, f)
+        for n in sorted({1, cpus})
+        for f in args.files_per_actor
+    ]
     if args.s3:
-        runs.append((cpus, s3_src, "s3://bench/ray-out", s3_storage))
-    for actors, source, out, storage in runs:
+        runs.append((cpus, s3_src, "s3://bench/ray-out", s3_storage, args.files_per_actor[0]))
+    for actors, source, out, storage, files in runs:
         if storage is None:
             shutil.rmtree(out, ignore_errors=True)
         cfg = RefreshConfig(
@@ -255,12 +267,19 @@ def main() -> None:
             output=out,
             module=module_uri,
             dtype="float16",
-            pool=ActorPoolConfig(min_actors=actors, max_actors=actors, num_cpus=1.0, batch_size=args.batch),
+            pool=ActorPoolConfig(
+                min_actors=actors,
+                max_actors=actors,
+                num_cpus=1.0,
+                batch_size=args.batch,
+                files_per_actor=files,
+            ),
             storage=storage or StorageConfig(),
         )
         res = run_refresh(cfg, progress=False)
         where = " (S3 -> S3, loopback)" if storage else ""
-        row(f"ray refresh, {actors} actor(s) x 1 CPU{where}", res.rows_per_s)
+        at_once = f", {files} files each" if files else ""
+        row(f"ray refresh, {actors} actor(s) x 1 CPU{at_once}{where}", res.rows_per_s)
         att = res.extra.get("attribution")
         _print_attribution(att)
         if att:

@@ -92,8 +92,10 @@ class ActorPoolConfig(StrictModel):
         default=None,
         ge=1,
         description="refresh and backfill: files one actor works on at once, each with its own "
-        "read/encode threads, so an actor's I/O keeps its GPU busy. Default: 1 on a CPU actor "
-        "(its cores run psi), max(2, num_cpus) on a GPU actor",
+        "read/encode threads, so an actor's I/O keeps its GPU busy. On a CPU actor they are "
+        "staggered: one file runs psi at a time (all the actor's CPUs), the others read, decode, "
+        "encode and publish beside it. Default: 1 on a CPU actor (its cores run psi), "
+        "max(2, num_cpus) on a GPU actor",
     )
     resource_wait_s: float = Field(
         default=0.0,

@@ -195,6 +195,7 @@ def test_killed_refresh_resumes_exactly_once(ray_local, tmp_path):
     assert rec["phases_cpu"]["psi"] > 0 and rec["cpu_s"] >= rec["phases_cpu"]["psi"]
     assert att["phases_cpu_s"]["psi"] >= rec["phases_cpu"]["psi"]
     assert sum(a["cpu_s"] for a in att["actors"].values()) >= rec["cpu_s"] > 0
+    assert rec["cpu_clock"][1] - rec["cpu_clock"][0] == pytest.approx(rec["cpu_s"], abs=1e-3)
     keep = committed[0][:-5]
     assert (out / keep).stat().st_mtime_ns == before[keep]  # committed work untouched
     ids = Gallery.open(str(out)).read(columns=["id"]).column("id").to_pylist()
@@ -414,6 +415,59 @@ class Overflowing(UpgradeModule):
         return torch.where(x[:, :1] > 0.4, x * 1e6, x)
 
 
+class Crowded(UpgradeModule):
+    """The identity psi that notes how many files' threads are in it at once; with ``company``, its
+    first call waits (up to a safety net) for another thread to come in, so that two files'
+    psi running together is seen whenever it can happen."""
+
+    def __init__(self, company: bool) -> None:
+        super().__init__(DIM, DIM, width=8, depth=1)
+        self.company, self.active, self.most = company, 0, 0
+        self.lock, self.arrived = threading.Lock(), threading.Event()
+
+    def fused_for_inference(self) -> "Crowded":
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            first = not self.arrived.is_set() and self.active == 1
+            if self.active > 1:
+                self.arrived.set()
+        if self.company and first:
+            self.arrived.wait(60)
+        time.sleep(0.01)
+        with self.lock:
+            self.active -= 1
+        return x
+
+
+def test_a_cpu_actors_staggered_files_run_psi_one_at_a_time(tmp_path):
+    """Issue 39: a CPU actor with two files in flight gives psi to one file at a time (one compute
+    slot), so the other file's read, decode, encode and publish run beside it instead of a second
+    psi thread on the same cores; without the slot both files are in psi together. Same output."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = resolve(str(tmp_path / "src"))
+    for i, name in enumerate(("a.parquet", "b.parquet")):
+        write_parquet_atomic(src.join(name), source_table(200, i * 200))
+    model = ModelInfo(model_id="new", dim=DIM, dtype="float16", normalized=True)
+    outs = {}
+    for slots in (None, 1):
+        psi = Crowded(company=slots is None)
+        out = resolve(str(tmp_path / f"out-{slots}"))
+        up = FileUpgrader(psi, src, out, model, batch_size=50, compute_slots=slots)
+        with ThreadPoolExecutor(2) as files:
+            recs = list(files.map(up.upgrade_file, ["a.parquet", "b.parquet"]))
+        assert psi.most == (2 if slots is None else 1)
+        assert [r["rows_in"] for r in recs] == [200, 200]
+        assert all(("slot_wait" in r["phases"]) == (slots == 1) for r in recs)
+        outs[slots] = [pq.read_table(out.join(n).path) for n in ("a.parquet", "b.parquet")]
+    for a, b in zip(outs[None], outs[1], strict=True):
+        assert a.equals(b) and a.num_rows == 200
+
+
 class ThreadNoting(Overrides):
     """Overrides that note which threads looked them up (where each batch's output is finished)."""
 
@@ -519,3 +573,12 @@ def test_a_runs_attribution_from_its_commit_records_by_hand():
     assert a["busy_share"] == round(9.0 / 16.0, 4)
     assert a["phases_s"] == {"psi": 3.0, "encode": 1.5, "read": 0.5}
     assert attribution([{"actor": "a"}], t0, 1.0) == {}
+    # files in progress together in one actor (staggered CPU files, a GPU actor's files): their
+    # spans on the process's CPU clock are merged, so the process's CPU counts once; a restarted
+    # process (another pid) has its own clock
+    together = [
+        {"actor": "c", "started_at": 1001.0, "seconds": 4.0, "rows_in": 1, "cpu_s": 4.0, "cpu_clock": [10.0, 14.0], "pid": 7},
+        {"actor": "c", "started_at": 1003.0, "seconds": 3.0, "rows_in": 1, "cpu_s": 3.0, "cpu_clock": [12.0, 15.0], "pid": 7},
+        {"actor": "c", "started_at": 1006.0, "seconds": 1.0, "rows_in": 1, "cpu_s": 1.0, "cpu_clock": [0.5, 1.5], "pid": 8},
+    ]  # fmt: skip
+    assert attribution(together, t0, 8.0)["actors"]["c"]["cpu_s"] == 6.0  # 5 on pid 7, 1 on pid 8

@@ -61,10 +61,13 @@ class _RefreshActor:
             load_artifact(u, cfg.storage, kind=UPGRADE_MODULE, sha256=sha)
             for u, sha in zip(plan_args["module_uris"], plan_args["module_sha256"], strict=True)
         ]
-        # the actor's CPUs shared by the files it works on at once
-        threads = max(1, int(round(cfg.pool.num_cpus)) // cfg.pool.files_in_flight())
-        torch.set_num_threads(threads)
         device = "cuda" if cfg.pool.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        files = cfg.pool.files_in_flight()
+        # a CPU actor's files in flight are staggered: one runs psi at a time (all the actor's
+        # CPUs), the others read, decode, encode and publish beside it; on a GPU they run at once
+        stagger = device == "cpu" and files > 1
+        threads = max(1, int(round(cfg.pool.num_cpus)) // (1 if stagger else files))
+        torch.set_num_threads(threads)
         self.upgrader = FileUpgrader(
             [build_upgrade_module(a) for a in arts],
             plan_args["src"],
@@ -79,6 +82,7 @@ class _RefreshActor:
             overrides=ray.get(plan_args["overrides"]) if plan_args.get("overrides") is not None else None,
             expected=plan_args.get("expected"),
             routing=plan_args["routing"],
+            compute_slots=1 if stagger else None,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:

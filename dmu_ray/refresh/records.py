@@ -87,6 +87,27 @@ def entry_from_record(d: dict[str, Any] | None) -> FileEntry | None:
     return FileEntry(**d) if d else None
 
 
+def _process_cpu(records: list[dict[str, Any]]) -> float:
+    """CPU seconds an actor's process used while any of its files was in progress: the union of
+    the files' spans on the process's CPU clock (``cpu_clock``, one clock per ``pid``), so files
+    in progress together count once; a record without a span adds its ``cpu_s``."""
+    spans: dict[Any, list[tuple[float, float]]] = {}
+    total = 0.0
+    for r in records:
+        c = r.get("cpu_clock")
+        if isinstance(c, list) and len(c) == 2:
+            spans.setdefault(r.get("pid"), []).append((float(c[0]), float(c[1])))
+        else:
+            total += r.get("cpu_s") or 0.0
+    for intervals in spans.values():
+        end = float("-inf")
+        for lo, hi in sorted(intervals):
+            if hi > end:
+                total += hi - max(lo, end)
+                end = hi
+    return total
+
+
 def attribution(records: list[dict[str, Any]], t0_wall: float, seconds: float) -> dict[str, Any]:
     """Where a run's wall time went, from its commit records (``started_at``, ``seconds``,
     ``phases``, ``phases_cpu``, ``cpu_s``): the pool's start (job start to first file), per actor
@@ -109,7 +130,7 @@ def attribution(records: list[dict[str, Any]], t0_wall: float, seconds: float) -
             "rows": sum(r["rows_in"] for r in rs),
             "start_s": round(first, 3),  # from the job's start to its first file
             "busy_s": round(busy, 3),
-            "cpu_s": round(sum(r.get("cpu_s") or 0.0 for r in rs), 3),  # its process, in its files
+            "cpu_s": round(_process_cpu(rs), 3),  # its process's, while any of its files ran
             "gaps_s": round(end - first - busy, 3),  # between its files (negative: files overlapped)
             "tail_s": round(seconds - end, 3),  # from its last file's end to the job's
         }

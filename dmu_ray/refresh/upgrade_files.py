@@ -24,6 +24,7 @@ the file, and nothing is written for it.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import warnings
@@ -122,6 +123,7 @@ class FileUpgrader:
         routing: Routing | None = None,
         compute_rows: int | None = None,
         finish_aside: bool | None = None,
+        compute_slots: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         modules = module if isinstance(module, list) else [module]
@@ -148,6 +150,11 @@ class FileUpgrader:
         self.actor = actor  # and the pool actor that did it (how far the pool grew)
         self.overrides = overrides
         self.expected = expected  # the source manifest's entries: each file is verified before use
+        # files whose module loop may run at once (None: every file in flight). With 1, a second
+        # file in flight reads, hashes and decodes its first batch while the first runs psi, and
+        # runs psi while the first encodes and publishes its tail: the cores stay on psi, with
+        # no second psi thread competing for them (a CPU actor's staggered files)
+        self._compute = threading.Semaphore(compute_slots) if compute_slots else None
 
     def committed_record(self, rel: str) -> dict[str, Any] | None:
         """The commit record of ``rel`` when the output already holds one that counts, else None.
@@ -298,8 +305,11 @@ class FileUpgrader:
             "rows_new": rows_new,
             "seconds": round(time.perf_counter() - t0, 4),
             # the actor process's CPU seconds meanwhile, every thread (Arrow's and Ray's included);
-            # files in progress together in one actor each count all of it
+            # files in progress together in one actor each count all of it: the attribution
+            # merges their spans on the process's CPU clock (``cpu_clock``, per ``pid``)
             "cpu_s": round(time.process_time() - cpu0, 4),
+            "cpu_clock": [round(cpu0, 4), round(time.process_time(), 4)],
+            "pid": os.getpid(),
             "started_at": round(started_at, 3),  # wall clock (epoch s): the job times its pool's start by it
             # busy seconds per phase, each on its thread (read, sha256, decode, checks on the reader;
             # psi, finish on the module's; encode on the encoder; the *_wait are hand-offs)
@@ -360,18 +370,28 @@ class FileUpgrader:
             clock.add("finish", t0._replace(wall=t0.wall + writer.seconds["encode_wait"] - waited))
             return out
 
+        slot = self._compute
+        held = False
         with ThreadPoolExecutor(1, thread_name_prefix="output-check") as finisher:
             submit = finisher.submit if self.finish_aside else in_line  # the thread starts on first use
-            for b in batches:
-                rows_in += b.rows_in
-                t0 = mark()
-                y, keys = self._route_batch(b.table, where) if b.table.num_rows else (None, None)
-                t0 = clock.add("psi", t0)
-                collect()
-                clock.add("finish_wait" if self.finish_aside else "finish", t0)
-                quarantine(b.bad)
-                if y is not None:
-                    pending = submit(finish, b, y, keys)
+            try:
+                for b in batches:
+                    if slot is not None and not held:  # the first batch is here: wait for the module
+                        t0 = mark()
+                        held = slot.acquire()
+                        clock.add("slot_wait", t0)
+                    rows_in += b.rows_in
+                    t0 = mark()
+                    y, keys = self._route_batch(b.table, where) if b.table.num_rows else (None, None)
+                    t0 = clock.add("psi", t0)
+                    collect()
+                    clock.add("finish_wait" if self.finish_aside else "finish", t0)
+                    quarantine(b.bad)
+                    if y is not None:
+                        pending = submit(finish, b, y, keys)
+            finally:
+                if held:
+                    slot.release()  # the file's tail (last batch's finish, encode, publish) runs beside the next's psi
             t0 = mark()
             collect()
             clock.add("finish_wait" if self.finish_aside else "finish", t0)
