@@ -153,10 +153,12 @@ def s3_server(src: str) -> tuple[object, StorageConfig, str]:
     return server, storage, "s3://bench/old"
 
 
-def _print_attribution(a: dict | None) -> None:
-    """Where the run's wall time went (the refresh's own attribution, from its commit records)."""
+def _print_attribution(a: dict | None) -> float:
+    """Where the run's wall time went (the refresh's own attribution, from its commit records);
+    returns the actor processes' CPU seconds in their files (0 without an attribution)."""
     if not a:
-        return
+        return 0.0
+    total = sum(x.get("cpu_s", 0.0) for x in a["actors"].values())
     print(
         f"    wall {a['wall_s']:.1f} s: pool start {a['pool_start_s']:.1f} s, actors busy {a['busy_share']:.0%} of their wall"
     )
@@ -175,12 +177,12 @@ def _print_attribution(a: dict | None) -> None:
             "    the same phases' CPU s (their own thread's; Arrow's pool and torch's threads not in it): "
             + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05)
         )
-        total = sum(x.get("cpu_s", 0.0) for x in a["actors"].values())
         print(
             f"    actor processes' CPU in their files {total:.1f} s, of which the phases' threads "
             f"{sum(cpu.values()):.1f} s; {os.cpu_count()} cores x wall {a['wall_s']:.1f} s = "
             f"{(os.cpu_count() or 1) * a['wall_s']:.1f} core-seconds"
         )
+    return total
 
 
 def main() -> None:
@@ -280,10 +282,8 @@ def main() -> None:
         where = " (S3 -> S3, loopback)" if storage else ""
         at_once = f", {files} files each" if files else ""
         row(f"ray refresh, {actors} actor(s) x 1 CPU{at_once}{where}", res.rows_per_s)
-        att = res.extra.get("attribution")
-        _print_attribution(att)
-        if att:
-            work_s = sum(x.get("cpu_s", 0.0) for x in att["actors"].values())
+        work_s = _print_attribution(res.extra.get("attribution"))
+        if work_s:
             print(
                 f"    the refresh's work: {work_s:.1f} CPU s in its files, {work_s / (bound_work * res.rows_done_now):.2f}x "
                 f"the bound's ({bound_work * res.rows_done_now:.1f} CPU s of I/O pass and psi for these rows)"

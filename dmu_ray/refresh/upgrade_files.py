@@ -296,6 +296,7 @@ class FileUpgrader:
         for k, v in writer.cpu_seconds.items():
             phases.cpu[k] += v
         entry.path = rel
+        cpu1 = time.process_time()
         record = {
             "source": rel,
             "rows_in": rows_in,
@@ -307,8 +308,8 @@ class FileUpgrader:
             # the actor process's CPU seconds meanwhile, every thread (Arrow's and Ray's included);
             # files in progress together in one actor each count all of it: the attribution
             # merges their spans on the process's CPU clock (``cpu_clock``, per ``pid``)
-            "cpu_s": round(time.process_time() - cpu0, 4),
-            "cpu_clock": [round(cpu0, 4), round(time.process_time(), 4)],
+            "cpu_s": round(cpu1 - cpu0, 4),
+            "cpu_clock": [round(cpu0, 4), round(cpu1, 4)],
             "pid": os.getpid(),
             "started_at": round(started_at, 3),  # wall clock (epoch s): the job times its pool's start by it
             # busy seconds per phase, each on its thread (read, sha256, decode, checks on the reader;
