@@ -347,3 +347,27 @@ def test_unstorable_rows_names_each_kind(dtype):
     assert words == ["zero vector (cannot be L2-normalised)", out_of_range, out_of_range, off, off]
     lost, words = unstorable_rows(m, ModelInfo(model_id="m", dim=4, dtype=dtype, normalized=False))
     assert np.flatnonzero(lost).tolist() == [3, 4] and words == [out_of_range] * 2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_row_scans_match_numpy_on_every_kind_of_value(dtype):
+    """The row checks read finiteness from the bits and norms a slice at a time: the same answers
+    as numpy's isfinite and one whole-matrix norm, over random bit patterns (NaNs, infinities,
+    subnormals of both signs), more rows than a slice, another byte order and a strided view."""
+    import torch
+
+    from dmu_ray.gallery.contract import SCAN_ROWS, _row_norms, finite_rows
+
+    uint = {"float16": np.uint16, "float32": np.uint32, "float64": np.uint64}[dtype]
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, np.iinfo(uint).max, size=(2 * SCAN_ROWS + 5, 6), dtype=uint, endpoint=True)
+    m = bits.view(dtype)
+    want = np.isfinite(m).all(axis=1)
+    assert 0 < want.sum() < len(m)  # both kinds of row are there
+    assert (finite_rows(m) == want).all()
+    assert (finite_rows(m.astype(m.dtype.newbyteorder(">"))) == want).all()
+    assert (finite_rows(m[:, ::2]) == np.isfinite(m[:, ::2]).all(axis=1)).all()
+    if dtype != "float64":
+        v = rng.standard_normal((2 * SCAN_ROWS + 5, 16)).astype(dtype)
+        whole = torch.linalg.vector_norm(torch.from_numpy(v), dim=1, dtype=torch.float32).numpy()
+        assert np.array_equal(_row_norms(v), whole)

@@ -173,7 +173,7 @@ def row_problems(table: pa.Table, dim: int, *, where: str = "<input>") -> tuple[
             flat = flat.fill_null(0)
         vals = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)
         if vals.dtype.kind == "f":
-            bad_value[idx] |= ~np.isfinite(vals).all(axis=1)
+            bad_value[idx] |= ~finite_rows(vals)
     bad = null_id | null_emb | ~dim_ok | bad_value
     reasons = []
     for i in np.flatnonzero(bad):
@@ -306,15 +306,46 @@ def norm_tolerance(dtype: str) -> float:
     return 2e-2 if dtype == "float16" else 1e-3
 
 
+#: rows per step of the row scans below: a slice's rows stay in the core's cache between the cast
+#: and the sum (whole 65k-row batches measured ~5x slower for the same norms)
+SCAN_ROWS = 4096
+
+#: per IEEE float width: the unsigned view and the exponent bits (all set: Inf or NaN)
+_EXPONENT_BITS = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000), 8: (np.uint64, 0x7FF0000000000000)}
+
+
+def finite_rows(mat: np.ndarray) -> np.ndarray:
+    """Mask of the rows of an ``(n, d)`` float matrix whose values are all finite.
+
+    Exact, like ``np.isfinite(mat).all(axis=1)``, read from the bits: a value is Inf or NaN
+    exactly when its exponent bits are all set, so a row is finite when the largest of its values'
+    exponent fields is not all ones (one integer pass; ~5x numpy's float16 isfinite here)."""
+    if mat.dtype.kind != "f" or mat.dtype.itemsize not in _EXPONENT_BITS or mat.ndim != 2:
+        return np.isfinite(mat).all(axis=-1)
+    if mat.shape[1] == 0:
+        return np.ones(len(mat), dtype=bool)
+    uint, exponent = _EXPONENT_BITS[mat.dtype.itemsize]
+    bits = mat.view(uint) if mat.dtype.isnative else mat.astype(mat.dtype.newbyteorder("=")).view(uint)
+    out = np.empty(len(mat), dtype=bool)
+    for start in range(0, len(mat), SCAN_ROWS):
+        part = bits[start : start + SCAN_ROWS]
+        out[start : start + len(part)] = (part & uint(exponent)).max(axis=1) != exponent
+    return out
+
+
 def _row_norms(mat: np.ndarray) -> np.ndarray:
     """L2 norms of the rows of a float16/float32 matrix, accumulated in float32 (torch's kernel:
-    about 2.5x numpy's cast-then-norm on float16)."""
+    about 2.5x numpy's cast-then-norm on float16), :data:`SCAN_ROWS` rows at a time."""
     import torch
 
     with warnings.catch_warnings():  # a read-only Arrow buffer is only read here
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(np.ascontiguousarray(mat))
-    return torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).numpy()
+    out = torch.empty(len(t), dtype=torch.float32)
+    for start in range(0, len(t), SCAN_ROWS):
+        part = t[start : start + SCAN_ROWS]
+        torch.linalg.vector_norm(part, dim=1, dtype=torch.float32, out=out[start : start + len(part)])
+    return out.numpy()
 
 
 def unstorable_rows(mat: np.ndarray, model: ModelInfo) -> tuple[np.ndarray, list[str]]:
@@ -329,12 +360,12 @@ def unstorable_rows(mat: np.ndarray, model: ModelInfo) -> tuple[np.ndarray, list
         norms = _row_norms(mat)
         finite = np.isfinite(norms)
         if not finite.all():
-            finite[~finite] = np.isfinite(mat[~finite]).all(axis=1)
+            finite[~finite] = finite_rows(mat[~finite])
         zero = finite & (norms == 0)
         off = finite & ~zero & (np.abs(norms - 1) > norm_tolerance(model.dtype))
         lost = ~finite | zero | off
     else:
-        finite = np.isfinite(mat).all(axis=1)
+        finite = finite_rows(mat)
         lost = ~finite
     words = []
     for i in np.flatnonzero(lost):
