@@ -126,6 +126,25 @@ def test_statistics_of_selected_rows_equal_those_of_the_selection():
         PairStats.of(x, y, rows=np.flatnonzero(rows))
 
 
+def test_statistics_on_a_torch_device_equal_numpys():
+    """The join's GPU path (``device``; here torch on the CPU, the same code as on CUDA) gives
+    numpy's statistics: float16 gallery vectors with a row mask, chunked, and float64 inputs."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1001, 12)).astype(np.float16)
+    y = rng.standard_normal((1001, 9)).astype(np.float16)
+    rows = rng.random(1001) < 0.8
+    for chunk in (None, 100):
+        want, got = PairStats.of(x, y, rows=rows), PairStats.of(x, y, chunk=chunk, rows=rows, device="cpu")
+        assert got.n == want.n == int(rows.sum())
+        for k in ("sx", "sy", "xx", "xy"):
+            assert getattr(got, k).dtype == np.float64
+            np.testing.assert_allclose(getattr(got, k), getattr(want, k), rtol=1e-5, atol=1e-4)
+        assert got.yy == pytest.approx(want.yy, rel=1e-6)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    got, want = PairStats.of(x64, y64, device="cpu"), PairStats.of(x64, y64)
+    np.testing.assert_allclose(got.xy, want.xy, rtol=1e-12, atol=1e-10)
+
+
 def test_share_of_reembedding_counts_new_news_neighbours():
     rng = np.random.default_rng(4)
     q, g = rng.standard_normal((50, 8)), rng.standard_normal((300, 8))
@@ -278,6 +297,11 @@ def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
                 )
             )
         assert not out.exists()
+    # join tasks that no node can hold (here a GPU) are refused before anything is claimed
+    out = tmp_path / "o-gpu"
+    with pytest.raises(Exception, match=r"the pair join's tasks \(num_cpus 1, num_gpus 1\) needs"):
+        run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output=str(out), num_gpus=1))
+    assert not out.exists()
     with pytest.raises(ValueError, match="mlp-uncertainty orders a backfill of gallery rows"):
         AdapterFitConfig(
             old_gallery="a", new_gallery="b", output="c", adapter="mlp-uncertainty", direction="query"

@@ -104,6 +104,18 @@ class AdapterFitConfig(StrictModel):
         description="most rows per bucket of the join on Ray Data (its tasks' memory); more buckets are made to give every CPU a share",
     )
     num_cpus: float = Field(default=1.0, gt=0, description="CPUs per join task")
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs per join task: the statistics' products run on it (torch, float32 without "
+        "TF32, summed in float64); 0: on the task's CPU (numpy's BLAS)",
+    )
+    resource_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="how long to wait for a node that can hold one join task before failing (an "
+        "autoscaling cluster needs minutes to start one; 0: fail at once)",
+    )
     id: str | None = Field(default=None, description="the adapter's id (default: <old model>-><new model>)")
     gate: GateSection = Field(default_factory=GateSection)
     storage: StorageConfig = Field(default_factory=StorageConfig)

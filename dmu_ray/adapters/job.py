@@ -256,11 +256,16 @@ def plot_gate(result: dict[str, Any]) -> bytes:
 def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str, Any]:
     """Join, fit, write ``adapter.pt``, gate; returns the result (also in ``gate.json``;
     ``gate.md`` and ``gate.png`` say which strategy passed)."""
-    from dmu_ray.ray_session import ensure_ray
+    from dmu_ray.ray_session import ensure_ray, require_resources
 
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     old, new, out = check_inputs(cfg)
     ensure_ray(cfg.ray_address)
+    require_resources(  # a task no node can hold would wait for ever
+        {"CPU": cfg.num_cpus, "GPU": cfg.num_gpus},
+        f"the pair join's tasks (num_cpus {cfg.num_cpus:g}, num_gpus {cfg.num_gpus:g})",
+        wait_s=cfg.resource_wait_s,
+    )
     if cfg.mlp is not None:  # what the MLP's training needs, before anything is claimed or read
         from dmu_ray.adapters.mlp import check_training
 
@@ -288,6 +293,7 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
             seed=cfg.seed,
             bucket_rows=cfg.bucket_rows,
             num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
             fit_loc=out.join("_fit") if cfg.adapter in TRAINED else None,
             progress=say,
         )

@@ -177,7 +177,8 @@ def _join_rows(task: dict, k: int, old_side: tuple, new_side: tuple) -> dict:
     hold = unit_hash(id_keys(ids), HOLDOUT_SALT + task["seed"]) < task["holdout"]
     src, dst = (x, y) if task["direction"] == "gallery" else (y, x)
     fit = ~hold
-    stats = PairStats.of(src, dst, rows=fit)  # zero rows give zero sums of the right shapes
+    # zero rows give zero sums of the right shapes; on the task's GPU when it holds one
+    stats = PairStats.of(src, dst, rows=fit, device="cuda" if task.get("num_gpus") else None)
     if hold.any():
         order = np.argsort(ids[hold], kind="stable")
         cols = {
@@ -217,18 +218,22 @@ def join_pairs(
     seed: int,
     bucket_rows: int,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
     fit_loc: Location | None = None,
     progress=None,
 ) -> tuple[PairCounts, PairStats]:
     """Join two committed galleries on their ids (see the module docstring): the counts and the
     merged statistics of the fitted pairs, source -> target by ``direction`` (gallery: old -> new;
     query: new -> old); the fitted pairs themselves are written under ``fit_loc`` when given.
-    Needs a Ray session."""
+    With ``num_gpus``, the tasks that compute statistics hold that share of a GPU and compute
+    the products on it. Needs a Ray session."""
     import ray
 
     dims = (old.model.dim, new.model.dim)
-    remote = ray.remote(num_cpus=num_cpus)
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)  # the tasks that compute statistics
+    scatter = ray.remote(num_cpus=num_cpus)  # the bucket pass only moves rows
     base = {
+        "num_gpus": num_gpus,
         "dims": dims,
         "seed": seed,
         "holdout": holdout,
@@ -255,7 +260,9 @@ def join_pairs(
         max(old.num_rows, new.num_rows), bucket_rows, ray.cluster_resources().get("CPU", 1) / num_cpus
     )
     stage1 = [
-        remote(_bucket_file).remote({"gallery": g, "file": f, "side": side, "work": work, "buckets": buckets})
+        scatter(_bucket_file).remote(
+            {"gallery": g, "file": f, "side": side, "work": work, "buckets": buckets}
+        )
         for side, g in (("old", old), ("new", new))
         for f in g.files
     ]

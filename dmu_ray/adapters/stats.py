@@ -15,6 +15,10 @@ import numpy as np
 
 __all__ = ["PairStats", "procrustes", "affine", "residual"]
 
+#: rows per chunk of the products: numpy on a CPU (one chunk's float32 copy stays small), torch on
+#: a device (larger, so that each copy to the device and each product is worth its launch)
+CPU_CHUNK, DEVICE_CHUNK = 8192, 65536
+
 
 @dataclass
 class PairStats:
@@ -28,18 +32,34 @@ class PairStats:
     yy: float  # sum of squared entries of y
 
     @classmethod
-    def of(cls, x: np.ndarray, y: np.ndarray, chunk: int = 8192, rows: np.ndarray | None = None) -> PairStats:
+    def of(
+        cls,
+        x: np.ndarray,
+        y: np.ndarray,
+        chunk: int | None = None,
+        rows: np.ndarray | None = None,
+        device: str | None = None,
+    ) -> PairStats:
         """The statistics of the pairs ``(x[i], y[i])`` (only those where the boolean ``rows`` is
         true, when given: the selection is made a chunk at a time, so no copy of the inputs is
         made). Products are computed at float32 for inputs of float32 or less (gallery vectors,
         float16 included, hold no more; float64 inputs stay float64) over ``chunk`` rows at a
         time and summed in float64, so memory is one chunk's and the rounding that of ``chunk``
-        products, whatever the number of pairs."""
+        products, whatever the number of pairs.
+
+        ``device`` (a torch device, e.g. ``"cuda"``) computes the same products with torch there,
+        chunks of :data:`DEVICE_CHUNK` rows by default, TF32 off (float32 products stay float32),
+        summed in float64 on the device: a GPU does a file's products in milliseconds, where a
+        CPU core's BLAS takes longer than reading the file (docs/benchmarks.md). None: numpy's
+        BLAS on the CPU, :data:`CPU_CHUNK` rows at a time."""
         if len(x) != len(y):
             raise ValueError(f"{len(x)} source rows but {len(y)} target rows")
         if rows is not None and (rows.dtype != bool or rows.shape != (len(x),)):
             raise ValueError(f"rows must be a boolean mask of {len(x)} rows, got {rows.dtype} {rows.shape}")
         dt = np.float64 if np.float64 in (np.asarray(x[:0]).dtype, np.asarray(y[:0]).dtype) else np.float32
+        if device is not None:
+            return cls._of_torch(x, y, chunk or DEVICE_CHUNK, rows, device, dt)
+        chunk = chunk or CPU_CHUNK
         dx, dy = np.shape(x)[1], np.shape(y)[1]
         out = cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0)
         for start in range(0, len(x), chunk):
@@ -54,6 +74,49 @@ class PairStats:
             out.xy += xs.T @ ys  # a symmetric rank-k update: half the multiply-adds of a general one
             out.yy += float(np.einsum("ij,ij->", ys, ys, dtype=np.float64))
         return out
+
+    @classmethod
+    def _of_torch(
+        cls, x: np.ndarray, y: np.ndarray, chunk: int, rows: np.ndarray | None, device: str, dt: type
+    ) -> PairStats:
+        """:meth:`of` with torch on ``device`` (see there)."""
+        import warnings
+
+        import torch
+
+        dev, f64 = torch.device(device), torch.float64
+        tdt = torch.float64 if dt == np.float64 else torch.float32
+        dx, dy = np.shape(x)[1], np.shape(y)[1]
+        sx, sy = torch.zeros(dx, dtype=f64, device=dev), torch.zeros(dy, dtype=f64, device=dev)
+        xx, xy = torch.zeros((dx, dx), dtype=f64, device=dev), torch.zeros((dx, dy), dtype=f64, device=dev)
+        yy, n = torch.zeros((), dtype=f64, device=dev), 0
+
+        def on_device(a: np.ndarray) -> torch.Tensor:
+            with warnings.catch_warnings():  # a read-only Arrow buffer is only read (copied to the device)
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.ascontiguousarray(a)).to(dev).to(tdt)
+
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the inputs to 10 bits
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(x), chunk):
+                    part = slice(start, start + chunk)
+                    keep = slice(None) if rows is None else rows[part]
+                    xs, ys = on_device(x[part][keep]), on_device(y[part][keep])
+                    n += len(xs)
+                    sx += xs.sum(0, dtype=f64)
+                    sy += ys.sum(0, dtype=f64)
+                    xx += (xs.T @ xs).to(f64)
+                    xy += (xs.T @ ys).to(f64)
+                    yy += ys.to(f64).square().sum()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+        def host(t: torch.Tensor) -> np.ndarray:
+            return t.cpu().numpy()
+
+        return cls(n, host(sx), host(sy), host(xx), host(xy), float(yy))
 
     def merge(self, other: PairStats) -> PairStats:
         """The statistics of both sets of pairs."""
