@@ -11,7 +11,8 @@
    the join is one pass, file pair by file pair; with ``--layout shuffled`` the new gallery holds
    the ids in another order: the two-pass hash join (bucket, then join). A warm-up read starts
    Ray's workers first; then read and fit alternate ``--repeats`` times (medians). Goal: fit >=
-   0.9x the read.
+   0.9x the read. ``--num-gpus`` gives each join task that share of a GPU, where the statistics'
+   products then run (``adapter fit``'s ``num_gpus``).
 2. The query-side adapter's added latency per query at batch 1 on one CPU thread, at 1280-d
    (EfficientNet-Lite2's width): the fitted LinearMap against a bare ``torch.mm`` and a numpy
    matmul of the same shape; the affine adapter of rank r (stored as its factors) for each of
@@ -74,7 +75,7 @@ def read_only(galleries: list[Gallery]) -> float:
     return rows / (time.perf_counter() - t0)
 
 
-def fit(old: Gallery, new: Gallery, work: str, bucket_rows: int) -> tuple[float, float]:
+def fit(old: Gallery, new: Gallery, work: str, bucket_rows: int, num_gpus: float) -> tuple[float, float]:
     t0 = time.perf_counter()
     counts, stats = join_pairs(
         old,
@@ -85,6 +86,7 @@ def fit(old: Gallery, new: Gallery, work: str, bucket_rows: int) -> tuple[float,
         holdout=0.01,
         seed=0,
         bucket_rows=bucket_rows,
+        num_gpus=num_gpus,
     )
     t_join = time.perf_counter() - t0
     procrustes(stats)
@@ -118,6 +120,12 @@ def main() -> None:
         "--ranks", type=int, nargs="+", default=[32, 64, 128], help="ranks of the factored adapter"
     )
     ap.add_argument("--repeats", type=int, default=3, help="read and fit passes, alternated (medians)")
+    ap.add_argument(
+        "--num-gpus",
+        type=float,
+        default=0.0,
+        help="GPU share per join task (adapter fit's num_gpus; e.g. 1/cores on a 1-GPU node): the statistics on the GPU",
+    )
     args = ap.parse_args()
 
     cpus = os.cpu_count() or 2
@@ -142,7 +150,7 @@ def main() -> None:
         reads, rates = [], []
         for rep in range(args.repeats):  # alternated, so neither pass gets the box's warmer moments
             reads.append(read_only([old, new]))
-            rate, join_share = fit(old, new, os.path.join(work, f"fit{rep}"), args.bucket_rows)
+            rate, join_share = fit(old, new, os.path.join(work, f"fit{rep}"), args.bucket_rows, args.num_gpus)
             rates.append(rate)
         read, rate = float(np.median(reads)), float(np.median(rates))
         print(f"I/O-only read of both galleries        {read:>12,.0f} rows/s   (each pass: {_rates(reads)})")

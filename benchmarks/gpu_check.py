@@ -13,6 +13,9 @@
 3. The FastFill and UniBCT training steps (same ``train_step``) in fp32 and AMP: finite, falling
    losses; and the backfill scorer (``dmu_ray.methods.fastfill.BackfillScorer``, what the backfill's
    Ray Data actors run) on CPU and CUDA: same vectors and scores.
+4. The adapter fit's sufficient statistics (``PairStats.of``, what the pair join's tasks compute;
+   on the task's GPU with ``num_gpus``) over 1M float16 pairs x 256-d: numpy's BLAS on the CPU vs
+   torch on CUDA, the same sums (relative difference) and the seconds of each.
 Needs torch with CUDA, torchvision, pyarrow, pydantic, PyYAML; not Ray (the Ray wrappers around
 these paths are exercised on CPU by the test suite).
 """
@@ -30,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dmu_ray.adapters.stats import PairStats
 from dmu_ray.gallery import ModelInfo, embedding_array, embedding_matrix, write_parquet_atomic
 from dmu_ray.methods.fastfill import BackfillScorer
 from dmu_ray.methods.registry import make_method
@@ -203,6 +207,31 @@ def check_fastfill_unibct(device: torch.device, steps: int = 30, batch: int = 12
     assert dy < 1e-3 and ds < 1e-3, "CPU and GPU backfill scores differ"
 
 
+def check_pair_stats(device: torch.device, rows: int = 1_000_000, dim: int = 256) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, dim), dtype=np.float32).astype(np.float16)
+    y = (x.astype(np.float32) @ np.linalg.qr(rng.standard_normal((dim, dim)))[0]).astype(np.float16)
+    keep = rng.random(rows) < 0.9
+    seconds, stats = [], []
+    for dev in (None, device.type):  # numpy's BLAS on the CPU, then torch on the device
+        PairStats.of(x[:70_000], y[:70_000], device=dev)  # warm-up (CUDA context, kernels)
+        t0 = time.perf_counter()
+        stats.append(PairStats.of(x, y, rows=keep, device=dev))
+        seconds.append(time.perf_counter() - t0)
+    a, b = stats
+    rel = max(
+        np.abs(getattr(a, k) - getattr(b, k)).max() / np.abs(getattr(a, k)).max()
+        for k in ("sx", "sy", "xx", "xy")
+    )
+    print(
+        f"pair statistics, {rows:,} x {dim} float16: numpy on the CPU {seconds[0]:.2f} s, torch on {device.type} "
+        f"{seconds[1]:.2f} s ({seconds[0] / seconds[1]:.1f}x); max relative difference {rel:.1e}"
+    )
+    assert a.n == b.n and rel < 1e-5 and abs(a.yy - b.yy) / a.yy < 1e-6, (
+        "numpy's and torch's pair statistics differ"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000, help="gallery rows for the upgrader check")
@@ -214,6 +243,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.cpu_smoke:
         check_upgrader(torch.device("cpu"), rows=args.rows, rows_per_file=max(1, args.rows // 8))
+        check_pair_stats(torch.device("cpu"), rows=args.rows)  # torch's path against numpy's, both on the CPU
         return
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this check is for GPU machines (--cpu-smoke runs its CPU part)")
@@ -222,6 +252,7 @@ def main() -> None:
     check_train_step(device)
     check_upgrader(device, rows=args.rows)
     check_fastfill_unibct(device)
+    check_pair_stats(device)
     print("GPU paths OK")
 
 
