@@ -656,3 +656,39 @@ def test_a_reduced_rank_adapter_is_stored_factored_and_loads_and_scripts_as_the_
             torch.jit.load(str(tmp_path / "a.ts"))(xt).numpy(), m(xt).numpy(), atol=1e-5
         )
     assert type(LinearMap.from_arrays(w, b, rank=30)) is LinearMap  # no saving at full rank: the matrix
+
+
+def test_a_linear_adapter_exports_as_arrays_and_an_mlp_is_refused(tmp_path):
+    """``adapter export --format npz``: a linear adapter's float32 arrays (a reduced-rank map's two
+    factors, a full map's matrix) that numpy applies as the artefact does; a module that is not
+    one linear map is refused, naming it, and nothing is written."""
+    from dmu_ray.models.artifact import save_upgrade_module
+    from dmu_ray.models.upgrade import UpgradeModule
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((9, 40)).astype(np.float32)
+    w, b = rng.standard_normal((40, 30)), rng.standard_normal(30)
+    low = LinearMap.from_arrays(w[:, :4] @ w[:4, :30] / 10, b, rank=4)
+    for name, m, keys in (
+        ("low", low, {"left", "right", "bias"}),
+        ("full", LinearMap.from_arrays(w, b), {"weight", "bias"}),
+    ):
+        save_upgrade_module(str(tmp_path / f"{name}.pt"), m, {"id": name, "form": "linear"})
+        r = cli(
+            "adapter",
+            "export",
+            str(tmp_path / f"{name}.pt"),
+            str(tmp_path / f"{name}.npz"),
+            "--format",
+            "npz",
+        )
+        assert r.returncode == 0 and "the arrays (npz)" in r.stdout, r.stderr
+        with np.load(tmp_path / f"{name}.npz") as a:
+            assert keys | {"direction", "of"} == set(a.files) and a["bias"].dtype == np.float32
+            got = (x @ a["left"] @ a["right"] if "left" in a.files else x @ a["weight"]) + a["bias"]
+        with torch.inference_mode():
+            np.testing.assert_allclose(got, m(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+    save_upgrade_module(str(tmp_path / "mlp.pt"), UpgradeModule(40, 30, width=16), {"id": "mlp"})
+    r = cli("adapter", "export", str(tmp_path / "mlp.pt"), str(tmp_path / "mlp.npz"), "--format", "npz")
+    assert r.returncode == 2 and "UpgradeModule is not one linear map" in r.stderr, r.stderr
+    assert not (tmp_path / "mlp.npz").exists()

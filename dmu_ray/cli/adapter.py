@@ -55,16 +55,19 @@ def _cmd_adapter_pairs(ns: argparse.Namespace) -> int:
 
 
 def _cmd_adapter_export(ns: argparse.Namespace) -> int:
-    from dmu_ray.adapters.export import export_torchscript
+    from dmu_ray.adapters.export import export_arrays, export_torchscript
 
-    out = export_torchscript(ns.adapter, ns.output, _storage(ns))
+    if ns.format == "npz":
+        out, what = export_arrays(ns.adapter, ns.output, _storage(ns)), "the arrays (npz)"
+    else:
+        out, what = export_torchscript(ns.adapter, ns.output, _storage(ns)), "TorchScript"
     side = (
         "new-model queries -> the old space"
         if out["direction"] == "query"
         else "old vectors -> the new space"
     )
     print(
-        f"wrote {ns.output}: TorchScript of {out['of']} ({side}), {out['in_dim']}-d -> {out['out_dim']}-d; "
+        f"wrote {ns.output}: {what} of {out['of']} ({side}), {out['in_dim']}-d -> {out['out_dim']}-d; "
         "normalise its output to unit length before the search"
     )
     return 0
@@ -116,11 +119,19 @@ def add_parser(sub) -> None:
     pairs.set_defaults(func=_cmd_adapter_pairs)
     exp = asub.add_parser(
         "export",
-        help="write a fitted adapter as a TorchScript file (to put behind a serving encoder)",
+        help="write a fitted adapter as a TorchScript file or its arrays (to put behind a serving encoder)",
         description="Script the adapter of ADAPTER (an artefact from adapter fit, or any upgrade module), "
-        "check the script gives the artefact's outputs, and write it to OUTPUT (local or s3://).",
+        "check the script gives the artefact's outputs, and write it to OUTPUT (local or s3://). With "
+        "--format npz, a linear adapter's arrays instead (weight and bias, or a reduced-rank map's left, "
+        "right and bias; x @ weight + bias), for any BLAS: at batch 1 they skip torch's per-call cost.",
     )
     exp.add_argument("adapter", help="adapter artefact (OUTPUT/adapter.pt of adapter fit)")
-    exp.add_argument("output", help="TorchScript file to write (e.g. query_adapter.ts)")
+    exp.add_argument("output", help="file to write (e.g. query_adapter.ts, or query_adapter.npz)")
+    exp.add_argument(
+        "--format",
+        choices=["torchscript", "npz"],
+        default="torchscript",
+        help="torchscript (default; any adapter) or npz (a linear adapter's float32 arrays)",
+    )
     _storage_args(exp)
     exp.set_defaults(func=_cmd_adapter_export)
