@@ -107,8 +107,8 @@ class AdapterFitConfig(StrictModel):
     num_gpus: float = Field(
         default=0.0,
         ge=0,
-        description="GPUs per join task: the statistics' products run on it (torch, float32 without "
-        "TF32, summed in float64); 0: on the task's CPU (numpy's BLAS)",
+        description="GPUs per join task: the statistics' products run on it (torch, float32; TF32 "
+        "only for float16 vectors, where it is exact; summed in float64); 0: on the task's CPU (numpy's BLAS)",
     )
     resource_wait_s: float = Field(
         default=0.0,

@@ -48,8 +48,8 @@ class PairStats:
         products, whatever the number of pairs.
 
         ``device`` (a torch device, e.g. ``"cuda"``) computes the same products with torch there,
-        chunks of :data:`DEVICE_CHUNK` rows by default, TF32 off (float32 products stay float32),
-        summed in float64 on the device: a GPU does a file's products in milliseconds, where a
+        chunks of :data:`DEVICE_CHUNK` rows by default, with TF32 only where it is exact (float16
+        inputs), summed in float64 on the device: a GPU does a file's products in milliseconds, where a
         CPU core's BLAS takes longer than reading the file (docs/benchmarks.md). None: numpy's
         BLAS on the CPU, :data:`CPU_CHUNK` rows at a time."""
         if len(x) != len(y):
@@ -96,8 +96,11 @@ class PairStats:
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.from_numpy(np.ascontiguousarray(a)).to(dev).to(tdt)
 
+        # TF32 keeps 10 bits of an input's mantissa: exact for float16 vectors (10 bits), a rounding
+        # of float32 ones; its products of exact inputs are exact and its sums float32, as without
+        exact = all(np.dtype(a.dtype).kind == "f" and np.dtype(a.dtype).itemsize <= 2 for a in (x, y))
         tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the inputs to 10 bits
+        torch.backends.cuda.matmul.allow_tf32 = exact
         try:
             with torch.inference_mode():
                 for start in range(0, len(x), chunk):
