@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dmu_ray.evaluate.matrix import EvaluationError
-from dmu_ray.gallery import EMB, LABEL, Gallery, embedding_matrix
+from dmu_ray.gallery import EMB, LABEL, Gallery, embedding_matrix, finite_rows
 from dmu_ray.settings import StorageConfig
 from dmu_ray.storage import resolve
 
@@ -104,7 +104,7 @@ def keep_finite(vectors: Embedded, what: str, model: str, max_share: float) -> t
     """``vectors`` without the rows whose vector is not finite (NaN/Inf), and how many were dropped;
     more than ``max_share`` of them stops the evaluation naming the model."""
     ids, labels, x = vectors
-    bad = ~np.isfinite(x).all(axis=1)
+    bad = ~finite_rows(x)
     n = int(bad.sum())
     if n == 0:
         return vectors, 0
