@@ -20,7 +20,9 @@ on one core; the figure of earlier runs) and from its CPU seconds (Arrow's read 
 one thread: the bound that holds). Prints rows/s for each, the ratio to the plain loop and to the
 I/O-only pass; for each refresh also the pool's start-up (from the job's start to its first
 file's), the rate after it (what a longer job tends to), the refresh's own attribution (busy and
-CPU seconds per phase and actor) and its CPU seconds against the bound's work for the same rows.
+CPU seconds per phase and actor), its CPU seconds against the bound's work for the same rows, and
+the whole box's CPU during the call (idle cores; the actors, Ray's daemons and workers, the
+driver: benchmarks/box_cpu.py, from Linux's /proc).
 Not a test: CI never runs it.
 """
 
@@ -36,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from box_cpu import BoxCpu
 
 from dmu_ray.config import ActorPoolConfig, RefreshConfig, StorageConfig
 from dmu_ray.gallery import GalleryWriter, ModelInfo, embedding_array, embedding_matrix, parquet_write_options
@@ -91,6 +94,18 @@ def plain_loop(
             pq.write_table(result, os.path.join(out, f), **parquet_write_options(result.schema))
             rows += table.num_rows
     return rows / (time.perf_counter() - t0)
+
+
+def warm(src: str) -> float:
+    """Read every file of ``src`` once, untimed by the passes: each pass then reads from the page
+    cache (the yardstick's first read of files another run pushed out of it was up to 10% slower
+    than the later passes' reads). Returns the GiB read."""
+    total = 0
+    for f in sorted(os.listdir(src)):
+        with open(os.path.join(src, f), "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                total += len(chunk)
+    return total / 2**30
 
 
 def io_only(src: str, out: str) -> tuple[float, float]:
@@ -232,6 +247,9 @@ def main() -> None:
     save_upgrade_module(module_uri, module, {"id": "bench"})
 
     torch.set_num_threads(cpus)
+    print(
+        f"# source read once before the passes ({warm(src):.1f} GiB): every pass reads it from the page cache"
+    )
     io, io_cpu = io_only(src, os.path.join(work, "io-only"))
     plain = plain_loop(src, os.path.join(work, "plain"), module, args.batch)
     tuned = plain_loop(src, os.path.join(work, "plain-chunked"), module, args.batch, CPU_COMPUTE_ROWS)
@@ -278,11 +296,13 @@ def main() -> None:
             ),
             storage=storage or StorageConfig(),
         )
-        res = run_refresh(cfg, progress=False)
+        with BoxCpu() as box:
+            res = run_refresh(cfg, progress=False)
         where = " (S3 -> S3, loopback)" if storage else ""
         at_once = f", {files} files each" if files else ""
         row(f"ray refresh, {actors} actor(s) x 1 CPU{at_once}{where}", res.rows_per_s)
         work_s = _print_attribution(res.extra.get("attribution"))
+        print(f"    {box.summary()} (the whole call: plan, pool, files, manifest)")
         if work_s:
             print(
                 f"    the refresh's work: {work_s:.1f} CPU s in its files, {work_s / (bound_work * res.rows_done_now):.2f}x "
