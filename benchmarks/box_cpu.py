@@ -33,26 +33,47 @@ def _box_times() -> tuple[float, float]:
     return busy / TICK, idle / TICK
 
 
+def _args(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+
+
 def _group(pid: int, me: int) -> tuple[str, bool]:
     """The group of process ``pid`` and whether that is final: a Ray worker starts as a plain
     ``python .../default_worker.py`` and takes its ``ray::<what it runs>`` title later, so it is
     looked at again until it has one."""
     if pid == me:
         return "driver", True
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+    args = _args(pid)
+    if not args:
         return "other", True
-    if cmd.startswith("ray::"):
-        return ("actors" if "MapWorker" in cmd else "ray workers"), "IDLE" not in cmd
-    if "default_worker.py" in cmd:
+    prog = os.path.basename(args[0])
+    if args[0].startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent")):
+        return "ray daemons", True
+    if args[0].startswith("ray::"):
+        return ("actors" if "MapWorker" in args[0] else "ray workers"), "IDLE" not in args[0]
+    if prog in ("raylet", "gcs_server"):  # (the raylet's arguments name the worker's script)
+        return "ray daemons", True
+    script = args[1] if len(args) > 1 else ""
+    if script.endswith("default_worker.py"):
         return "ray workers", False
-    if any(
-        k in cmd for k in ("raylet", "gcs_server", "dashboard", "ray/_private", "log_monitor", "runtime_env")
-    ):
+    if "/ray/" in script:  # dashboard, agents, log monitor
         return "ray daemons", True
     return "other", True
+
+
+def _name(pid: int) -> str:
+    """A short name of process ``pid``: its Ray title, or its program and script."""
+    args = _args(pid)
+    if not args:
+        return "?"
+    if args[0].startswith("ray::"):
+        return args[0][:60]
+    script = [os.path.basename(args[1])] if len(args) > 1 and args[1].endswith(".py") else []
+    return " ".join([os.path.basename(args[0]), *script])[:60]
 
 
 def _process_times() -> dict[int, float]:
@@ -82,6 +103,7 @@ class BoxCpu:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._groups: dict[int, str] = {}
+        self._names: dict[int, str] = {}
         self._final: set[int] = set()
 
     def _sample(self) -> None:
@@ -91,6 +113,7 @@ class BoxCpu:
                 self._first[pid] = 0.0 if self._started else cpu
             if pid not in self._final:
                 self._groups[pid], final = _group(pid, me)
+                self._names[pid] = _name(pid)
                 if final:
                     self._final.add(pid)
             self._last[pid] = cpu
@@ -123,6 +146,16 @@ class BoxCpu:
         for pid, last in self._last.items():
             self.by_group[self._groups[pid]] += last - self._first[pid]
         self.by_group["driver"] -= self.own  # reported on its own
+
+    def top(self, n: int = 5, skip: tuple[str, ...] = ("actors",)) -> str:
+        """The ``n`` processes that used the most CPU in the block, outside the groups ``skip``."""
+        used = [
+            (last - self._first[pid], pid)
+            for pid, last in self._last.items()
+            if self._groups[pid] not in skip and last - self._first[pid] >= 0.05
+        ]
+        used.sort(reverse=True)
+        return ", ".join(f"{self._names[pid]} ({self._groups[pid]}) {cpu:.1f} s" for cpu, pid in used[:n])
 
     def summary(self) -> str:
         """One line: the cores' busy and idle share of the block's wall time, and each group's."""

@@ -303,6 +303,7 @@ def main() -> None:
         row(f"ray refresh, {actors} actor(s) x 1 CPU{at_once}{where}", res.rows_per_s)
         work_s = _print_attribution(res.extra.get("attribution"))
         print(f"    {box.summary()} (the whole call: plan, pool, files, manifest)")
+        print(f"    the most CPU outside the actors: {box.top()}")
         if work_s:
             print(
                 f"    the refresh's work: {work_s:.1f} CPU s in its files, {work_s / (bound_work * res.rows_done_now):.2f}x "
