@@ -98,8 +98,8 @@ def plain_loop(
 
 def warm(src: str) -> float:
     """Read every file of ``src`` once, untimed by the passes: each pass then reads from the page
-    cache (the yardstick's first read of files another run pushed out of it was up to 10% slower
-    than the later passes' reads). Returns the GiB read."""
+    cache (in one run the I/O-only pass, the first, read files another run had pushed out of it
+    and ran 15% slower than with them cached, which flattered the refresh). Returns the GiB read."""
     total = 0
     for f in sorted(os.listdir(src)):
         with open(os.path.join(src, f), "rb") as fh:
