@@ -302,7 +302,8 @@ def main() -> None:
         at_once = f", {files} files each" if files else ""
         row(f"ray refresh, {actors} actor(s) x 1 CPU{at_once}{where}", res.rows_per_s)
         work_s = _print_attribution(res.extra.get("attribution"))
-        print(f"    {box.summary()} (the whole call: plan, pool, files, manifest)")
+        serves = "; the driver's process also runs the S3 server" if storage else ""
+        print(f"    {box.summary()} (the whole call: plan, pool, files, manifest{serves})")
         print(f"    the most CPU outside the actors: {box.top()}")
         if work_s:
             print(
