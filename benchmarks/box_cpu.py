@@ -148,13 +148,17 @@ class BoxCpu:
         self.by_group["driver"] -= self.own  # reported on its own
 
     def top(self, n: int = 5, skip: tuple[str, ...] = ("actors",)) -> str:
-        """The ``n`` processes that used the most CPU in the block, outside the groups ``skip``."""
+        """The ``n`` processes that used the most CPU in the block, outside the groups ``skip``
+        (the driver's figure without this sampler's own)."""
+        if not self.available:
+            return "(no /proc on this system)"
+        me = os.getpid()
         used = [
-            (last - self._first[pid], pid)
+            (last - self._first[pid] - (self.own if pid == me else 0.0), pid)
             for pid, last in self._last.items()
-            if self._groups[pid] not in skip and last - self._first[pid] >= 0.05
+            if self._groups[pid] not in skip
         ]
-        used.sort(reverse=True)
+        used = sorted((u for u in used if u[0] >= 0.05), reverse=True)
         return ", ".join(f"{self._names[pid]} ({self._groups[pid]}) {cpu:.1f} s" for cpu, pid in used[:n])
 
     def summary(self) -> str:
