@@ -41,13 +41,12 @@ def _args(pid: int) -> list[str] | None:
         return None
 
 
-def _group(pid: int, me: int) -> tuple[str, bool]:
+def _group(pid: int, me: int, args: list[str] | None) -> tuple[str, bool]:
     """The group of process ``pid`` and whether that is final: a Ray worker starts as a plain
     ``python .../default_worker.py`` and takes its ``ray::<what it runs>`` title later, so it is
-    looked at again until it has one."""
+    looked at again until it has one. ``args``: its command line (:func:`_args`)."""
     if pid == me:
         return "driver", True
-    args = _args(pid)
     if not args:
         return "other", True
     prog = os.path.basename(args[0])
@@ -65,9 +64,8 @@ def _group(pid: int, me: int) -> tuple[str, bool]:
     return "other", True
 
 
-def _name(pid: int) -> str:
-    """A short name of process ``pid``: its Ray title, or its program and script."""
-    args = _args(pid)
+def _name(args: list[str] | None) -> str:
+    """A short name of a process from its command line: its Ray title, or its program and script."""
     if not args:
         return "?"
     if args[0].startswith("ray::"):
@@ -112,8 +110,9 @@ class BoxCpu:
             if pid not in self._groups:
                 self._first[pid] = 0.0 if self._started else cpu
             if pid not in self._final:
-                self._groups[pid], final = _group(pid, me)
-                self._names[pid] = _name(pid)
+                args = _args(pid)
+                self._groups[pid], final = _group(pid, me, args)
+                self._names[pid] = _name(args)
                 if final:
                     self._final.add(pid)
             self._last[pid] = cpu
