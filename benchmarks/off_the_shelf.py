@@ -115,6 +115,12 @@ def main() -> None:
         default=[0],
         help="ranks of the affine kind (0: full rank; e.g. 0 128 fits both)",
     )
+    ap.add_argument(
+        "--ridge",
+        type=float,
+        default=1e-3,
+        help="ridge of the affine kind and of the mlp kinds' affine start",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     root = Path(a.root).resolve()
@@ -195,7 +201,7 @@ def main() -> None:
                         output=str(out),
                         direction=direction,
                         adapter=kind,
-                        ridge=1e-3 if kind in ("affine", "mlp", "mlp-uncertainty") else 0.0,
+                        ridge=a.ridge if kind in ("affine", "mlp", "mlp-uncertainty") else 0.0,
                         rank=rank or None,
                         mlp=(
                             {"epochs": a.mlp_epochs, "width": a.mlp_width, "batch_size": 256, "lr": 1e-3}

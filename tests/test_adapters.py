@@ -74,6 +74,37 @@ def test_affine_is_least_squares_with_ridge_and_rank():
     assert np.linalg.matrix_rank(w2, tol=1e-8) == 2
 
 
+def test_affine_of_an_underdetermined_map_is_the_minimum_norm_least_squares():
+    """Fewer pairs than dims (1,000 pairs of 1280-d vectors, as an off-the-shelf sample can be),
+    or source dims that repeat others: the pairs do not determine the map, and the fit must be
+    lstsq's minimum-norm solution, not a solve that divides by rounding-level eigenvalues."""
+    rng = np.random.default_rng(12)
+
+    def lstsq(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        w = np.linalg.lstsq(x - x.mean(0), y - y.mean(0), rcond=None)[0]
+        return w, y.mean(0) - x.mean(0) @ w
+
+    # float16 vectors, 60 pairs of 100-d (statistics in float32 products)
+    x = rng.standard_normal((60, 100)).astype(np.float16)
+    y = (x.astype(np.float32) @ rng.standard_normal((100, 40)).astype(np.float32) / 10).astype(np.float16)
+    w, b = affine(PairStats.of(x, y))
+    w0, b0 = lstsq(x, y)
+    np.testing.assert_allclose(w, w0, atol=1e-4 * np.abs(w0).max())
+    np.testing.assert_allclose(b, b0, atol=1e-4 * np.abs(b0).max() + 1e-6)
+    # float64, more pairs than dims but two dims copies of others
+    x = rng.standard_normal((400, 12))
+    x[:, 10], x[:, 11] = x[:, 0], 2 * x[:, 1]
+    y = x @ rng.standard_normal((12, 6)) + 0.1 * rng.standard_normal((400, 6))
+    w, b = affine(PairStats.of(x, y))
+    w0, b0 = lstsq(x, y)
+    np.testing.assert_allclose(w, w0, atol=1e-8)
+    np.testing.assert_allclose(b, b0, atol=1e-8)
+    # the reduced-rank fit starts from it
+    w2, _ = affine(PairStats.of(x, y), rank=2)
+    assert np.linalg.matrix_rank(w2, tol=1e-8) == 2 and np.abs(w2).max() < 10 * np.abs(w0).max()
+
+
 def test_statistics_merged_from_parts_equal_one_pass():
     rng = np.random.default_rng(3)
     x, y = rng.standard_normal((301, 8)), rng.standard_normal((301, 5))

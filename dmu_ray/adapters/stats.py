@@ -30,6 +30,9 @@ class PairStats:
     xx: np.ndarray  # (dx, dx)
     xy: np.ndarray  # (dx, dy)
     yy: float  # sum of squared entries of y
+    #: machine epsilon of the products summed (float32's unless the inputs were float64): the
+    #: relative rounding the statistics carry, below which a direction of X^T X is not data
+    eps: float = float(np.finfo(np.float32).eps)
 
     @classmethod
     def of(
@@ -61,7 +64,8 @@ class PairStats:
             return cls._of_torch(x, y, chunk or DEVICE_CHUNK, rows, device, dt)
         chunk = chunk or CPU_CHUNK
         dx, dy = np.shape(x)[1], np.shape(y)[1]
-        out = cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0)
+        eps = float(np.finfo(dt).eps)
+        out = cls(0, np.zeros(dx), np.zeros(dy), np.zeros((dx, dx)), np.zeros((dx, dy)), 0.0, eps)
         for start in range(0, len(x), chunk):
             part = slice(start, start + chunk)
             keep = slice(None) if rows is None else rows[part]
@@ -119,7 +123,7 @@ class PairStats:
         def host(t: torch.Tensor) -> np.ndarray:
             return t.cpu().numpy()
 
-        return cls(n, host(sx), host(sy), host(xx), host(xy), float(yy))
+        return cls(n, host(sx), host(sy), host(xx), host(xy), float(yy), float(np.finfo(dt).eps))
 
     def merge(self, other: PairStats) -> PairStats:
         """The statistics of both sets of pairs."""
@@ -130,14 +134,18 @@ class PairStats:
             self.xx + other.xx,
             self.xy + other.xy,
             self.yy + other.yy,
+            max(self.eps, other.eps),
         )
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "sx": self.sx, "sy": self.sy, "xx": self.xx, "xy": self.xy, "yy": self.yy}
+        return {
+            "n": self.n, "sx": self.sx, "sy": self.sy, "xx": self.xx, "xy": self.xy, "yy": self.yy, "eps": self.eps
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> PairStats:
-        return cls(int(d["n"]), d["sx"], d["sy"], d["xx"], d["xy"], float(d["yy"]))
+        eps = float(d.get("eps", np.finfo(np.float32).eps))
+        return cls(int(d["n"]), d["sx"], d["sy"], d["xx"], d["xy"], float(d["yy"]), eps)
 
 
 def _need(stats: PairStats, k: int) -> None:
@@ -168,17 +176,26 @@ def procrustes(stats: PairStats, *, center: bool = False) -> tuple[np.ndarray, n
 def affine(stats: PairStats, *, ridge: float = 0.0, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(W, b)`` of ordinary (``ridge`` = 0) or ridge least squares ``min sum ||x W + b - y||^2 +
     ridge n ||W||^2`` on centred data; with ``rank``, the reduced-rank solution (the least-squares
-    fit projected on the ``rank`` leading directions of its fitted values)."""
+    fit projected on the ``rank`` leading directions of its fitted values).
+
+    Where the pairs do not determine the map (fewer pairs than source dims, or source dims that
+    are combinations of others) this is the minimum-norm solution, like ``numpy.linalg.lstsq``'s:
+    the map is solved in the eigenbasis of the inputs' covariance, keeping at most ``n - 1``
+    directions (the rank of ``n`` centred pairs) and only those above the statistics' rounding
+    (``dx * eps`` of the largest; float32 products for gallery vectors); the rest get no weight.
+    An ordinary solve would divide by those rounding-level eigenvalues and return a map fitted to
+    noise (docs/decisions.md)."""
     _need(stats, 2)
     n = stats.n
     mx, my = stats.sx / n, stats.sy / n
     cxx = stats.xx / n - np.outer(mx, mx)
     cxy = stats.xy / n - np.outer(mx, my)
-    reg = cxx + ridge * np.eye(len(mx))
-    try:
-        w = np.linalg.solve(reg, cxy)
-    except np.linalg.LinAlgError:
-        w = np.linalg.lstsq(reg, cxy, rcond=None)[0]  # singular (fewer pairs than dims): minimum norm
+    vals, vecs = np.linalg.eigh((cxx + cxx.T) / 2)  # ascending
+    top = max(float(vals[-1]), 0.0)
+    resolved = vals > top * len(mx) * stats.eps
+    resolved[: max(0, len(vals) - (n - 1))] = False  # n centred pairs span at most n - 1 directions
+    basis = vecs[:, resolved]
+    w = basis @ ((basis.T @ cxy) / (vals[resolved] + ridge)[:, None])
     if rank is not None and rank < min(w.shape):
         fitted = w.T @ cxx @ w  # covariance of the fitted values x W
         vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
