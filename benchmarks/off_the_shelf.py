@@ -117,9 +117,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--ridge",
-        type=float,
-        default=1e-3,
-        help="ridge of the affine kind and of the mlp kinds' affine start",
+        default="auto",
+        type=lambda v: v if v == "auto" else float(v),
+        help="ridge of the affine kind and of the mlp kinds' affine start: a number, or auto (the job's "
+        "default: chosen on a tune share of the fitted pairs)",
     )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -201,7 +202,7 @@ def main() -> None:
                         output=str(out),
                         direction=direction,
                         adapter=kind,
-                        ridge=a.ridge if kind in ("affine", "mlp", "mlp-uncertainty") else 0.0,
+                        ridge=a.ridge if kind in ("affine", "mlp", "mlp-uncertainty") else None,
                         rank=rank or None,
                         mlp=(
                             {"epochs": a.mlp_epochs, "width": a.mlp_width, "batch_size": 256, "lr": 1e-3}
@@ -230,6 +231,7 @@ def main() -> None:
                         "adapter": label,
                         "pairs": int(len(take)),
                         "fit_s": round(seconds, 2),
+                        "ridge": (fit["fit"].get("ridge") or {}).get("chosen"),
                         "gate_share@10": gate,
                         **m,
                     }

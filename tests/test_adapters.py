@@ -126,6 +126,68 @@ def test_statistics_merged_from_parts_equal_one_pass():
     assert f32.yy == pytest.approx(whole.yy, rel=1e-6) and f32.n == 301
 
 
+def test_folds_of_the_statistics_are_their_rows_and_merge_fold_by_fold():
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((300, 6)).astype(np.float32), rng.standard_normal((300, 4)).astype(np.float32)
+    fold, rows = rng.random(300) < 0.3, rng.random(300) < 0.8
+    s = PairStats.of(x, y, rows=rows, fold=fold)
+    a, b = s.folds
+    assert (a.n, b.n, s.n) == ((rows & fold).sum(), (rows & ~fold).sum(), rows.sum())
+    np.testing.assert_allclose(a.xy, PairStats.of(x[rows & fold], y[rows & fold]).xy, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(s.xx, PairStats.of(x[rows], y[rows]).xx, rtol=1e-5, atol=1e-4)
+    half = PairStats.of(x[:150], y[:150], fold=fold[:150]).merge(
+        PairStats.of(x[150:], y[150:], fold=fold[150:])
+    )
+    np.testing.assert_allclose(
+        half.folds[0].xx, PairStats.of(x, y, fold=fold).folds[0].xx, rtol=1e-5, atol=1e-4
+    )
+    assert s.eps == np.finfo(np.float32).eps and PairStats.of(x.astype(np.float64), y).eps < 1e-15
+    with pytest.raises(ValueError, match="fold must be a boolean mask of 300 rows"):
+        PairStats.of(x, y, fold=np.ones(3, bool))
+
+
+def test_ridge_auto_picks_the_ridge_that_keeps_most_neighbours_on_the_tune_pairs(tmp_path):
+    """Fewer pairs than dims and noisy targets: the minimum-norm map (ridge 0) fits the noise.
+    The ridge chosen by the share of new/new's top-10 on a tune share of the pairs, with the map
+    fitted on the rest, keeps more of new/new's neighbours on 2,000 items no fit saw."""
+    from dmu_ray.adapters.pairs import _write_pairs
+    from dmu_ray.adapters.ridge import RIDGE_GRID, choose_ridge
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((30, 96))
+    a = rng.standard_normal((96, 64)) / np.sqrt(96)
+
+    def items(n: int) -> tuple[np.ndarray, np.ndarray]:
+        old = centres[rng.integers(0, 30, n)] + 0.7 * rng.standard_normal((n, 96))
+        return old.astype(np.float32), (old @ a + 0.5 * rng.standard_normal((n, 64))).astype(np.float32)
+
+    old, new = items(160)
+    eval_old, eval_new = items(2000)
+    tune = np.zeros(160, bool)
+    tune[::4] = True
+    stats = PairStats.of(old, new, fold=tune)
+    loc = resolve(str(tmp_path / "tune"))
+    _write_pairs(loc, 0, np.arange(160), old, new, None, tune)
+    ridge, record = choose_ridge(stats, loc, "gallery", 10)
+    shares = [c["share"] for c in record["candidates"]]
+    assert len(shares) == len(RIDGE_GRID) and record["tune_pairs"] == 40 and record["chosen"] == ridge
+    assert ridge > 0 and shares[[c["ridge"] for c in record["candidates"]].index(ridge)] == max(shares)
+
+    def share(r: float) -> float:
+        w, b = affine(stats, ridge=r)
+        q, g = slice(0, 500), slice(500, None)
+        return share_of_reembedding((eval_new[q], eval_new[g]), {"s": (eval_new[q], eval_old[g] @ w + b)})[
+            "s"
+        ]
+
+    assert share(ridge) > share(0.0) + 0.02
+    # the query side maps new -> old; nothing to choose on without tune pairs
+    qs = PairStats.of(new, old, fold=tune)
+    assert choose_ridge(qs, loc, "query", 10)[0] >= 0
+    empty = resolve(str(tmp_path / "none"))
+    assert choose_ridge(PairStats.of(old, new), empty, "gallery", 10)[0] == 0.0
+
+
 def test_the_two_pass_join_gives_every_cpu_a_bucket_where_the_rows_allow():
     """A million pairs with room for all of them in one bucket still make one bucket per CPU (one
     join task each, not one task joining everything), never buckets below MIN_BUCKET_ROWS, and
@@ -299,6 +361,36 @@ def test_a_query_side_adapter_maps_new_queries_to_the_old_space_and_refresh_refu
     with pytest.raises(RefreshError, match="is a query-side adapter"):
         run_refresh(RefreshConfig(source=g_old, output=str(tmp_path / "x"), module=out["adapter"]["uri"]))
     assert not (tmp_path / "x").exists()
+
+
+def test_ridge_auto_in_the_job_records_its_choice_and_fits_every_fitted_pair_with_it(ray_local, tmp_path):
+    g_old, g_new, *_ = two_models(tmp_path, n=600, noise=0.3)
+    base = {
+        "old_gallery": g_old,
+        "new_gallery": g_new,
+        "adapter": "affine",
+        "holdout": 0.2,
+        "tune": 0.3,
+        "gate": {"queries": 40},
+    }
+    auto = run_adapter_fit(AdapterFitConfig(output=str(tmp_path / "auto"), **base), progress=False)
+    rec = auto["fit"]["ridge"]
+    assert rec["by"] == "tune share" and len(rec["candidates"]) == 8 and rec["tune_pairs"] > 50
+    assert rec["chosen"] in [c["ridge"] for c in rec["candidates"]]
+    assert not (tmp_path / "auto" / "_tune").exists()  # the tune pairs are scratch
+    card = load_artifact(auto["adapter"]["uri"]).card
+    assert card.fit["ridge"] == rec and card.fit["options"]["ridge"] is None
+    # the chosen ridge given as the config's: the same map (the tune pairs are fitted on too)
+    fixed = run_adapter_fit(
+        AdapterFitConfig(output=str(tmp_path / "fixed"), ridge=rec["chosen"], **base), progress=False
+    )
+    assert fixed["fit"]["ridge"] == {"by": "config", "chosen": rec["chosen"]}
+    w = [
+        build_upgrade_module(load_artifact(r["adapter"]["uri"])).weight.detach().numpy()
+        for r in (auto, fixed)
+    ]
+    np.testing.assert_allclose(w[0], w[1], rtol=1e-5, atol=1e-6)
+    assert auto["gate"]["share"] == fixed["gate"]["share"]
 
 
 def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):

@@ -109,3 +109,24 @@ def test_a_refused_section_is_echoed_by_its_keys_not_cut_mid_string():
     with pytest.raises(ConfigError) as err:
         parse_config(AdapterFitConfig, {**data, "ridge": "x" * 200, "adapter": "affine"}, "a.yaml")
     assert "(got '" + "x" * 76 + "...)" in str(err.value)
+    # ridge: auto (the affine fits' default), a number, nothing for procrustes or an mlp not started at affine
+    assert (
+        parse_config(AdapterFitConfig, {**data, "ridge": "auto", "adapter": "affine"}, "a.yaml").ridge
+        == "auto"
+    )
+    assert (
+        parse_config(AdapterFitConfig, {**data, "ridge": None, "adapter": "affine"}, "a.yaml").ridge_choice
+        == "auto"
+    )
+    assert (
+        parse_config(AdapterFitConfig, {**data, "ridge": 0.5, "adapter": "mlp"}, "a.yaml").ridge_choice == 0.5
+    )
+    for bad, words in (
+        ({"ridge": 0}, "ridge and rank are options of adapter: affine"),
+        ({"ridge": -1, "adapter": "affine"}, "ridge"),
+        ({"ridge": 1.0, "adapter": "mlp", "mlp": {"init": "procrustes"}}, "here mlp.init is procrustes"),
+        ({"tune": 1.5, "adapter": "affine"}, "tune"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            parse_config(AdapterFitConfig, {**data, **bad}, "a.yaml")
+    assert parse_config(AdapterFitConfig, {**data, "ridge": None}, "a.yaml").ridge_choice is None

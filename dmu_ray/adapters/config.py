@@ -87,7 +87,18 @@ class AdapterFitConfig(StrictModel):
         "mlp-uncertainty (with FastFill's uncertainty head: backfill --policy uncertainty)",
     )
     center: bool = Field(default=False, description="procrustes: fit on centred vectors (adds a bias)")
-    ridge: float = Field(default=0.0, ge=0, description="affine: ridge penalty (per pair)")
+    ridge: Annotated[float, Field(ge=0)] | Literal["auto"] | None = Field(
+        default=None,
+        description="affine and the mlp kinds' affine start: ridge penalty (per pair), or auto (their "
+        "default): the one of 0 and 1e-5..10 x the inputs' mean variance whose map, fitted on the other "
+        "pairs, keeps most of new/new's top-k on the tune share",
+    )
+    tune: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="ridge auto: seeded share of the fitted pairs its choice is scored on (then fitted on too)",
+    )
     rank: int | None = Field(default=None, ge=1, description="affine: rank of the map (reduced-rank fit)")
     mlp: MlpSection | None = Field(default=None, description="adapter mlp / mlp-uncertainty: the training")
     holdout: float = Field(default=0.1, gt=0, lt=1, description="seeded share of pairs held out for the gate")
@@ -123,7 +134,7 @@ class AdapterFitConfig(StrictModel):
 
     @model_validator(mode="after")
     def _options_of_the_adapter(self) -> AdapterFitConfig:
-        if self.adapter == "procrustes" and (self.ridge or self.rank):
+        if self.adapter == "procrustes" and (self.ridge is not None or self.rank):
             raise ValueError("ridge and rank are options of adapter: affine")
         if self.adapter == "affine" and self.center:
             raise ValueError("center is an option of adapter: procrustes (affine always fits a bias)")
@@ -134,9 +145,23 @@ class AdapterFitConfig(StrictModel):
                 self.mlp = MlpSection()
         elif self.mlp is not None:
             raise ValueError(f"mlp is the section of adapter: mlp or mlp-uncertainty, not {self.adapter}")
+        if self.ridge is not None and self.ridge_choice is None:
+            raise ValueError(
+                f"ridge is an option of the affine fit: adapter affine, or an mlp adapter with mlp.init: "
+                f"affine (here mlp.init is {self.mlp.init})"
+            )
         if self.adapter == "mlp-uncertainty" and self.direction == "query":
             raise ValueError(
                 "adapter mlp-uncertainty orders a backfill of gallery rows: it needs direction: gallery "
                 "(use mlp for a query-side adapter)"
             )
         return self
+
+    @property
+    def ridge_choice(self) -> float | Literal["auto"] | None:
+        """The ridge the fit uses: None where none applies (procrustes, an mlp from procrustes or
+        zero), else the configured one, auto when unset."""
+        affine = self.adapter == "affine" or (self.mlp is not None and self.mlp.init == "affine")
+        if not affine:
+            return None
+        return "auto" if self.ridge is None else self.ridge

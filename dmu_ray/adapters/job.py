@@ -78,10 +78,35 @@ def check_inputs(cfg: AdapterFitConfig) -> tuple[Gallery, Gallery, Location]:
     return old, new, out
 
 
-def _closed_form(kind: str, cfg: AdapterFitConfig, stats: PairStats) -> tuple[np.ndarray, np.ndarray]:
+def _closed_form(
+    kind: str, cfg: AdapterFitConfig, stats: PairStats, ridge: float
+) -> tuple[np.ndarray, np.ndarray]:
     if kind == "procrustes":
         return procrustes(stats, center=cfg.center)
-    return affine(stats, ridge=cfg.ridge, rank=cfg.rank)
+    return affine(stats, ridge=ridge, rank=cfg.rank)
+
+
+def _ridge(
+    cfg: AdapterFitConfig, stats: PairStats, out: Location, say
+) -> tuple[float, dict[str, Any] | None]:
+    """The affine fit's ridge: the configured one, or (``auto``) the one chosen on the tune pairs."""
+    choice = cfg.ridge_choice
+    if choice is None:
+        return 0.0, None
+    if choice != "auto":
+        return float(choice), {"by": "config", "chosen": float(choice)}
+    from dmu_ray.adapters.ridge import choose_ridge
+
+    ridge, record = choose_ridge(stats, out.join("_tune"), cfg.direction, cfg.gate.k)
+    if record["candidates"]:
+        tried = ", ".join(f"{c['ridge']:.3g}: {c['share']:.3f}" for c in record["candidates"])
+        say(
+            f"  ridge auto: {ridge:.4g}, of (ridge: share of new/new's top-{cfg.gate.k} on "
+            f"{record['tune_pairs']:,} tune pairs) {tried}"
+        )
+    else:
+        say(f"  ridge auto: {record['note']} ({record['tune_pairs']} tune pair(s))")
+    return ridge, record
 
 
 def _fit(
@@ -89,15 +114,17 @@ def _fit(
 ) -> tuple[Any, dict[str, Any]]:
     """The fitted module and what the fit record adds: a closed form from the statistics, or the
     MLP trained on Ray Train from the closed form ``mlp.init`` (its residual and history)."""
+    ridge, chosen = _ridge(cfg, stats, out, say)
+    fitted = {} if chosen is None else {"ridge": chosen}
     if cfg.adapter not in TRAINED:
-        w, b = _closed_form(cfg.adapter, cfg, stats)
+        w, b = _closed_form(cfg.adapter, cfg, stats, ridge)
         mse = residual(stats, w, b)
         rank = cfg.rank if cfg.adapter == "affine" else None  # a reduced-rank map is stored factored
-        return LinearMap.from_arrays(w, b, rank=rank), {"mse": mse}
+        return LinearMap.from_arrays(w, b, rank=rank), {"mse": mse, **fitted}
     from dmu_ray.adapters.mlp import build_mlp, train_mlp
 
     sec = cfg.mlp
-    init = None if sec.init == "zero" else _closed_form(sec.init, cfg, stats)
+    init = None if sec.init == "zero" else _closed_form(sec.init, cfg, stats, ridge)
     dims = stats.xy.shape
     module = build_mlp(*dims, sec, uncertainty=cfg.adapter == "mlp-uncertainty", init=init)
     say(
@@ -127,6 +154,7 @@ def _fit(
         "init_mse": None if init is None else residual(stats, *init),
         "history": [{k: h[k] for k in keep} for h in history],
         "options": sec.model_dump(mode="json"),
+        **fitted,
     }
 
 
@@ -295,6 +323,8 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
             fit_loc=out.join("_fit") if cfg.adapter in TRAINED else None,
+            tune_loc=out.join("_tune") if cfg.ridge_choice == "auto" else None,
+            tune=cfg.tune,
             progress=say,
         )
     finally:
@@ -307,16 +337,16 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
         f"{counts.fitted:,} to fit, {counts.held_out:,} held out; {counts.old_only:,} old-only, "
         f"{counts.new_only:,} new-only"
     )
-    if share < cfg.min_matched_share:
-        raise AdapterError(
-            f"only {counts.matched:,} of the smaller gallery's {smaller:,} ids ({share:.1%}) have a pair, "
-            f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
-            "(old_gallery and new_gallery must share ids)"
-        )
     try:
+        if share < cfg.min_matched_share:
+            raise AdapterError(
+                f"only {counts.matched:,} of the smaller gallery's {smaller:,} ids ({share:.1%}) have a pair, "
+                f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
+                "(old_gallery and new_gallery must share ids)"
+            )
         module, fitted = _fit(cfg, stats, out, say, progress)
-    finally:
-        for folder in (out.join("_fit"), out.join("_train")):  # the MLP's pairs and Ray Train's run
+    finally:  # the MLP's pairs, Ray Train's run, the tune pairs: scratch, whatever happened
+        for folder in (out.join("_fit"), out.join("_train"), out.join("_tune")):
             with contextlib.suppress(OSError):
                 folder.fs.delete_dir(folder.path)
     mse = fitted.pop("mse")
@@ -357,7 +387,7 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
         "adapter": {"id": ident, "kind": cfg.adapter, "uri": uri, "ident": art.ident, "sha256": art.sha256},
         "direction": cfg.direction,
         "pairs": asdict(counts),
-        "fit": {k: fit[k] for k in ("mse", "unexplained", "cos", "history") if k in fit},
+        "fit": {k: fit[k] for k in ("mse", "unexplained", "cos", "history", "ridge") if k in fit},
         "gate": gate,
     }
     write_bytes_atomic(out.join("gate.json"), json.dumps(result, indent=2).encode())

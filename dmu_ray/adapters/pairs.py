@@ -9,7 +9,9 @@ The join is a hash join in two passes, so no process holds either gallery:
    (:class:`~dmu_ray.adapters.stats.PairStats`); the held-out pairs (a seeded share by id, never
    fitted on) are written to ``<holdout>/part-<k>.parquet`` for the label-free gate, and, for an
    adapter that trains (the MLP), the fitted pairs to ``<fit>/part-<k>-<j>.parquet`` (columns
-   ``src``, ``dst``: source and target vectors, by direction) for Ray Train to stream.
+   ``src``, ``dst``: source and target vectors, by direction) for Ray Train to stream; for
+   ``ridge: auto``, a seeded tune share of the fitted pairs to ``<tune>/part-<k>.parquet`` (like
+   the held-out ones; the statistics keep its pairs apart as their folds).
 The statistics are merged on the driver: the fit sees every pair, whatever their number.
 
 Galleries written file for file from one listing (``adapter pairs``, or any two embeddings of the
@@ -48,9 +50,9 @@ MIN_BUCKET_ROWS = 65_536
 #: a time) cost more than the whole rest of the pass.
 SCRATCH = ".arrow"
 
-#: seeds of the two hashes of an id: its bucket, and whether it is held out (apart, so that the
-#: held-out share is the same in every bucket)
-BUCKET_SALT, HOLDOUT_SALT = 0x5EED_B0C7, 0x401D_0007
+#: seeds of the hashes of an id: its bucket, whether it is held out, whether a fitted pair is one
+#: of the tune share (apart, so that each share is the same in every bucket)
+BUCKET_SALT, HOLDOUT_SALT, TUNE_SALT = 0x5EED_B0C7, 0x401D_0007, 0x7E0E_0011
 
 
 @dataclass
@@ -174,22 +176,18 @@ def _join_rows(task: dict, k: int, old_side: tuple, new_side: tuple) -> dict:
         _, io, jn = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
         ids, x, y = old_ids[io], old[io], new[jn]
         labels = old_labels[io] if old_labels is not None else None if new_labels is None else new_labels[jn]
-    hold = unit_hash(id_keys(ids), HOLDOUT_SALT + task["seed"]) < task["holdout"]
+    keys = id_keys(ids)
+    hold = unit_hash(keys, HOLDOUT_SALT + task["seed"]) < task["holdout"]
     src, dst = (x, y) if task["direction"] == "gallery" else (y, x)
     fit = ~hold
-    # zero rows give zero sums of the right shapes; on the task's GPU when it holds one
-    stats = PairStats.of(src, dst, rows=fit, device="cuda" if task.get("num_gpus") else None)
-    if hold.any():
-        order = np.argsort(ids[hold], kind="stable")
-        cols = {
-            ID: pa.array(ids[hold][order]),
-            "old": embedding_array(x[hold][order].astype(np.float32)),
-            "new": embedding_array(y[hold][order].astype(np.float32)),
-        }
-        if labels is not None:  # the gate adds labelled metrics when the items have labels
-            cols[LABEL] = pa.array(labels[hold][order])
-        held = pa.table(cols)
-        write_parquet_atomic(task["holdout_loc"].join(f"part-{k:05d}.parquet"), held)
+    device = "cuda" if task.get("num_gpus") else None  # on the task's GPU when it holds one
+    tune = None
+    if task.get("tune_loc") is not None:  # a share of the fitted pairs to choose the ridge on
+        tune = fit & (unit_hash(keys, TUNE_SALT + task["seed"]) < task["tune"])
+        _write_pairs(task["tune_loc"], k, ids, x, y, labels, tune)
+    # zero rows give zero sums of the right shapes; with the tune share, its folds apart too
+    stats = PairStats.of(src, dst, rows=fit, device=device, fold=tune)
+    _write_pairs(task["holdout_loc"], k, ids, x, y, labels, hold)
     if task.get("fit_loc") is not None and fit.any():
         order = np.argsort(ids[fit], kind="stable")  # the same files whatever the read order
         xs, ys = src[fit][order].astype(np.float32), dst[fit][order].astype(np.float32)
@@ -207,6 +205,24 @@ def _join_rows(task: dict, k: int, old_side: tuple, new_side: tuple) -> dict:
     return {"bucket": k, "counts": counts, "stats": stats}
 
 
+def _write_pairs(
+    loc: Location, k: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, labels, rows: np.ndarray
+) -> None:
+    """The pairs of ``rows`` (old and new vectors, labels when the items have them), sorted by
+    id, as ``<loc>/part-<k>.parquet`` (nothing when there are none)."""
+    if not rows.any():
+        return
+    order = np.argsort(ids[rows], kind="stable")
+    cols = {
+        ID: pa.array(ids[rows][order]),
+        "old": embedding_array(x[rows][order].astype(np.float32)),
+        "new": embedding_array(y[rows][order].astype(np.float32)),
+    }
+    if labels is not None:  # the gate adds labelled metrics when the items have labels
+        cols[LABEL] = pa.array(labels[rows][order])
+    write_parquet_atomic(loc.join(f"part-{k:05d}.parquet"), pa.table(cols))
+
+
 def join_pairs(
     old: Gallery,
     new: Gallery,
@@ -220,13 +236,17 @@ def join_pairs(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     fit_loc: Location | None = None,
+    tune_loc: Location | None = None,
+    tune: float = 0.0,
     progress=None,
 ) -> tuple[PairCounts, PairStats]:
     """Join two committed galleries on their ids (see the module docstring): the counts and the
     merged statistics of the fitted pairs, source -> target by ``direction`` (gallery: old -> new;
     query: new -> old); the fitted pairs themselves are written under ``fit_loc`` when given.
     With ``num_gpus``, the tasks that compute statistics hold that share of a GPU and compute
-    the products on it. Needs a Ray session."""
+    the products on it. With ``tune_loc``, a seeded ``tune`` share of the fitted pairs is also
+    written there (like the held-out pairs) and the statistics keep it apart as their folds
+    (tune pairs, the rest). Needs a Ray session."""
     import ray
 
     dims = (old.model.dim, new.model.dim)
@@ -240,6 +260,8 @@ def join_pairs(
         "direction": direction,
         "holdout_loc": holdout_loc,
         "fit_loc": fit_loc,
+        "tune_loc": tune_loc,
+        "tune": tune,
     }
     if len(old.files) == len(new.files):  # perhaps co-partitioned: one pass, file pair by file pair
         direct = ray.get(
@@ -252,7 +274,7 @@ def join_pairs(
             if progress:
                 progress(f"  pairs: {len(direct)} file pair(s) holding the same ids, joined in one pass")
             return _merged(direct)
-        for folder in (holdout_loc, fit_loc):  # what the pass wrote goes; the two-pass join rewrites it
+        for folder in (holdout_loc, fit_loc, tune_loc):  # what the pass wrote goes; the join rewrites it
             if folder is not None:
                 for name in folder.list_files(".parquet"):
                     folder.fs.delete_file(folder.join(name).path)

@@ -9,11 +9,11 @@ the fit is exact for any number of pairs, in one pass over them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PairStats", "procrustes", "affine", "residual"]
+__all__ = ["PairStats", "procrustes", "affine", "affine_path", "residual"]
 
 #: rows per chunk of the products: numpy on a CPU (one chunk's float32 copy stays small), torch on
 #: a device (larger, so that each copy to the device and each product is worth its launch)
@@ -33,6 +33,9 @@ class PairStats:
     #: machine epsilon of the products summed (float32's unless the inputs were float64): the
     #: relative rounding the statistics carry, below which a direction of X^T X is not data
     eps: float = float(np.finfo(np.float32).eps)
+    #: the statistics of two disjoint folds of the same pairs (when :meth:`of` was given ``fold``):
+    #: the adapter job chooses the ridge on one fold's pairs with the map fitted on the other
+    folds: tuple[PairStats, PairStats] | None = field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -42,6 +45,7 @@ class PairStats:
         chunk: int | None = None,
         rows: np.ndarray | None = None,
         device: str | None = None,
+        fold: np.ndarray | None = None,
     ) -> PairStats:
         """The statistics of the pairs ``(x[i], y[i])`` (only those where the boolean ``rows`` is
         true, when given: the selection is made a chunk at a time, so no copy of the inputs is
@@ -54,7 +58,20 @@ class PairStats:
         chunks of :data:`DEVICE_CHUNK` rows by default, with TF32 only where it is exact (float16
         inputs), summed in float64 on the device: a GPU does a file's products in milliseconds, where a
         CPU core's BLAS takes longer than reading the file (docs/benchmarks.md). None: numpy's
-        BLAS on the CPU, :data:`CPU_CHUNK` rows at a time."""
+        BLAS on the CPU, :data:`CPU_CHUNK` rows at a time.
+
+        ``fold`` (a boolean mask of the rows) also keeps the statistics of the two folds it splits
+        the pairs into (``folds``: its true rows, its false rows); the totals are their merge, so
+        the work is the same."""
+        if fold is not None:
+            if fold.dtype != bool or fold.shape != (len(x),):
+                raise ValueError(
+                    f"fold must be a boolean mask of {len(x)} rows, got {fold.dtype} {fold.shape}"
+                )
+            keep = np.ones(len(x), bool) if rows is None else rows
+            a = cls.of(x, y, chunk, keep & fold, device)
+            b = cls.of(x, y, chunk, keep & ~fold, device)
+            return a.merge(b, keep_folds=False)._with_folds((a, b))
         if len(x) != len(y):
             raise ValueError(f"{len(x)} source rows but {len(y)} target rows")
         if rows is not None and (rows.dtype != bool or rows.shape != (len(x),)):
@@ -125,9 +142,10 @@ class PairStats:
 
         return cls(n, host(sx), host(sy), host(xx), host(xy), float(yy), float(np.finfo(dt).eps))
 
-    def merge(self, other: PairStats) -> PairStats:
-        """The statistics of both sets of pairs."""
-        return PairStats(
+    def merge(self, other: PairStats, keep_folds: bool = True) -> PairStats:
+        """The statistics of both sets of pairs (their folds merged fold by fold, when both
+        have them)."""
+        out = PairStats(
             self.n + other.n,
             self.sx + other.sx,
             self.sy + other.sy,
@@ -136,6 +154,16 @@ class PairStats:
             self.yy + other.yy,
             max(self.eps, other.eps),
         )
+        if keep_folds and self.folds is not None and other.folds is not None:
+            out.folds = (
+                self.folds[0].merge(other.folds[0], False),
+                self.folds[1].merge(other.folds[1], False),
+            )
+        return out
+
+    def _with_folds(self, folds: tuple[PairStats, PairStats]) -> PairStats:
+        self.folds = folds
+        return self
 
     def to_dict(self) -> dict:
         return {
@@ -173,6 +201,26 @@ def procrustes(stats: PairStats, *, center: bool = False) -> tuple[np.ndarray, n
     return w, b
 
 
+def _centred(stats: PairStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Means and centred (co)variances of the pairs: ``mx, my, C_xx, C_xy``."""
+    n = stats.n
+    mx, my = stats.sx / n, stats.sy / n
+    return mx, my, stats.xx / n - np.outer(mx, mx), stats.xy / n - np.outer(mx, my)
+
+
+def _resolved_eig(stats: PairStats, cxx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues and eigenvectors of ``C_xx`` for the directions the pairs resolve: at most
+    ``n - 1`` (the rank of ``n`` centred pairs), each above the rounding the statistics carry.
+    That rounding is estimated as ``4 eps sqrt(dx)`` times the largest raw second moment of a
+    source dim (``eps`` of the products summed; centring a sum of raw products inherits their
+    rounding, which is what a large mean against a small spread costs)."""
+    vals, vecs = np.linalg.eigh((cxx + cxx.T) / 2)  # ascending
+    raw = float(np.max(np.diag(stats.xx))) / stats.n
+    keep = vals > 4 * stats.eps * np.sqrt(len(vals)) * raw
+    keep[: max(0, len(vals) - (stats.n - 1))] = False
+    return vals[keep], vecs[:, keep]
+
+
 def affine(stats: PairStats, *, ridge: float = 0.0, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(W, b)`` of ordinary (``ridge`` = 0) or ridge least squares ``min sum ||x W + b - y||^2 +
     ridge n ||W||^2`` on centred data; with ``rank``, the reduced-rank solution (the least-squares
@@ -180,28 +228,33 @@ def affine(stats: PairStats, *, ridge: float = 0.0, rank: int | None = None) -> 
 
     Where the pairs do not determine the map (fewer pairs than source dims, or source dims that
     are combinations of others) this is the minimum-norm solution, like ``numpy.linalg.lstsq``'s:
-    the map is solved in the eigenbasis of the inputs' covariance, keeping at most ``n - 1``
-    directions (the rank of ``n`` centred pairs) and only those above the statistics' rounding
-    (``dx * eps`` of the largest; float32 products for gallery vectors); the rest get no weight.
-    An ordinary solve would divide by those rounding-level eigenvalues and return a map fitted to
-    noise (docs/decisions.md)."""
-    _need(stats, 2)
-    n = stats.n
-    mx, my = stats.sx / n, stats.sy / n
-    cxx = stats.xx / n - np.outer(mx, mx)
-    cxy = stats.xy / n - np.outer(mx, my)
-    vals, vecs = np.linalg.eigh((cxx + cxx.T) / 2)  # ascending
-    top = max(float(vals[-1]), 0.0)
-    resolved = vals > top * len(mx) * stats.eps
-    resolved[: max(0, len(vals) - (n - 1))] = False  # n centred pairs span at most n - 1 directions
-    basis = vecs[:, resolved]
-    w = basis @ ((basis.T @ cxy) / (vals[resolved] + ridge)[:, None])
+    the map is solved in the eigenbasis of the inputs' covariance over the directions the pairs
+    resolve (:func:`_resolved_eig`); the rest get no weight. An ordinary solve would divide by
+    rounding-level eigenvalues there and return a map fitted to rounding (docs/decisions.md).
+    Few pairs still over-fit a minimum-norm map: ``ridge`` is what keeps it general (the adapter
+    job chooses it on a share of the pairs, ``ridge: auto``)."""
+    ((w, b),) = affine_path(stats, [ridge])
     if rank is not None and rank < min(w.shape):
+        mx, my, cxx, _ = _centred(stats)
         fitted = w.T @ cxx @ w  # covariance of the fitted values x W
         vals, vecs = np.linalg.eigh((fitted + fitted.T) / 2)
         top = vecs[:, np.argsort(vals)[::-1][:rank]]
         w = w @ top @ top.T
-    return w, my - mx @ w
+        b = my - mx @ w
+    return w, b
+
+
+def affine_path(stats: PairStats, ridges: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`affine` (full rank) for each of ``ridges``, from one eigendecomposition."""
+    _need(stats, 2)
+    mx, my, cxx, cxy = _centred(stats)
+    vals, basis = _resolved_eig(stats, cxx)
+    proj = basis.T @ cxy
+    out = []
+    for ridge in ridges:
+        w = basis @ (proj / (vals + ridge)[:, None])
+        out.append((w, my - mx @ w))
+    return out
 
 
 def residual(stats: PairStats, w: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,57 @@
+"""``ridge: auto``: the affine map's ridge chosen by the share of a full re-embedding's neighbours
+it keeps on a seeded share of the fitted pairs (the tune pairs), with the map fitted on the rest.
+
+Why not the squared error: a ridge shrinks the mapped vectors towards the target's mean, which
+lowers their squared error more than it helps their neighbours under cosine; on the fonts set
+the ridge that minimised a two-fold cross-validated squared error was ten times the one that kept
+most neighbours, and lost up to 13% of the share (docs/decisions.md). The tune pairs are fitted
+pairs, never the gate's held-out ones, so the gate still scores pairs no choice has seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dmu_ray.adapters.pairs import read_holdout
+from dmu_ray.adapters.stats import PairStats, affine_path
+from dmu_ray.evaluate.gate import share_of_reembedding
+from dmu_ray.storage import Location
+
+__all__ = ["RIDGE_GRID", "choose_ridge"]
+
+#: the ridges tried, as multiples of the source vectors' mean variance (so the choice does not
+#: depend on the vectors' scale), and 0
+RIDGE_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def choose_ridge(
+    stats: PairStats, tune_loc: Location, direction: str, k: int
+) -> tuple[float, dict[str, Any]]:
+    """The ridge of :data:`RIDGE_GRID` whose affine map, fitted on the pairs outside the tune
+    share (``stats.folds``: tune, rest), keeps the largest share of new/new's top-``k`` on the
+    tune pairs (every third one a query, the others the gallery; the smaller ridge on a tie).
+    Returns it and the record the fit card keeps (per candidate its share). With fewer than 3
+    tune pairs, or fewer than 2 other pairs, there is nothing to choose on: ridge 0."""
+    ids, old, new = read_holdout(tune_loc)
+    tuned, rest = stats.folds or (None, None)
+    record: dict[str, Any] = {"by": "tune share", "tune_pairs": int(len(ids)), "k": k, "candidates": []}
+    if rest is None or rest.n < 2 or len(ids) < 3:
+        return 0.0, {**record, "chosen": 0.0, "note": "too few tune pairs to choose on; ridge 0"}
+    n = stats.n
+    scale = float(np.sum(np.diag(stats.xx) / n - (stats.sx / n) ** 2)) / stats.xx.shape[0]
+    ridges = [m * scale for m in RIDGE_GRID]
+    q = np.zeros(len(ids), bool)
+    q[::3] = True
+    strategies = {}
+    for i, (w, b) in enumerate(affine_path(rest, ridges)):
+        if direction == "gallery":  # new queries against the old tune items mapped
+            strategies[str(i)] = (new[q], old[~q] @ w + b)
+        else:  # mapped new queries against the old tune items
+            strategies[str(i)] = (new[q] @ w + b, old[~q])
+    shares = share_of_reembedding((new[q], new[~q]), strategies, k=k)
+    best = max(range(len(ridges)), key=lambda i: (shares[str(i)], -i))
+    record["candidates"] = [{"ridge": r, "share": shares[str(i)]} for i, r in enumerate(ridges)]
+    record["mean_variance"] = scale
+    return ridges[best], {**record, "chosen": ridges[best]}
