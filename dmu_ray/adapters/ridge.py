@@ -16,7 +16,7 @@ import numpy as np
 
 from dmu_ray.adapters.pairs import read_holdout
 from dmu_ray.adapters.stats import PairStats, affine_path
-from dmu_ray.evaluate.gate import share_of_reembedding
+from dmu_ray.evaluate.gate import shares_per_query
 from dmu_ray.storage import Location
 
 __all__ = ["RIDGE_GRID", "choose_ridge"]
@@ -30,10 +30,16 @@ def choose_ridge(
     stats: PairStats, tune_loc: Location, direction: str, k: int
 ) -> tuple[float, dict[str, Any]]:
     """The ridge of :data:`RIDGE_GRID` whose affine map, fitted on the pairs outside the tune
-    share (``stats.folds``: tune, rest), keeps the largest share of new/new's top-``k`` on the
-    tune pairs (every third one a query, the others the gallery; the smaller ridge on a tie).
+    share (``stats.folds``: tune, rest), keeps most of new/new's top-``k`` on the tune pairs
+    (every third one a query, the others the gallery): the smallest ridge whose share is within
+    one standard error of the best one's (the error of their difference, query by query).
     Returns it and the record the fit card keeps (per candidate its share). With fewer than 3
-    tune pairs, or fewer than 2 other pairs, there is nothing to choose on: ridge 0."""
+    tune pairs, or fewer than 2 other pairs, there is nothing to choose on: ridge 0.
+
+    Why the smallest within the error: the tune pairs come from the same sample as the fitted
+    ones, and a ridge shrinks the map towards that sample's mean, the part that carries least
+    to items unlike the sample (on the fonts set, to typefaces no pair came from); where the tune
+    pairs cannot tell two ridges apart, the smaller one is kept."""
     ids, old, new = read_holdout(tune_loc)
     tuned, rest = stats.folds or (None, None)
     record: dict[str, Any] = {"by": "tune share", "tune_pairs": int(len(ids)), "k": k, "candidates": []}
@@ -50,8 +56,13 @@ def choose_ridge(
             strategies[str(i)] = (new[q], old[~q] @ w + b)
         else:  # mapped new queries against the old tune items
             strategies[str(i)] = (new[q] @ w + b, old[~q])
-    shares = share_of_reembedding((new[q], new[~q]), strategies, k=k)
-    best = max(range(len(ridges)), key=lambda i: (shares[str(i)], -i))
-    record["candidates"] = [{"ridge": r, "share": shares[str(i)]} for i, r in enumerate(ridges)]
+    per = list(shares_per_query((new[q], new[~q]), strategies, k=k).values())  # in ridge order
+    means = [float(v.mean()) for v in per]
+    best = int(np.argmax(means))
+    errors = [float(np.std(per[best] - v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for v in per]
+    chosen = next(i for i in range(len(ridges)) if means[best] - means[i] <= errors[i])
+    record["candidates"] = [
+        {"ridge": r, "share": means[i], "error_to_best": errors[i]} for i, r in enumerate(ridges)
+    ]
     record["mean_variance"] = scale
-    return ridges[best], {**record, "chosen": ridges[best]}
+    return ridges[chosen], {**record, "chosen": ridges[chosen], "best_ridge": ridges[best]}

@@ -12,7 +12,7 @@ import numpy as np
 
 from dmu_ray.evaluate.search import SearchConfig, search
 
-__all__ = ["share_of_reembedding", "labelled_metrics", "unit_rows"]
+__all__ = ["share_of_reembedding", "shares_per_query", "labelled_metrics", "unit_rows"]
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -29,6 +29,18 @@ def share_of_reembedding(
 ) -> dict[str, float]:
     """For each strategy ``(queries, gallery)`` (row i of every gallery is the same item), the mean
     over queries of ``|top_k(strategy) & top_k(reference)| / k``; vectors are compared by cosine."""
+    per = shares_per_query(reference, strategies, k, cfg)
+    return {name: float(v.mean()) for name, v in per.items()}
+
+
+def shares_per_query(
+    reference: tuple[np.ndarray, np.ndarray],
+    strategies: dict[str, tuple[np.ndarray, np.ndarray]],
+    k: int = 10,
+    cfg: SearchConfig | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`share_of_reembedding` query by query: per strategy, each query's share of the
+    reference's top-k (what a paired comparison of two strategies needs)."""
     rq, rg = reference
     k = min(k, len(rg))
     if k < 1 or len(rq) == 0:
@@ -41,8 +53,7 @@ def share_of_reembedding(
                 f"{name}: {len(q)} queries and {len(g)} items, the reference has {len(rq)} and {len(rg)}"
             )
         got = search(unit_rows(q), unit_rows(g), k, cfg).ids
-        hits = (got[:, :, None] == ref[:, None, :]).any(-1).sum(1)
-        out[name] = float(hits.mean() / k)
+        out[name] = (got[:, :, None] == ref[:, None, :]).any(-1).sum(1) / k
     return out
 
 
