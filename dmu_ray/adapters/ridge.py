@@ -41,7 +41,7 @@ def choose_ridge(
     to items unlike the sample (on the fonts set, to typefaces no pair came from); where the tune
     pairs cannot tell two ridges apart, the smaller one is kept."""
     ids, old, new = read_holdout(tune_loc)
-    tuned, rest = stats.folds or (None, None)
+    _, rest = stats.folds or (None, None)  # (tune pairs, the rest)
     record: dict[str, Any] = {"by": "tune share", "tune_pairs": int(len(ids)), "k": k, "candidates": []}
     if rest is None or rest.n < 2 or len(ids) < 3:
         return 0.0, {**record, "chosen": 0.0, "note": "too few tune pairs to choose on; ridge 0"}
