@@ -185,15 +185,20 @@ def test_ridge_auto_picks_the_ridge_that_keeps_most_neighbours_on_the_tune_pairs
         ]
 
     assert share(ridge) > share(0.0) + 0.02
-    # the query side maps new -> old; nothing to choose on without tune pairs
-    qs = PairStats.of(new, old, fold=tune)
-    assert choose_ridge(qs, loc, "query", 10)[0] >= 0
+    # the query side maps new-model queries into the old space: with new = old R (R orthogonal)
+    # that map is exact, keeps all of new/new's neighbours, and ridge 0 is kept
+    rot = np.linalg.qr(rng.standard_normal((96, 96)))[0].astype(np.float32)
+    rotated = old @ rot
+    _write_pairs(resolve(str(tmp_path / "q")), 0, np.arange(160), old, rotated, None, tune)
+    rq, recq = choose_ridge(PairStats.of(rotated, old, fold=tune), resolve(str(tmp_path / "q")), "query", 10)
+    assert rq == 0.0 and recq["candidates"][0]["share"] == 1.0
     # targets a linear map of the sources exactly: every small ridge keeps all of new/new's
     # neighbours, and the smallest, 0, is kept
     exact = PairStats.of(old, old[:, :64] * 2 + 1, fold=tune)
     _write_pairs(resolve(str(tmp_path / "exact")), 0, np.arange(160), old, old[:, :64] * 2 + 1, None, tune)
     r0, rec0 = choose_ridge(exact, resolve(str(tmp_path / "exact")), "gallery", 10)
     assert r0 == 0.0 and rec0["candidates"][0]["share"] == 1.0
+    # nothing to choose on without tune pairs: ridge 0
     empty = resolve(str(tmp_path / "none"))
     assert choose_ridge(PairStats.of(old, new), empty, "gallery", 10)[0] == 0.0
 
