@@ -393,6 +393,10 @@ def test_ridge_auto_in_the_job_records_its_choice_and_fits_every_fitted_pair_wit
     assert rec["by"] == "tune share" and len(rec["candidates"]) == 8 and rec["tune_pairs"] > 50
     assert rec["chosen"] in [c["ridge"] for c in rec["candidates"]]
     assert not (tmp_path / "auto" / "_tune").exists()  # the tune pairs are scratch
+    assert (
+        f"Ridge auto: {rec['chosen']:.4g}, its share on {rec['tune_pairs']:,} tune pairs"
+        in (tmp_path / "auto" / "gate.md").read_text()
+    )
     card = load_artifact(auto["adapter"]["uri"]).card
     assert card.fit["ridge"] == rec and card.fit["options"]["ridge"] is None
     # the chosen ridge given as the config's: the same map (the tune pairs are fitted on too)
@@ -400,6 +404,7 @@ def test_ridge_auto_in_the_job_records_its_choice_and_fits_every_fitted_pair_wit
         AdapterFitConfig(output=str(tmp_path / "fixed"), ridge=rec["chosen"], **base), progress=False
     )
     assert fixed["fit"]["ridge"] == {"by": "config", "chosen": rec["chosen"]}
+    assert "(from the config)" in (tmp_path / "fixed" / "gate.md").read_text()
     w = [
         build_upgrade_module(load_artifact(r["adapter"]["uri"])).weight.detach().numpy()
         for r in (auto, fixed)

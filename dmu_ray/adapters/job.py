@@ -214,6 +214,21 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
     }
 
 
+def _ridge_line(record: dict[str, Any] | None) -> str:
+    """The affine fit's ridge for gate.md: how it was set and, for auto, what it was chosen on."""
+    if record is None:
+        return ""
+    if record["by"] == "config":
+        return f" Ridge {record['chosen']:.4g} (from the config)."
+    if not record["candidates"]:
+        return f" Ridge auto: 0 ({record['note']})."
+    share = next(c["share"] for c in record["candidates"] if c["ridge"] == record["chosen"])
+    return (
+        f" Ridge auto: {record['chosen']:.4g}, its share on {record['tune_pairs']:,} tune pairs {share:.3f} "
+        f"(the smallest of {len(record['candidates'])} within one standard error of the best)."
+    )
+
+
 def _report(result: dict[str, Any]) -> str:
     gate = result["gate"]
     lines = [
@@ -221,7 +236,7 @@ def _report(result: dict[str, Any]) -> str:
         "",
         f"Pairs: {result['pairs']['matched']:,} matched ({result['pairs']['fitted']:,} fitted, "
         f"{result['pairs']['held_out']:,} held out), {result['pairs']['old_only']:,} old-only and "
-        f"{result['pairs']['new_only']:,} new-only rows.",
+        f"{result['pairs']['new_only']:,} new-only rows.{_ridge_line(result['fit'].get('ridge'))}",
         "",
         f"Share of a full re-embedding's top-{gate['k']} retrieved ({gate['queries']:,} held-out queries, "
         f"{gate['gallery']:,} held-out items; new/new = 1):",
