@@ -198,6 +198,10 @@ def test_ridge_auto_picks_the_ridge_that_keeps_most_neighbours_on_the_tune_pairs
     _write_pairs(resolve(str(tmp_path / "exact")), 0, np.arange(160), old, old[:, :64] * 2 + 1, None, tune)
     r0, rec0 = choose_ridge(exact, resolve(str(tmp_path / "exact")), "gallery", 10)
     assert r0 == 0.0 and rec0["candidates"][0]["share"] == 1.0
+    # the tune share is capped so that the driver never holds more than about MAX_TUNE_PAIRS
+    from dmu_ray.adapters.ridge import MAX_TUNE_PAIRS, tune_share
+
+    assert tune_share(0.1, 5_000) == 0.1 and tune_share(0.1, 10**9) * 10**9 == pytest.approx(MAX_TUNE_PAIRS)
     # nothing to choose on without tune pairs: ridge 0
     empty = resolve(str(tmp_path / "none"))
     assert choose_ridge(PairStats.of(old, new), empty, "gallery", 10)[0] == 0.0

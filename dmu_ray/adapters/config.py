@@ -97,7 +97,8 @@ class AdapterFitConfig(StrictModel):
         default=0.1,
         gt=0,
         lt=1,
-        description="ridge auto: seeded share of the fitted pairs its choice is scored on (then fitted on too)",
+        description="ridge auto: seeded share of the fitted pairs its choice is scored on (then fitted on "
+        "too); less where it would be more than about 20,000 pairs",
     )
     rank: int | None = Field(default=None, ge=1, description="affine: rank of the map (reduced-rank fit)")
     mlp: MlpSection | None = Field(default=None, description="adapter mlp / mlp-uncertainty: the training")

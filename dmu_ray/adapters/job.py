@@ -19,6 +19,7 @@ import numpy as np
 
 from dmu_ray.adapters.config import TRAINED, AdapterFitConfig
 from dmu_ray.adapters.pairs import join_pairs, read_holdout_labelled
+from dmu_ray.adapters.ridge import choose_ridge, tune_share
 from dmu_ray.adapters.stats import PairStats, affine, procrustes, residual
 from dmu_ray.evaluate.gate import labelled_metrics, share_of_reembedding
 from dmu_ray.gallery import Gallery, GalleryError
@@ -95,8 +96,6 @@ def _ridge(
         return 0.0, None
     if choice != "auto":
         return float(choice), {"by": "config", "chosen": float(choice)}
-    from dmu_ray.adapters.ridge import choose_ridge
-
     ridge, record = choose_ridge(stats, out.join("_tune"), cfg.direction, cfg.gate.k)
     if record["candidates"]:
         tried = ", ".join(f"{c['ridge']:.3g}: {c['share']:.3f}" for c in record["candidates"])
@@ -339,7 +338,7 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
             num_gpus=cfg.num_gpus,
             fit_loc=out.join("_fit") if cfg.adapter in TRAINED else None,
             tune_loc=out.join("_tune") if cfg.ridge_choice == "auto" else None,
-            tune=cfg.tune,
+            tune=tune_share(cfg.tune, int(min(old.num_rows, new.num_rows) * (1 - cfg.holdout))),
             progress=say,
         )
     finally:

@@ -19,11 +19,22 @@ from dmu_ray.adapters.stats import PairStats, affine_path
 from dmu_ray.evaluate.gate import shares_per_query
 from dmu_ray.storage import Location
 
-__all__ = ["RIDGE_GRID", "choose_ridge"]
+__all__ = ["RIDGE_GRID", "MAX_TUNE_PAIRS", "choose_ridge", "tune_share"]
 
 #: the ridges tried, as multiples of the source vectors' mean variance (so the choice does not
 #: depend on the vectors' scale), and 0
 RIDGE_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+#: about the most tune pairs a choice uses: the driver reads them all and searches a third of them
+#: against the rest once per candidate (20,000 pairs of 1280-d vectors: 200 MB, seconds of search)
+MAX_TUNE_PAIRS = 20_000
+
+
+def tune_share(tune: float, pairs: int) -> float:
+    """The share of about ``pairs`` fitted pairs set apart as tune pairs: ``tune``, or less, so that
+    about :data:`MAX_TUNE_PAIRS` are (a billion pairs must not put a tenth of them on the driver)."""
+    return min(tune, MAX_TUNE_PAIRS / max(pairs, 1))
 
 
 def choose_ridge(
