@@ -42,9 +42,10 @@ class MlpSection(StrictModel):
 
 
 class GateSection(StrictModel):
-    """The label-free gate on the held-out pairs: the first ``queries`` held-out items (by id) are
-    queries, up to ``max_gallery`` more the gallery; each strategy's share of the full
-    re-embedding's (new/new) top ``k``."""
+    """The label-free gate on the held-out pairs: ``queries`` held-out items taken in a seeded
+    random order (a hash of the id and ``seed``, so not the first by id: ids often follow a class
+    or a folder) are queries, up to ``max_gallery`` more the gallery; each strategy's share of the
+    full re-embedding's (new/new) top ``k``."""
 
     queries: int = Field(default=1000, ge=1, description="held-out items used as queries")
     max_gallery: int = Field(default=50_000, ge=1, description="held-out items used as the gallery, at most")
@@ -103,7 +104,7 @@ class AdapterFitConfig(StrictModel):
     rank: int | None = Field(default=None, ge=1, description="affine: rank of the map (reduced-rank fit)")
     mlp: MlpSection | None = Field(default=None, description="adapter mlp / mlp-uncertainty: the training")
     holdout: float = Field(default=0.1, gt=0, lt=1, description="seeded share of pairs held out for the gate")
-    seed: int = Field(default=0, description="seed of the held-out share (by id)")
+    seed: int = Field(default=0, description="seed of the held-out share and of the gate's order (by id)")
     min_matched_share: float = Field(
         default=0.9,
         ge=0,

@@ -178,7 +178,9 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
     import torch
 
     g = cfg.gate
-    ids, old, new, labels = read_holdout_labelled(out.join("holdout"), limit=g.queries + g.max_gallery)
+    ids, old, new, labels = read_holdout_labelled(
+        out.join("holdout"), limit=g.queries + g.max_gallery, seed=cfg.seed
+    )
     if len(ids) <= g.queries:
         raise AdapterError(
             f"gate: {len(ids)} held-out pairs, but gate.queries is {g.queries} and the gallery needs more; "
@@ -223,7 +225,8 @@ def _ridge_line(record: dict[str, Any] | None) -> str:
         return f" Ridge auto: 0 ({record['note']})."
     share = next(c["share"] for c in record["candidates"] if c["ridge"] == record["chosen"])
     return (
-        f" Ridge auto: {record['chosen']:.4g}, its share on {record['tune_pairs']:,} tune pairs {share:.3f} "
+        f" Ridge auto: {record['chosen']:.4g}, its share of new/new's top-{record['k']} on "
+        f"{record['tune_pairs']:,} tune pairs {share:.3f} "
         f"(the smallest of {len(record['candidates'])} within one standard error of the best)."
     )
 

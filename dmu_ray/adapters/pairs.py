@@ -37,7 +37,7 @@ from dmu_ray.gallery import EMB, ID, Gallery, embedding_array, embedding_matrix,
 from dmu_ray.storage import Location, write_bytes_atomic
 
 LABEL = "label"
-__all__ = ["PairCounts", "bucket_count", "id_keys", "join_pairs", "read_holdout"]
+__all__ = ["PairCounts", "bucket_count", "gate_order", "id_keys", "join_pairs", "read_holdout"]
 
 #: rows per file of the fitted pairs an MLP trains on (a Ray Data block each: bounded memory)
 FIT_FILE_ROWS = 32_768
@@ -53,6 +53,8 @@ SCRATCH = ".arrow"
 #: seeds of the hashes of an id: its bucket, whether it is held out, whether a fitted pair is one
 #: of the tune share (apart, so that each share is the same in every bucket)
 BUCKET_SALT, HOLDOUT_SALT, TUNE_SALT = 0x5EED_B0C7, 0x401D_0007, 0x7E0E_0011
+#: seed of the hash that orders the held-out items for the gate (:func:`gate_order`)
+GATE_SALT = 0x6A7E_0D3F
 
 
 @dataclass
@@ -106,14 +108,6 @@ def bucket_count(rows: int, bucket_rows: int, slots: float) -> int:
     by_memory = -(-rows // bucket_rows)
     by_cpus = min(int(slots), rows // MIN_BUCKET_ROWS)
     return max(1, by_memory, by_cpus)
-
-
-def _read_folder(loc: Location) -> pa.Table | None:
-    """Every data Parquet file directly under ``loc`` as one table (None when there is none)."""
-    names = loc.list_files(".parquet", data_only=True)
-    if not names:
-        return None
-    return pa.concat_tables([pq.read_table(loc.fs.open_input_file(loc.join(n).path)) for n in names])
 
 
 def _read_bucket(loc: Location, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -305,23 +299,52 @@ def _merged(results: list[dict]) -> tuple[PairCounts, PairStats]:
     return counts, stats
 
 
-def read_holdout(loc: Location, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, old, new)`` of the held-out pairs, sorted by id (the first ``limit`` when given)."""
-    ids, old, new, _ = read_holdout_labelled(loc, limit)
+def read_holdout(
+    loc: Location, limit: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids, old, new)`` of the held-out pairs in the gate's order (:func:`gate_order`), the
+    first ``limit`` when given."""
+    ids, old, new, _ = read_holdout_labelled(loc, limit, seed)
     return ids, old, new
 
 
+def gate_order(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The order in which the gate takes held-out items: by a seeded hash of the id (ties by
+    id), a uniform sample at any length whatever the ids' order. (Ids often follow a class, a
+    folder or a time: the first items by id would all be of a few classes.)"""
+    return np.lexsort((id_keys(ids), unit_hash(id_keys(ids), GATE_SALT + seed)))
+
+
 def read_holdout_labelled(
-    loc: Location, limit: int | None = None
+    loc: Location, limit: int | None = None, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """:func:`read_holdout` with the items' labels (-1: none; None when the galleries had none)."""
-    t = _read_folder(loc)
-    if t is None:
+    """:func:`read_holdout` with the items' labels (-1: none; None when the galleries had none).
+    Only the ids of every file and then the rows taken are held: the first ``limit`` of a large
+    held-out share cost ``limit`` rows of memory, not the share's."""
+    names = loc.list_files(".parquet", data_only=True)
+    if not names:
         empty = np.empty((0, 0), np.float32)
         return np.empty(0, np.int64), empty, empty, None
-    t = t.sort_by(ID)
+
+    def read(name: str, columns: list[str] | None = None) -> pa.Table:
+        with loc.fs.open_input_file(loc.join(name).path) as f:
+            return pq.read_table(f, columns=columns)
+
+    per_file = [read(n, [ID]).column(ID).to_numpy(zero_copy_only=False) for n in names]
+    ids = np.concatenate(per_file)
+    order = gate_order(ids, seed)
     if limit is not None:
-        t = t.slice(0, limit)
+        order = order[:limit]
+    rank = np.full(len(ids), -1, np.int64)  # each taken row's place in the gate's order
+    rank[order] = np.arange(len(order))
+    parts, places, start = [], [], 0
+    for name, file_ids in zip(names, per_file, strict=True):
+        mine = rank[start : start + len(file_ids)]
+        start += len(file_ids)
+        if (mine >= 0).any():
+            parts.append(read(name).filter(pa.array(mine >= 0)))
+            places.append(mine[mine >= 0])
+    t = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(places))))
     return (
         t.column(ID).to_numpy(zero_copy_only=False),
         embedding_matrix(t.column("old")).astype(np.float32),

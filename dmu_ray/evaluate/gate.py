@@ -38,23 +38,38 @@ def shares_per_query(
     strategies: dict[str, tuple[np.ndarray, np.ndarray]],
     k: int = 10,
     cfg: SearchConfig | None = None,
+    own: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """:func:`share_of_reembedding` query by query: per strategy, each query's share of the
-    reference's top-k (what a paired comparison of two strategies needs)."""
+    reference's top-k (what a paired comparison of two strategies needs). ``own``: each query's
+    own row in the galleries (queries drawn from the gallery's items), left out of its neighbours
+    in every search."""
     rq, rg = reference
-    k = min(k, len(rg))
+    k = min(k, len(rg) - (own is not None))
     if k < 1 or len(rq) == 0:
         raise ValueError(f"the gate needs queries and a gallery (got {len(rq)} queries, {len(rg)} items)")
-    ref = search(unit_rows(rq), unit_rows(rg), k, cfg).ids
+    ref = _top(rq, rg, k, cfg, own)
     out = {}
     for name, (q, g) in strategies.items():
         if len(q) != len(rq) or len(g) != len(rg):
             raise ValueError(
                 f"{name}: {len(q)} queries and {len(g)} items, the reference has {len(rq)} and {len(rg)}"
             )
-        got = search(unit_rows(q), unit_rows(g), k, cfg).ids
+        got = _top(q, g, k, cfg, own)
         out[name] = (got[:, :, None] == ref[:, None, :]).any(-1).sum(1) / k
     return out
+
+
+def _top(
+    q: np.ndarray, g: np.ndarray, k: int, cfg: SearchConfig | None, own: np.ndarray | None
+) -> np.ndarray:
+    """Top-``k`` rows of ``g`` for each query by cosine, each query's ``own`` row left out."""
+    if own is None:
+        return search(unit_rows(q), unit_rows(g), k, cfg).ids
+    ids = search(unit_rows(q), unit_rows(g), k + 1, cfg).ids
+    keep = ids != np.asarray(own)[:, None]
+    keep[keep.all(1), -1] = False  # its own row not among the k + 1: the last one goes
+    return ids[keep].reshape(len(ids), k)
 
 
 def labelled_metrics(
