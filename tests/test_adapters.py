@@ -422,6 +422,12 @@ def test_fit_a_gallery_side_adapter_gate_it_and_refresh_with_it(ray_local, tmp_p
     r2 = cli("adapter", "fit", "--config", str(cfg2), "--quiet")
     assert r2.returncode == 1, r2.stderr
     assert "gate FAILED (min 1.0)" in r2.stdout and "new/upgraded retrieves" in r2.stdout
+    # about 440 gate items for a top-10: coarse neighbourhoods, said in gate.json, gate.md and on stderr
+    from dmu_ray.adapters.job import coarse_gate
+
+    caution = json.loads((tmp_path / "ad2" / "gate.json").read_text())["gate"]["caution"]
+    assert caution and caution in (tmp_path / "ad2" / "gate.md").read_text() and caution in r2.stderr
+    assert "at least 1,000 items" in caution and coarse_gate(1000, 10) is None and coarse_gate(999, 10)
 
 
 def test_a_query_side_adapter_maps_new_queries_to_the_old_space_and_refresh_refuses_it(ray_local, tmp_path):

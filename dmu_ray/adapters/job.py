@@ -199,20 +199,40 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
             strategies[label] = (new[q], vectors)
     shares = share_of_reembedding((new[q], new[r]), strategies, k=g.k)
     passed = None if g.min_share is None else shares[name] >= g.min_share
+    k = min(g.k, len(ids) - g.queries)
     labelled = None
     if labels is not None and (labels >= 0).all():  # every gate item labelled: the labelled figures too
         both = {**strategies, "new/new": (new[q], new[r])}
         labelled = labelled_metrics(both, labels[q], labels[r], map_at=100)
     return {
         "labelled": labelled,
-        "k": min(g.k, len(ids) - g.queries),
+        "k": k,
         "queries": g.queries,
         "gallery": len(ids) - g.queries,
+        "caution": coarse_gate(len(ids) - g.queries, k),
         "strategy": name,
         "share": shares,
         "min_share": g.min_share,
         "passed": passed,
     }
+
+
+#: the fewest gallery items per neighbour for a gate whose share says something of a larger
+#: gallery: below it (a top-k over more than 1% of the items) neighbourhoods are coarse, most maps
+#: keep them, and the share over-states a larger gallery's (fonts set, docs/results.md: 0.47-0.59
+#: among 75 items against 0.06-0.11 among 14,960; within 0.04 among 5,324)
+COARSE_ITEMS_PER_K = 100
+
+
+def coarse_gate(gallery: int, k: int) -> str | None:
+    """The gate's caution when its gallery is too small for its ``k`` (None when it is not)."""
+    if gallery >= COARSE_ITEMS_PER_K * k:
+        return None
+    return (
+        f"the gate's gallery holds {gallery:,} items: a top-{k} among them is a coarse neighbourhood "
+        "that most maps keep, so these shares over-state those of a larger gallery (raise holdout or "
+        f"gate.max_gallery to at least {COARSE_ITEMS_PER_K * k:,} items)"
+    )
 
 
 def _ridge_line(record: dict[str, Any] | None) -> str:
@@ -261,6 +281,8 @@ def _report(result: dict[str, Any]) -> str:
         ]
     else:
         lines += [f"| {s} | {v:.4f} |" for s, v in gate["share"].items()]
+    if gate.get("caution"):
+        lines += ["", f"Caution: {gate['caution']}."]
     if gate["min_share"] is not None:
         verdict = "passes" if gate["passed"] else "does NOT pass"
         lines += ["", f"{gate['strategy']} {verdict} the gate (min_share {gate['min_share']})."]

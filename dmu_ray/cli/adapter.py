@@ -4,6 +4,7 @@ without labels."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dmu_ray.cli.common import _job_args, _job_config, _storage, _storage_args
 
@@ -25,6 +26,8 @@ def _cmd_adapter_fit(ns: argparse.Namespace) -> int:
             else f"; gate {'passed' if gate['passed'] else 'FAILED'} (min {gate['min_share']})"
         )
     )
+    if gate.get("caution"):
+        print(f"caution: {gate['caution']}", file=sys.stderr)
     return 1 if gate["passed"] is False else 0
 
 
