@@ -199,7 +199,8 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
             strategies[label] = (new[q], vectors)
     shares = share_of_reembedding((new[q], new[r]), strategies, k=g.k)
     passed = None if g.min_share is None else shares[name] >= g.min_share
-    k = min(g.k, len(ids) - g.queries)
+    gallery = len(ids) - g.queries
+    k = min(g.k, gallery)
     labelled = None
     if labels is not None and (labels >= 0).all():  # every gate item labelled: the labelled figures too
         both = {**strategies, "new/new": (new[q], new[r])}
@@ -208,8 +209,8 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
         "labelled": labelled,
         "k": k,
         "queries": g.queries,
-        "gallery": len(ids) - g.queries,
-        "caution": coarse_gate(len(ids) - g.queries, k),
+        "gallery": gallery,
+        "caution": coarse_gate(gallery, k),
         "strategy": name,
         "share": shares,
         "min_share": g.min_share,

@@ -312,7 +312,8 @@ def gate_order(ids: np.ndarray, seed: int = 0) -> np.ndarray:
     """The order in which the gate takes held-out items: by a seeded hash of the id (ties by
     id), a uniform sample at any length whatever the ids' order. (Ids often follow a class, a
     folder or a time: the first items by id would all be of a few classes.)"""
-    return np.lexsort((id_keys(ids), unit_hash(id_keys(ids), GATE_SALT + seed)))
+    keys = id_keys(ids)
+    return np.lexsort((keys, unit_hash(keys, GATE_SALT + seed)))
 
 
 def read_holdout_labelled(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from dmu_ray.evaluate.search import SearchConfig, search
+from dmu_ray.methods.prototypes import own_row_left_out
 
 __all__ = ["share_of_reembedding", "shares_per_query", "labelled_metrics", "unit_rows"]
 
@@ -67,9 +68,7 @@ def _top(
     if own is None:
         return search(unit_rows(q), unit_rows(g), k, cfg).ids
     ids = search(unit_rows(q), unit_rows(g), k + 1, cfg).ids
-    keep = ids != np.asarray(own)[:, None]
-    keep[keep.all(1), -1] = False  # its own row not among the k + 1: the last one goes
-    return ids[keep].reshape(len(ids), k)
+    return ids[own_row_left_out(ids, own)].reshape(len(ids), k)
 
 
 def labelled_metrics(

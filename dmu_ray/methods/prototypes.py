@@ -29,6 +29,15 @@ import faiss
 import numpy as np
 
 
+def own_row_left_out(ids: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Mask of a top-``(k + 1)`` search result ``ids`` that keeps ``k`` per row: each row's
+    ``own`` id left out wherever it ranked (duplicates may displace it), the last one where it is
+    absent."""
+    keep = ids != np.asarray(own)[:, None]
+    keep[keep.all(1), -1] = False
+    return keep
+
+
 def knn_graph(feats: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
     """``(neighbour ids (n, k), cosine similarities (n, k))`` of each unit-norm row among the
     others (itself excluded), exact inner-product search with faiss."""
@@ -43,9 +52,7 @@ def knn_graph(feats: np.ndarray, k: int, batch: int = 8192) -> tuple[np.ndarray,
     sims = np.empty((n, k), dtype=np.float32)
     for lo in range(0, n, batch):
         d, i = index.search(x[lo : lo + batch], k + 1)
-        rows = np.arange(lo, min(lo + batch, n))[:, None]
-        keep = i != rows  # drop the row itself wherever it ranked (duplicates may displace it)
-        keep[keep.sum(1) > k, -1] = False  # itself absent from the top k+1: drop the last instead
+        keep = own_row_left_out(i, np.arange(lo, min(lo + batch, n)))
         ids[lo : lo + batch] = i[keep].reshape(-1, k)
         sims[lo : lo + batch] = d[keep].reshape(-1, k)
     return ids, sims
