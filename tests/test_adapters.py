@@ -496,6 +496,19 @@ def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
     other = gallery(str(tmp_path / "other"), np.arange(10_000, 10_400), np.eye(400, 32), "new-m")
     with pytest.raises(AdapterError, match=r"only 0 of the smaller gallery's 400 ids \(0.0%\) have a pair"):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=other, output=str(tmp_path / "o1")))
+    assert [p for p in (tmp_path / "o1").rglob("*") if p.is_file()] == []  # claim and holdout removed
+    # too few held-out pairs for the gate: refused after the join, before anything is fitted, and
+    # the same output then takes the fixed config
+    few = {"old_gallery": g_old, "new_gallery": g_new, "output": str(tmp_path / "o3")}
+    with pytest.raises(
+        AdapterError, match=r"gate: \d+ held-out pairs \(holdout 0.05 of 360 matched\), but gate"
+    ):
+        run_adapter_fit(
+            AdapterFitConfig(holdout=0.05, gate={"queries": 30}, adapter="mlp", mlp={"batch_size": 16}, **few)
+        )
+    assert [p for p in (tmp_path / "o3").rglob("*") if p.is_file()] == []
+    ok = run_adapter_fit(AdapterFitConfig(holdout=0.05, gate={"queries": 5}, **few), progress=False)
+    assert ok["gate"]["queries"] == 5 and (tmp_path / "o3" / "adapter.pt").exists()
     same = gallery(str(tmp_path / "same"), np.arange(400), np.eye(400, 24), "old-m")
     with pytest.raises(AdapterError, match="both embedded by model 'old-m'"):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=same, output=str(tmp_path / "o2")))

@@ -4,7 +4,8 @@ held-out pairs without labels.
 
 Everything that can fail is checked first (both galleries committed and verified, dims, two
 different models, an empty output folder claimed with ``_adapter.json``); the matched share is
-checked after the join, before anything is fitted or written besides the held-out pairs.
+checked after the join, with the gate's size, before anything is fitted; a job refused there
+removes the held-out pairs and its claim, so the same config can run again once fixed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dmu_ray.evaluate.gate import labelled_metrics, share_of_reembedding
 from dmu_ray.gallery import Gallery, GalleryError
 from dmu_ray.models.artifact import load_artifact, save_upgrade_module
 from dmu_ray.models.linear_map import LinearMap
-from dmu_ray.storage import Location, create_exclusive, resolve, write_bytes_atomic
+from dmu_ray.storage import Location, create_exclusive, release_if_alone, resolve, write_bytes_atomic
 
 __all__ = ["AdapterError", "run_adapter_fit", "ADAPTER_FILE", "CLAIM"]
 
@@ -74,9 +75,48 @@ def check_inputs(cfg: AdapterFitConfig) -> tuple[Gallery, Gallery, Location]:
     for g in (old, new):
         if out.overlaps(g.loc):
             raise AdapterError(f"output {out.uri} overlaps {g.loc.uri}; choose another folder")
-    if out.list_files(recursive=True):
-        raise AdapterError(f"output {out.uri} already holds files; an adapter job writes to a new folder")
+    held = out.list_files(recursive=True)
+    if held:
+        names = {p.rsplit("/", 1)[-1] for p in held}
+        unfinished = (
+            f" (an adapter job that did not finish: {CLAIM} without {ADAPTER_FILE} or gate.json; delete "
+            "the folder to run it again)"
+            if CLAIM in names and not {ADAPTER_FILE, "gate.json"} <= names
+            else ""
+        )
+        raise AdapterError(
+            f"output {out.uri} already holds files{unfinished}; an adapter job writes to a new folder"
+        )
     return old, new, out
+
+
+#: the job's scratch folders: the MLP's pairs, Ray Train's run, the tune pairs
+SCRATCH = ("_fit", "_train", "_tune")
+
+
+def _drop(out: Location, folders: tuple[str, ...]) -> None:
+    """Delete these folders under ``out`` (those that exist), on disk or S3 alike."""
+    for name in folders:
+        with contextlib.suppress(OSError):
+            out.fs.delete_dir(out.join(name).path)
+
+
+def _check_pairs(cfg: AdapterFitConfig, counts: Any, smaller: int) -> None:
+    """What the join found can be fitted and gated: enough of the ids matched, and enough pairs
+    held out for the gate's queries and a gallery (checked before anything is fitted)."""
+    share = counts.matched / smaller
+    if share < cfg.min_matched_share:
+        raise AdapterError(
+            f"only {counts.matched:,} of the smaller gallery's {smaller:,} ids ({share:.1%}) have a pair, "
+            f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
+            "(old_gallery and new_gallery must share ids)"
+        )
+    if counts.held_out <= cfg.gate.queries:
+        raise AdapterError(
+            f"gate: {counts.held_out:,} held-out pairs (holdout {cfg.holdout} of {counts.matched:,} "
+            f"matched), but gate.queries is {cfg.gate.queries:,} and the gate's gallery needs more; "
+            "raise holdout or lower gate.queries"
+        )
 
 
 def _closed_form(
@@ -321,6 +361,40 @@ def plot_gate(result: dict[str, Any]) -> bytes:
     return figure_png(fig)
 
 
+def _join_and_check(
+    cfg: AdapterFitConfig, old: Gallery, new: Gallery, out: Location, say
+) -> tuple[Any, PairStats]:
+    """The join's counts and statistics (its held-out pairs written), checked by :func:`_check_pairs`."""
+    work = out.join("_pairs")
+    try:
+        counts, stats = join_pairs(
+            old,
+            new,
+            work,
+            out.join("holdout"),
+            direction=cfg.direction,
+            holdout=cfg.holdout,
+            seed=cfg.seed,
+            bucket_rows=cfg.bucket_rows,
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            fit_loc=out.join("_fit") if cfg.adapter in TRAINED else None,
+            tune_loc=out.join("_tune") if cfg.ridge_choice == "auto" else None,
+            tune=tune_share(cfg.tune, int(min(old.num_rows, new.num_rows) * (1 - cfg.holdout))),
+            progress=say,
+        )
+    finally:
+        _drop(out, ("_pairs",))  # the join's bucket files
+    smaller = min(old.num_rows, new.num_rows)
+    say(
+        f"  pairs: {counts.matched:,} matched ({counts.matched / smaller:.1%} of the smaller gallery's "
+        f"{smaller:,} rows): {counts.fitted:,} to fit, {counts.held_out:,} held out; "
+        f"{counts.old_only:,} old-only, {counts.new_only:,} new-only"
+    )
+    _check_pairs(cfg, counts, smaller)
+    return counts, stats
+
+
 def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str, Any]:
     """Join, fit, write ``adapter.pt``, gate; returns the result (also in ``gate.json``;
     ``gate.md`` and ``gate.png`` say which strategy passed)."""
@@ -349,46 +423,16 @@ def run_adapter_fit(cfg: AdapterFitConfig, *, progress: bool = True) -> dict[str
         f"adapter {cfg.adapter} ({cfg.direction} side): {src.model.model_id} ({src.model.dim}-d) -> "
         f"{dst.model.model_id} ({dst.model.dim}-d), pairs of {old.loc.uri} and {new.loc.uri}"
     )
-    work = out.join("_pairs")
     try:
-        counts, stats = join_pairs(
-            old,
-            new,
-            work,
-            out.join("holdout"),
-            direction=cfg.direction,
-            holdout=cfg.holdout,
-            seed=cfg.seed,
-            bucket_rows=cfg.bucket_rows,
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            fit_loc=out.join("_fit") if cfg.adapter in TRAINED else None,
-            tune_loc=out.join("_tune") if cfg.ridge_choice == "auto" else None,
-            tune=tune_share(cfg.tune, int(min(old.num_rows, new.num_rows) * (1 - cfg.holdout))),
-            progress=say,
-        )
-    finally:
-        with contextlib.suppress(OSError):  # the join's bucket files, on disk or S3 alike
-            work.fs.delete_dir(work.path)
-    smaller = min(old.num_rows, new.num_rows)
-    share = counts.matched / smaller
-    say(
-        f"  pairs: {counts.matched:,} matched ({share:.1%} of the smaller gallery's {smaller:,} rows): "
-        f"{counts.fitted:,} to fit, {counts.held_out:,} held out; {counts.old_only:,} old-only, "
-        f"{counts.new_only:,} new-only"
-    )
+        counts, stats = _join_and_check(cfg, old, new, out, say)
+    except BaseException:  # nothing fitted yet: the output is left as it was found, free to reuse
+        _drop(out, SCRATCH + ("holdout",))
+        release_if_alone(out, CLAIM)
+        raise
     try:
-        if share < cfg.min_matched_share:
-            raise AdapterError(
-                f"only {counts.matched:,} of the smaller gallery's {smaller:,} ids ({share:.1%}) have a pair, "
-                f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
-                "(old_gallery and new_gallery must share ids)"
-            )
         module, fitted = _fit(cfg, stats, out, say, progress)
-    finally:  # the MLP's pairs, Ray Train's run, the tune pairs: scratch, whatever happened
-        for folder in (out.join("_fit"), out.join("_train"), out.join("_tune")):
-            with contextlib.suppress(OSError):
-                folder.fs.delete_dir(folder.path)
+    finally:
+        _drop(out, SCRATCH)
     mse = fitted.pop("mse")
     spread = stats.yy / stats.n - float((stats.sy / stats.n) @ (stats.sy / stats.n))
     ident = cfg.id or f"{src.model.model_id}->{dst.model.model_id}"
