@@ -283,14 +283,27 @@ def test_share_of_reembedding_counts_new_news_neighbours():
     got = shares_per_query((g[own], g), {"own only": (g[own], noisy)}, 10, own=own)["own only"]
 
     def top(q: np.ndarray, x: np.ndarray) -> np.ndarray:  # brute force, the own row left out
-        sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
-            x / np.linalg.norm(x, axis=1, keepdims=True)
-        ).T
-        sim[np.arange(len(own)), own] = -np.inf
-        return np.argsort(-sim, 1)[:, :10]
+        return np.argsort(-_cos_without_own(q, x, own), 1)[:, :10]
 
     ref, mine = top(g[own], g), top(g[own], noisy)
     np.testing.assert_allclose(got, [len(np.intersect1d(a, b)) / 10 for a, b in zip(ref, mine, strict=True)])
+    # the labelled figures the same way: the own row is neither a result nor counted as relevant
+    from dmu_ray.evaluate.gate import labelled_metrics
+
+    labels = rng.integers(0, 5, 300)
+    lab = labelled_metrics({"noisy": (g[own], noisy)}, labels[own], labels, map_at=20, own=own)["noisy"]
+    ranked = labels[np.argsort(-_cos_without_own(g[own], noisy, own), 1)[:, :20]]
+    rel = ranked == labels[own][:, None]
+    n_rel = (labels[None, :] == labels[own][:, None]).sum(1) - 1
+    ap = (np.cumsum(rel, 1) / np.arange(1, 21) * rel).sum(1) / np.minimum(n_rel, 20)
+    assert lab["R@1"] == pytest.approx(rel[:, 0].mean()) and lab["mAP@20"] == pytest.approx(ap.mean())
+    assert lab["R@1"] < 1  # with its own row (the query's own vector) among the results: 1
+
+
+def _cos_without_own(q: np.ndarray, x: np.ndarray, own: np.ndarray) -> np.ndarray:
+    sim = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    sim[np.arange(len(own)), own] = -np.inf
+    return sim
 
 
 def gallery(uri: str, ids: np.ndarray, vecs: np.ndarray, model: str, files: int = 3) -> str:
@@ -501,14 +514,15 @@ def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
     # the same output then takes the fixed config
     few = {"old_gallery": g_old, "new_gallery": g_new, "output": str(tmp_path / "o3")}
     with pytest.raises(
-        AdapterError, match=r"gate: \d+ held-out pairs \(holdout 0.05 of 360 matched\), but gate"
+        AdapterError, match=r"gate: \d+ held-out pairs \(holdout 0.05 of 360 matched\), but each"
     ):
         run_adapter_fit(
-            AdapterFitConfig(holdout=0.05, gate={"queries": 30}, adapter="mlp", mlp={"batch_size": 16}, **few)
+            AdapterFitConfig(holdout=0.05, gate={"k": 30}, adapter="mlp", mlp={"batch_size": 16}, **few)
         )
     assert [p for p in (tmp_path / "o3").rglob("*") if p.is_file()] == []
-    ok = run_adapter_fit(AdapterFitConfig(holdout=0.05, gate={"queries": 5}, **few), progress=False)
-    assert ok["gate"]["queries"] == 5 and (tmp_path / "o3" / "adapter.pt").exists()
+    ok = run_adapter_fit(AdapterFitConfig(holdout=0.05, gate={"k": 5}, **few), progress=False)
+    assert (tmp_path / "o3" / "adapter.pt").exists()
+    assert ok["gate"]["queries"] == ok["pairs"]["held_out"] == ok["gate"]["gallery"] + 1  # all, < 1,000
     same = gallery(str(tmp_path / "same"), np.arange(400), np.eye(400, 24), "old-m")
     with pytest.raises(AdapterError, match="both embedded by model 'old-m'"):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=same, output=str(tmp_path / "o2")))
@@ -757,8 +771,9 @@ def test_pairs_from_images_an_mlp_uncertainty_backfill_and_queries_embedded_thro
     assert set(lab) == set(up["gate"]["share"]) | {"new/new"}
     _, _, h_new, h_lab = read_holdout_labelled(resolve(str(tmp_path / "up" / "holdout")))
     unit = h_new / np.linalg.norm(h_new, axis=1, keepdims=True)
-    best = (unit[:50] @ unit[50:].T).argmax(1)
-    assert lab["new/new"]["R@1"] == pytest.approx((h_lab[50:][best] == h_lab[:50]).mean())
+    sim = unit[:50] @ unit.T  # each query among all the other held-out items
+    sim[np.arange(50), np.arange(50)] = -np.inf
+    assert lab["new/new"]["R@1"] == pytest.approx((h_lab[sim.argmax(1)] == h_lab[:50]).mean())
     assert 0 < lab["new/new"]["mAP@100"] <= 1 and "mAP@100" in (tmp_path / "up" / "gate.md").read_text()
     # backfill by the adapter's uncertainty: the old gallery (all digits) in the new space
     embed_to_gallery(f"{data}/gallery", m["old"], str(tmp_path / "g-old"), rows_per_file=300)

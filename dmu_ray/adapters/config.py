@@ -42,13 +42,20 @@ class MlpSection(StrictModel):
 
 
 class GateSection(StrictModel):
-    """The label-free gate on the held-out pairs: ``queries`` held-out items taken in a seeded
-    random order (a hash of the id and ``seed``, so not the first by id: ids often follow a class
-    or a folder) are queries, up to ``max_gallery`` more the gallery; each strategy's share of the
-    full re-embedding's (new/new) top ``k``."""
+    """The label-free gate on the held-out pairs: up to ``max_gallery`` held-out items taken in a
+    seeded random order (a hash of the id and ``seed``, so not the first by id: ids often follow a
+    class or a folder), the first ``queries`` of them queries, each searched among all the other
+    items (its own row left out); each strategy's share of the full re-embedding's (new/new) top
+    ``k``."""
 
-    queries: int = Field(default=1000, ge=1, description="held-out items used as queries")
-    max_gallery: int = Field(default=50_000, ge=1, description="held-out items used as the gallery, at most")
+    queries: int = Field(
+        default=1000, ge=1, description="held-out items used as queries, at most (all of them where fewer)"
+    )
+    max_gallery: int = Field(
+        default=50_000,
+        ge=2,
+        description="held-out items in the gate, at most: each query is searched among the others",
+    )
     k: int = Field(default=10, ge=1, description="neighbours compared with new/new's")
     min_share: float | None = Field(
         default=None,

@@ -111,11 +111,11 @@ def _check_pairs(cfg: AdapterFitConfig, counts: Any, smaller: int) -> None:
             f"below min_matched_share {cfg.min_matched_share}: are these galleries of the same items? "
             "(old_gallery and new_gallery must share ids)"
         )
-    if counts.held_out <= cfg.gate.queries:
+    if counts.held_out <= cfg.gate.k:
         raise AdapterError(
             f"gate: {counts.held_out:,} held-out pairs (holdout {cfg.holdout} of {counts.matched:,} "
-            f"matched), but gate.queries is {cfg.gate.queries:,} and the gate's gallery needs more; "
-            "raise holdout or lower gate.queries"
+            f"matched), but each query's top-{cfg.gate.k} (gate.k) is searched among the other "
+            "held-out pairs; raise holdout"
         )
 
 
@@ -214,41 +214,40 @@ def _backfills(cfg: AdapterFitConfig, module, ids: np.ndarray, old_part: np.ndar
 
 
 def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
-    """Each strategy's share of new/new's top-k on the held-out pairs."""
+    """Each strategy's share of new/new's top-k on the held-out pairs: up to ``gate.max_gallery``
+    items in a seeded order, the first ``gate.queries`` of them queries, each searched among all
+    the others (its own row left out)."""
     import torch
 
     g = cfg.gate
-    ids, old, new, labels = read_holdout_labelled(
-        out.join("holdout"), limit=g.queries + g.max_gallery, seed=cfg.seed
-    )
-    if len(ids) <= g.queries:
-        raise AdapterError(
-            f"gate: {len(ids)} held-out pairs, but gate.queries is {g.queries} and the gallery needs more; "
-            "raise holdout or lower gate.queries"
-        )
-    q, r = slice(0, g.queries), slice(g.queries, None)
+    ids, old, new, labels = read_holdout_labelled(out.join("holdout"), limit=g.max_gallery, seed=cfg.seed)
+    if len(ids) <= g.k:
+        raise AdapterError(f"gate: {len(ids)} held-out pairs, but gate.k is {g.k}; raise holdout")
+    nq = min(g.queries, len(ids))
+    q, own = slice(0, nq), np.arange(nq)
     with torch.inference_mode():
         mapped = module(torch.from_numpy(old if cfg.direction == "gallery" else new)).numpy()
-    strategies = {"old/old": (old[q], old[r])}
+    strategies = {"old/old": (old[q], old)}
     if old.shape[1] == new.shape[1]:
-        strategies["new/old"] = (new[q], old[r])
+        strategies["new/old"] = (new[q], old)
     name = "new/upgraded" if cfg.direction == "gallery" else "adapted/old"
-    strategies[name] = (new[q], mapped[r]) if cfg.direction == "gallery" else (mapped[q], old[r])
+    strategies[name] = (new[q], mapped) if cfg.direction == "gallery" else (mapped[q], old)
     if cfg.direction == "gallery":
-        for label, vectors in _backfills(cfg, module, ids[r], old[r], new[r]).items():
+        for label, vectors in _backfills(cfg, module, ids, old, new).items():
             strategies[label] = (new[q], vectors)
-    shares = share_of_reembedding((new[q], new[r]), strategies, k=g.k)
+    shares = share_of_reembedding((new[q], new), strategies, k=g.k, own=own)
     passed = None if g.min_share is None else shares[name] >= g.min_share
-    gallery = len(ids) - g.queries
+    gallery = len(ids) - 1  # what each query is searched among
     k = min(g.k, gallery)
     labelled = None
     if labels is not None and (labels >= 0).all():  # every gate item labelled: the labelled figures too
-        both = {**strategies, "new/new": (new[q], new[r])}
-        labelled = labelled_metrics(both, labels[q], labels[r], map_at=100)
+        both = {**strategies, "new/new": (new[q], new)}
+        labelled = labelled_metrics(both, labels[q], labels, map_at=100, own=own)
     return {
         "labelled": labelled,
         "k": k,
-        "queries": g.queries,
+        "queries": nq,
+        "items": len(ids),
         "gallery": gallery,
         "caution": coarse_gate(gallery, k),
         "strategy": name,
@@ -301,8 +300,8 @@ def _report(result: dict[str, Any]) -> str:
         f"{result['pairs']['held_out']:,} held out), {result['pairs']['old_only']:,} old-only and "
         f"{result['pairs']['new_only']:,} new-only rows.{_ridge_line(result['fit'].get('ridge'))}",
         "",
-        f"Share of a full re-embedding's top-{gate['k']} retrieved ({gate['queries']:,} held-out queries, "
-        f"{gate['gallery']:,} held-out items; new/new = 1):",
+        f"Share of a full re-embedding's top-{gate['k']} retrieved ({gate['queries']:,} held-out items as "
+        f"queries, each searched among the other {gate['gallery']:,} held-out items; new/new = 1):",
         "",
         "| strategy | share |",
         "| --- | --- |",

@@ -27,10 +27,12 @@ def share_of_reembedding(
     strategies: dict[str, tuple[np.ndarray, np.ndarray]],
     k: int = 10,
     cfg: SearchConfig | None = None,
+    own: np.ndarray | None = None,
 ) -> dict[str, float]:
     """For each strategy ``(queries, gallery)`` (row i of every gallery is the same item), the mean
-    over queries of ``|top_k(strategy) & top_k(reference)| / k``; vectors are compared by cosine."""
-    per = shares_per_query(reference, strategies, k, cfg)
+    over queries of ``|top_k(strategy) & top_k(reference)| / k``; vectors are compared by cosine.
+    ``own``: as in :func:`shares_per_query`."""
+    per = shares_per_query(reference, strategies, k, cfg, own)
     return {name: float(v.mean()) for name, v in per.items()}
 
 
@@ -77,16 +79,20 @@ def labelled_metrics(
     g_labels: np.ndarray,
     map_at: int = 100,
     cfg: SearchConfig | None = None,
+    own: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
     """Where the items have labels: each strategy's R@1 and mAP@``map_at`` (a gallery item is
-    relevant to a query of its label; cosine search), beside the label-free share."""
+    relevant to a query of its label; cosine search), beside the label-free share. ``own``: each
+    query's own row in the galleries, neither a result nor counted as relevant."""
     from dmu_ray.evaluate.metrics import average_precision, recall_at, relevance
 
-    k = min(map_at, len(g_labels))
+    k = min(map_at, len(g_labels) - (own is not None))
     n_rel = (g_labels[None, :] == q_labels[:, None]).sum(1)
+    if own is not None:
+        n_rel = n_rel - (g_labels[own] == q_labels)
     out = {}
     for name, (q, g) in strategies.items():
-        ranked = g_labels[search(unit_rows(q), unit_rows(g), k, cfg).ids]
+        ranked = g_labels[_top(q, g, k, cfg, own)]
         rel = relevance(ranked, q_labels)
         out[name] = {
             "R@1": recall_at(rel, [1])[1],
