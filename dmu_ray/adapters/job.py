@@ -259,8 +259,8 @@ def _gate(cfg: AdapterFitConfig, out: Location, module) -> dict[str, Any]:
 
 #: the fewest gallery items per neighbour for a gate whose share says something of a larger
 #: gallery: below it (a top-k over more than 1% of the items) neighbourhoods are coarse, most maps
-#: keep them, and the share over-states a larger gallery's (fonts set, docs/results.md: 0.47-0.59
-#: among 75 items against 0.06-0.11 among 14,960; within 0.04 among 5,324)
+#: keep them, and the share over-states a larger gallery's (fonts set, docs/results.md: 0.39-0.53
+#: among 93 items and 0.18-0.36 among 979 against 0.06-0.20 among 14,960; within 0.045 among 5,586)
 COARSE_ITEMS_PER_K = 100
 
 
