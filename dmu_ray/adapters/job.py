@@ -102,8 +102,9 @@ def _drop(out: Location, folders: tuple[str, ...]) -> None:
 
 
 def _check_pairs(cfg: AdapterFitConfig, counts: Any, smaller: int) -> None:
-    """What the join found can be fitted and gated: enough of the ids matched, and enough pairs
-    held out for the gate's queries and a gallery (checked before anything is fitted)."""
+    """What the join found can be fitted and gated: enough of the ids matched, and more pairs held
+    out than the gate's ``k`` (each query's neighbours are among the other held-out pairs);
+    checked before anything is fitted."""
     share = counts.matched / smaller
     if share < cfg.min_matched_share:
         raise AdapterError(
