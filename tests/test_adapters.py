@@ -528,7 +528,10 @@ def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=same, output=str(tmp_path / "o2")))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(AdapterError, match="already holds files"):
+    with pytest.raises(AdapterError, match="already holds files; an adapter job"):
+        run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output=str(tmp_path / "full")))
+    (tmp_path / "full" / "_adapter.json").write_text("{}")  # a job that failed after its join
+    with pytest.raises(AdapterError, match=r"already holds files \(an adapter job that did not finish"):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output=str(tmp_path / "full")))
     r = cli("adapter", "fit", "--config", str(_cfg(tmp_path, adapter="procrustes", ridge=1.0)))
     assert r.returncode == 2 and "ridge and rank are options of adapter: affine" in r.stderr
