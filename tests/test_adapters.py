@@ -535,6 +535,8 @@ def test_bad_pairs_are_refused_naming_what_is_wrong(ray_local, tmp_path):
         run_adapter_fit(AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output=str(tmp_path / "full")))
     r = cli("adapter", "fit", "--config", str(_cfg(tmp_path, adapter="procrustes", ridge=1.0)))
     assert r.returncode == 2 and "ridge and rank are options of adapter: affine" in r.stderr
+    with pytest.raises(ValueError, match=r"gate.max_gallery \(10\) must exceed gate.k \(10\)"):
+        AdapterFitConfig(old_gallery=g_old, new_gallery=g_new, output="x", gate={"max_gallery": 10})
     # an MLP that cannot get one batch per worker, or its workers, is refused before any work
     for mlp, words in (
         ({"batch_size": 512, "num_workers": 2}, "fewer than one batch per worker"),

@@ -70,6 +70,15 @@ class GateSection(StrictModel):
         "by policy random and, with adapter mlp-uncertainty, uncertainty (highest first)",
     )
 
+    @model_validator(mode="after")
+    def _room_for_k(self) -> GateSection:
+        if self.max_gallery <= self.k:
+            raise ValueError(
+                f"gate.max_gallery ({self.max_gallery}) must exceed gate.k ({self.k}): each query's top-k "
+                "is searched among the other items"
+            )
+        return self
+
 
 class AdapterFitConfig(StrictModel):
     """``dmu-ray adapter fit``: fit an adapter between two frozen models from the pairs of two

@@ -37,9 +37,9 @@ MAX_TUNE_QUERIES = 5_000
 def tune_k(k: int, items: int) -> int:
     """The neighbours a tune query is scored on: ``k``, or fewer where the tune pairs are few, so
     that they stay at most 5% of the ``items`` searched (but at least 3, or ``k`` where it is
-    smaller, so that one query's share is not a coin toss). The adapter serves galleries far larger than the tune pairs; at k = 10 among
-    90 items the neighbourhoods are coarse, and coarse neighbourhoods favour a larger ridge than
-    the fine ones of a real gallery (docs/decisions.md)."""
+    smaller, so that one query's share is not a coin toss). The adapter serves galleries far
+    larger than the tune pairs; at k = 10 among 90 items the neighbourhoods are coarse, and coarse
+    neighbourhoods favour a larger ridge than the fine ones of a real gallery (docs/decisions.md)."""
     return max(1, min(k, max(3, items // 20)))
 
 
